@@ -1,0 +1,48 @@
+"""Reduction operators and the dtypes each accepts, for NumPy and CuPy arrays alike."""
+import numpy as np
+
+__all__ = ["OPS", "SUPPORTED_DTYPES", "check_op_dtype", "reduce_into", "dtype_name", "bfloat16"]
+
+try:  # bfloat16 for NumPy comes from ml_dtypes (a core dependency)
+    from ml_dtypes import bfloat16
+except ImportError:  # pragma: no cover - ml_dtypes is in install_requires
+    bfloat16 = None
+
+OPS = ("sum", "prod", "max", "min", "avg")
+
+_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+if bfloat16 is not None:
+    _FLOATS.add(np.dtype(bfloat16))
+_INTS = {np.dtype(np.int32), np.dtype(np.int64)}
+SUPPORTED_DTYPES = _FLOATS | _INTS
+
+
+def dtype_name(dtype):
+    """Short name used in tables: float32, bfloat16, int64, ..."""
+    return np.dtype(dtype).name
+
+
+def check_op_dtype(op, dtype):
+    """Raise ValueError/TypeError with a clear message if ``op`` cannot reduce ``dtype``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    dt = np.dtype(dtype)
+    if dt not in SUPPORTED_DTYPES:
+        names = ", ".join(sorted(dtype_name(d) for d in SUPPORTED_DTYPES))
+        raise TypeError(f"unsupported dtype {dt.name}; supported: {names}")
+    if op == "avg" and dt in _INTS:
+        raise TypeError(f"op 'avg' needs a floating dtype, got {dt.name} (integer average would truncate)")
+
+
+def reduce_into(dst, src, op, xp=np):
+    """dst = dst (op) src, in place; ``avg`` accumulates as a sum (the caller divides once)."""
+    if op in ("sum", "avg"):
+        xp.add(dst, src, out=dst)
+    elif op == "prod":
+        xp.multiply(dst, src, out=dst)
+    elif op == "max":
+        xp.maximum(dst, src, out=dst)
+    elif op == "min":
+        xp.minimum(dst, src, out=dst)
+    else:
+        raise ValueError(f"unknown op {op!r}")

@@ -1,0 +1,94 @@
+"""Ring reduce-scatter, ring all-gather, and ring all-reduce = reduce-scatter then all-gather.
+
+The executor walks the pure schedule in ``schedule.py`` over a transport that moves host bytes;
+the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (seed 004).
+
+    reduce-scatter: at step s rank r sends chunk (r-s) to r+1, receives chunk (r-s-1) from r-1, adds
+
+              a ──▶ b ──▶ c ──▶ d ──┐
+              ▲                     │
+              └─────────────────────┘
+      step   a sends        b sends        c sends        d sends
+        0    a0             b1             c2             d3
+        1    a3+d3          b0+a0          c1+b1          d2+c2
+        2    a2+c2+d2       b3+a3+d3       c0+a0+b0       d1+b1+c1
+      after: a owns chunk 1 (a1+b1+c1+d1), b owns 2, c owns 3, d owns 0   -> rank r owns (r+1) mod N
+
+    all-gather: the same walk without the addition: at step s rank r sends chunk (r+1-s),
+    receives chunk (r-s) and overwrites its copy. After N-1 steps every rank holds every sum.
+
+    Per rank: 2(N-1) messages of S/N bytes = 2(N-1)/N * S, which does not grow with N.
+"""
+import numpy as np
+
+from .ops import reduce_into
+from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+
+__all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace"]
+
+
+def _scratch(cache, nbytes_needed, dtype):
+    """A reusable receive buffer of at least ``nbytes_needed`` bytes, viewed as ``dtype``."""
+    buf = cache.get("recv")
+    if buf is None or buf.nbytes < nbytes_needed:
+        buf = np.empty(max(nbytes_needed, 1), dtype=np.uint8)
+        cache["recv"] = buf
+    return buf[: nbytes_needed].view(dtype)
+
+
+def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, cache=None):
+    """Reduce-scatter a flat host buffer in place around the ring.
+
+    Afterwards this rank's chunk ``reduce_scatter_owner(rank, N, rotate)`` holds the reduction of
+    every rank's copy of that chunk; other chunks hold partial sums. ``trace(step, buf)`` is called
+    after each step (the walkthrough uses it).
+    """
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    bounds = chunk_bounds(buf.size, n)
+    largest = bounds[0][1] - bounds[0][0]
+    recv_all = _scratch(cache if cache is not None else {}, largest * buf.itemsize, buf.dtype)
+    for st in ring_reduce_scatter_schedule(r, n, rotate):
+        s0, s1 = bounds[st.send_chunk]
+        r0, r1 = bounds[st.recv_chunk]
+        recv = recv_all[: r1 - r0]
+        transport.sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from,
+                           what=f"ring reduce-scatter step {st.step}")
+        reduce_into(buf[r0:r1], recv, op)
+        if trace is not None:
+            trace(st, buf)
+
+
+def ring_allgather_inplace(buf, transport, rotate=0, trace=None):
+    """All-gather a flat host buffer in place: every rank starts owning chunk
+    ``reduce_scatter_owner(rank, N, rotate)`` and ends with all chunks."""
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    bounds = chunk_bounds(buf.size, n)
+    for st in ring_allgather_schedule(r, n, rotate):
+        s0, s1 = bounds[st.send_chunk]
+        r0, r1 = bounds[st.recv_chunk]
+        # Receive straight into place: the chunk being overwritten is never the one being sent.
+        transport.sendrecv(buf[s0:s1], st.send_to, buf[r0:r1], st.recv_from,
+                           what=f"ring all-gather step {st.step}")
+        if trace is not None:
+            trace(st, buf)
+
+
+def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
+    """Ring all-reduce of a flat host buffer, in place: reduce-scatter, then all-gather.
+
+    ``avg`` divides once, at the chunk's owner, between the phases; every rank then receives the
+    owner's bytes, so all ranks end bitwise identical.
+    """
+    n = transport.comm.size
+    ring_reduce_scatter_inplace(buf, transport, op, trace=trace, cache=cache)
+    if op == "avg":
+        from .schedule import reduce_scatter_owner
+        lo, hi = chunk_bounds(buf.size, n)[reduce_scatter_owner(transport.comm.rank, n)]
+        _divide(buf[lo:hi], n)
+    ring_allgather_inplace(buf, transport, trace=trace)
+
+
+def _divide(chunk, n):
+    np.divide(chunk, n, out=chunk, casting="unsafe")

@@ -1,0 +1,85 @@
+"""Benchmark variants shared by the experiments: ringlab's algorithms and the baselines.
+
+Each returns a ``bench.Variant``; buffers live on the GPU (CuPy) when ``device`` is True, else
+on the host (NumPy). Inputs come from ``bench.pattern`` so the check is exact and independent.
+"""
+import numpy as np
+from mpi4py import MPI
+
+from . import api
+from .bench import Case, Unavailable, Variant, count_wrong, pattern, reference
+
+__all__ = ["allreduce_variant", "mpi_native_variant", "array_module_for"]
+
+_MPI_OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "prod": MPI.PROD, "max": MPI.MAX, "min": MPI.MIN}
+_MPI_TYPES = {"float32", "float64", "int32", "int64"}
+
+
+def array_module_for(device):
+    if device:
+        import cupy
+        return cupy
+    return np
+
+
+def _inputs(comm, count, dtype, op, device):
+    xp = array_module_for(device)
+    if device and dtype == "bfloat16":
+        raise Unavailable("bfloat16 device arrays need a CuPy with bfloat16")
+    x = pattern(count, dtype, comm.rank, op, xp)
+    ref = reference(count, comm.size, op, xp)
+    return xp, x, ref
+
+
+def _sync(device):
+    if device:
+        import cupy
+        return cupy.cuda.get_current_stream().synchronize
+    return lambda: None
+
+
+def _stream(device):
+    if device:
+        import cupy
+        return cupy.cuda.get_current_stream()
+    return None
+
+
+def allreduce_variant(comm, name="ring", algo="ring", device=False, **kwargs):
+    """ringlab's ``allreduce(x, out=y, algo=algo)``, out of place so the input stays fixed."""
+    def prepare(count, dtype, op):
+        xp, x, ref = _inputs(comm, count, dtype, op, device)
+        y = xp.empty_like(x)
+        return Case(run=lambda: api.allreduce(x, out=y, op=op, algo=algo, comm=comm, validate=False, **kwargs),
+                    wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp),
+                    sync=_sync(device), stream=_stream(device))
+    return Variant(name, prepare)
+
+
+def mpi_native_variant(comm, name="mpi-native", device=False):
+    """The MPI library's own ``Allreduce`` on the same data (staged through host memory for device
+    buffers when MPI is not CUDA-aware, which is the honest comparison for the staged ring)."""
+    def prepare(count, dtype, op):
+        if dtype not in _MPI_TYPES:
+            raise Unavailable(f"MPI has no standard {dtype} type")
+        xp, x, ref = _inputs(comm, count, dtype, op, device)
+        y = xp.empty_like(x)
+        mop = _MPI_OPS[op]
+        if device:
+            hx = np.empty(count, dtype=dtype)
+            hy = np.empty(count, dtype=dtype)
+
+            def run():
+                x.get(out=hx)
+                comm.Allreduce(hx, hy, op=mop)
+                if op == "avg":
+                    hy[...] /= comm.size
+                y.set(hy)
+        else:
+            def run():
+                comm.Allreduce(x, y, op=mop)
+                if op == "avg":
+                    y[...] /= comm.size
+        return Case(run=run, wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp),
+                    sync=_sync(device), stream=_stream(device))
+    return Variant(name, prepare)
