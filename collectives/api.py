@@ -1,26 +1,27 @@
 """Public collectives: ``allreduce``, ``reduce_scatter``, ``allgather``, one signature for all.
 
-Host (NumPy) buffers run the chosen algorithm over MPI directly. Device (CuPy) buffers use a
-device-native executor when one is registered for the algorithm (``DEVICE_EXECUTORS``), else they
-are staged through pinned host memory, since the MPI need not be CUDA-aware (correct first).
+Host (NumPy) buffers run the chosen algorithm over MPI directly. Device (CuPy) buffers take the
+transport ``device.select_transport`` picks: the CUDA IPC ring when all ranks share a node, the
+ring over CUDA-aware MPI, or pinned host staging (any algorithm; correct first).
 """
 import numpy as np
 from mpi4py import MPI
 
 from .arrays import as_array, is_device_array
 from .ops import check_op_dtype
+from .device import select_transport
 from .ring import ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
 from .schedule import chunk_bounds
-from .transport import MpiTransport
+from .transport import CudaAwareMpiTransport, MpiTransport
 from .validate import checked_call
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "DEVICE_EXECUTORS",
-           "register_allreduce", "stage_through_host"]
+__all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "register_allreduce",
+           "stage_through_host", "IPC_DTYPES"]
 
 # name -> fn(flat_host_buffer, transport, op, cache): in-place all-reduce of host memory.
 ALLREDUCE_ALGORITHMS = {"ring": lambda buf, tr, op, cache: ring_allreduce_inplace(buf, tr, op, cache=cache)}
-# name -> fn(flat_device_buffer, comm, op) -> bool: True if it ran the all-reduce on the device.
-DEVICE_EXECUTORS = {}
+# dtypes the IPC ring's CuPy kernels reduce (bfloat16 device arrays are staged)
+IPC_DTYPES = ("float16", "float32", "float64", "int32", "int64")
 
 _caches = {}
 _pinned = {}
@@ -73,16 +74,17 @@ def _transport(comm, timeout):
 
 
 def _check_algo(algo, a):
-    if algo not in ALLREDUCE_ALGORITHMS and not (is_device_array(a) and algo in DEVICE_EXECUTORS):
+    if algo not in ALLREDUCE_ALGORITHMS:
         raise ValueError(f"unknown algo {algo!r}; available: {', '.join(sorted(ALLREDUCE_ALGORITHMS))}")
 
 
-def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True):
+def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """All-reduce ``x`` over ``comm`` (default COMM_WORLD) and return ``out``.
 
     ``out=None`` allocates, ``out=x`` works in place. ``op``: sum, prod, max, min, avg. Every rank
     ends bitwise identical. ``timeout`` (s) bounds each wait; ``validate=False`` skips the
-    cross-rank argument check (for benchmarks).
+    cross-rank argument check (for benchmarks). ``transport`` (device arrays only): None/"auto",
+    "ipc", "ipc:K" (K pipeline slices), "ipc-host", "mpi" (CUDA-aware), "staged".
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
     a = as_array(x)
@@ -91,14 +93,29 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
         check_op_dtype(op, a.dtype)
         _check_algo(algo, a)
         return _prepare_out(a, out, a.shape, "allreduce")
-    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, algo, out is x), local_checks)
+    route = f"{algo}/{transport or 'auto'}"
+    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks)
+    if is_device_array(a) and algo == "ring":
+        name, slices, _ = select_transport(comm, transport)
+        if name in ("ipc", "ipc-host") and a.dtype.name in IPC_DTYPES:
+            from .ipc import get_ipc_ring
+            import cupy
+            src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
+            ring = get_ipc_ring(comm, slices, "stream" if name == "ipc" else "host")
+            if timeout is not None:
+                ring.timeout = timeout
+            ring.allreduce(src, res.reshape(-1), op)
+            return res
+        if name == "mpi":
+            if res is not a:
+                res[...] = a
+            tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
+            ring_allreduce_inplace(res.reshape(-1), tr, op, cache=_caches.setdefault("ring-device", {}))
+            return res
     if res is not a:
         res[...] = a
-    flat = res.reshape(-1)
-    if is_device_array(flat) and algo in DEVICE_EXECUTORS and DEVICE_EXECUTORS[algo](flat, comm, op):
-        return res
     tr, cache = _transport(comm, timeout), _caches.setdefault(algo, {})
-    stage_through_host(flat, lambda host: ALLREDUCE_ALGORITHMS[algo](host, tr, op, cache))
+    stage_through_host(res.reshape(-1), lambda host: ALLREDUCE_ALGORITHMS[algo](host, tr, op, cache))
     return res
 
 

@@ -21,23 +21,26 @@ the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (s
 """
 import numpy as np
 
+from .arrays import array_module
 from .ops import reduce_into
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
 __all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace"]
 
 
-def _scratch(cache, nbytes_needed, dtype):
+def _scratch(cache, nbytes_needed, dtype, xp=np):
     """A reusable receive buffer of at least ``nbytes_needed`` bytes, viewed as ``dtype``."""
-    buf = cache.get("recv")
+    key = "recv" if xp is np else "recv-device"
+    buf = cache.get(key)
     if buf is None or buf.nbytes < nbytes_needed:
-        buf = np.empty(max(nbytes_needed, 1), dtype=np.uint8)
-        cache["recv"] = buf
+        buf = xp.empty(max(nbytes_needed, 1), dtype=xp.uint8)
+        cache[key] = buf
     return buf[: nbytes_needed].view(dtype)
 
 
 def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, cache=None):
-    """Reduce-scatter a flat host buffer in place around the ring.
+    """Reduce-scatter a flat buffer in place around the ring (host memory, or device memory when
+    the transport is CUDA-aware).
 
     Afterwards this rank's chunk ``reduce_scatter_owner(rank, N, rotate)`` holds the reduction of
     every rank's copy of that chunk; other chunks hold partial sums. ``trace(step, buf)`` is called
@@ -47,14 +50,15 @@ def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, 
     n, r = comm.size, comm.rank
     bounds = chunk_bounds(buf.size, n)
     largest = bounds[0][1] - bounds[0][0]
-    recv_all = _scratch(cache if cache is not None else {}, largest * buf.itemsize, buf.dtype)
+    xp = array_module(buf)
+    recv_all = _scratch(cache if cache is not None else {}, largest * buf.itemsize, buf.dtype, xp)
     for st in ring_reduce_scatter_schedule(r, n, rotate):
         s0, s1 = bounds[st.send_chunk]
         r0, r1 = bounds[st.recv_chunk]
         recv = recv_all[: r1 - r0]
         transport.sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from,
                            what=f"ring reduce-scatter step {st.step}")
-        reduce_into(buf[r0:r1], recv, op)
+        reduce_into(buf[r0:r1], recv, op, xp)
         if trace is not None:
             trace(st, buf)
 
@@ -91,4 +95,4 @@ def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
 
 
 def _divide(chunk, n):
-    np.divide(chunk, n, out=chunk, casting="unsafe")
+    array_module(chunk).divide(chunk, n, out=chunk, casting="unsafe")

@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from .errors import CollectiveTimeout, default_timeout
 
-__all__ = ["MpiTransport", "wait_all"]
+__all__ = ["MpiTransport", "CudaAwareMpiTransport", "wait_all"]
 
 _UNSET = object()
 
@@ -63,3 +63,14 @@ class MpiTransport:
             return (f"rank {comm.rank}: peer rank {peer} did not "
                     f"{'send' if peer == source else 'receive'}{' during ' + what if what else ''}", peer)
         wait_all(reqs, self.timeout, describe)
+
+
+class CudaAwareMpiTransport(MpiTransport):
+    """MpiTransport on device buffers for a CUDA-aware MPI: the stream is drained before MPI reads."""
+
+    name = "mpi-cuda"
+
+    def sendrecv(self, sendbuf, dest, recvbuf, source, what=""):
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+        super().sendrecv(sendbuf, dest, recvbuf, source, what)

@@ -9,7 +9,7 @@ from mpi4py import MPI
 from . import api
 from .bench import Case, Unavailable, Variant, count_wrong, pattern, reference
 
-__all__ = ["allreduce_variant", "mpi_native_variant", "array_module_for"]
+__all__ = ["allreduce_variant", "mpi_native_variant", "nccl_variant", "array_module_for"]
 
 _MPI_OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "prod": MPI.PROD, "max": MPI.MAX, "min": MPI.MIN}
 _MPI_TYPES = {"float32", "float64", "int32", "int64"}
@@ -82,4 +82,25 @@ def mpi_native_variant(comm, name="mpi-native", device=False):
                     y[...] /= comm.size
         return Case(run=run, wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp),
                     sync=_sync(device), stream=_stream(device))
+    return Variant(name, prepare)
+
+
+def nccl_variant(comm, name="nccl"):
+    """NCCL's all-reduce on the same device buffers; n/a (with the reason) when ranks share a GPU."""
+    state = {}
+
+    def prepare(count, dtype, op):
+        from .nccl import NcclAllreduce, nccl_unavailable_reason
+        if "reason" not in state:
+            state["reason"] = nccl_unavailable_reason(comm)
+            if state["reason"] is None:
+                state["comm"] = NcclAllreduce(comm)
+        if state["reason"]:
+            raise Unavailable(state["reason"])
+        if dtype not in ("float16", "float32", "float64", "int32", "int64"):
+            raise Unavailable(f"no {dtype} device arrays in this CuPy")
+        xp, x, ref = _inputs(comm, count, dtype, op, True)
+        y = xp.empty_like(x)
+        return Case(run=lambda: state["comm"](x, y, op), wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp),
+                    sync=_sync(True), stream=_stream(True))
     return Variant(name, prepare)

@@ -17,7 +17,8 @@ from collectives import allreduce  # noqa: E402
 from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
 from collectives.bench import format_table, measure, run_metadata, write_json  # noqa: E402
 from collectives.ops import OPS, SUPPORTED_DTYPES  # noqa: E402
-from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
+from collectives.device import select_transport  # noqa: E402
+from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
 from collectives.walkthrough import format_walkthrough, record_ring_allreduce  # noqa: E402
 
 
@@ -119,7 +120,8 @@ def main(argv=None):
     if device:
         gpu = use_local_gpu(comm)
         import cupy as xp
-        where = f"CuPy device buffers (rank 0 on GPU {gpu}; staged through pinned host memory)"
+        name, slices, why = select_transport(comm)
+        where = f"CuPy device buffers (rank 0 on GPU {gpu}), transport: {name} ({why})"
     else:
         xp = np
         where = "NumPy host buffers"
@@ -146,6 +148,9 @@ def main(argv=None):
         itemsize = np.dtype(args.dtype).itemsize if args.dtype != "bfloat16" else 2
         counts = [s // itemsize for s in args.sizes]
         variants = [allreduce_variant(comm, "ring", device=device), mpi_native_variant(comm, device=device)]
+        if device:  # the host-staged ring and NCCL beside the fastest transport
+            variants[1:1] = [allreduce_variant(comm, "ring-staged", device=True, transport="staged")]
+            variants.append(nccl_variant(comm))
         say(f"\n== 3. benchmark: ring vs the MPI library's Allreduce ({args.iters} iters, median of the slowest rank) ==")
         rows = measure(comm, variants, counts, args.dtype, args.op, iters=args.iters, warmup=args.warmup,
                        baseline="mpi-native", progress=None if args.quiet else (lambda t: print("  ..", t, flush=True)))

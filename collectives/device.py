@@ -1,0 +1,88 @@
+"""Which transport moves device (CuPy) buffers: IPC, CUDA-aware MPI, or host staging.
+
+IPC when every rank has a GPU on one node; CUDA-aware MPI when the library says so and a guarded
+probe (in a child process, since a non-CUDA-aware MPI segfaults on device pointers) agrees;
+otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, ipc,
+ipc-host, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
+"""
+import os
+import subprocess
+import sys
+
+from mpi4py import MPI
+
+__all__ = ["parse_transport", "select_transport", "cuda_aware_mpi", "TRANSPORTS"]
+
+TRANSPORTS = ("auto", "ipc", "ipc-host", "mpi", "staged")
+_chosen = {}
+_PROBE = r"""
+import cupy, numpy as np
+from mpi4py import MPI
+a = cupy.arange(4, dtype=cupy.float32); b = cupy.zeros(4, dtype=cupy.float32)
+cupy.cuda.get_current_stream().synchronize()
+MPI.COMM_SELF.Sendrecv(a, 0, 0, b, 0, 0)
+assert np.array_equal(b.get(), np.arange(4, dtype=np.float32))
+print("CUDA-AWARE-OK")
+"""
+
+
+def parse_transport(text):
+    """'ipc:4' -> ('ipc', 4); 'staged' -> ('staged', 1). Raises ValueError for unknown names."""
+    name, _, slices = (text or "auto").partition(":")
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(TRANSPORTS)} (ipc:K for K slices)")
+    try:
+        k = int(slices) if slices else int(os.environ.get("RINGLAB_IPC_SLICES", "1"))
+    except ValueError:
+        raise ValueError(f"bad slice count in transport {text!r}") from None
+    if k < 1:
+        raise ValueError(f"slice count must be >= 1 in transport {text!r}")
+    return name, k
+
+
+def _library_says_cuda_aware():
+    """The MPI library's own signal: Open MPI's ompi_info, MPICH's configure line."""
+    version = MPI.Get_library_version()
+    if "Open MPI" in version:
+        try:
+            out = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return "mpi_built_with_cuda_support:value:true" in out
+    return "--with-cuda" in version or "with-cuda" in version.lower()
+
+
+def cuda_aware_mpi(comm):
+    """True only if the library claims CUDA support and a child-process probe survives it."""
+    env = os.environ.get("RINGLAB_CUDA_AWARE")
+    if env in ("0", "1"):
+        return env == "1"
+    verdict = None
+    if comm.rank == 0:
+        verdict = False
+        if _library_says_cuda_aware():
+            try:
+                out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+                verdict = "CUDA-AWARE-OK" in out.stdout
+            except (OSError, subprocess.TimeoutExpired):
+                verdict = False
+    return comm.bcast(verdict, root=0)
+
+
+def select_transport(comm, requested=None):
+    """(name, slices, why): the device transport for ``comm``; auto picks the fastest usable one."""
+    name, slices = parse_transport(requested or os.environ.get("RINGLAB_TRANSPORT", "auto"))
+    if name != "auto":
+        return name, slices, "requested"
+    key = comm.py2f()
+    if key not in _chosen:
+        from .ipc import ipc_usable
+        ok, why = ipc_usable(comm)
+        if ok:
+            _chosen[key] = ("ipc", why)
+        elif cuda_aware_mpi(comm):
+            _chosen[key] = ("mpi", f"CUDA-aware MPI ({why})")
+        else:
+            _chosen[key] = ("staged", f"host staging: {why}; MPI not CUDA-aware")
+    chosen, why = _chosen[key]
+    return chosen, slices, why

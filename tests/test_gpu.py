@@ -1,0 +1,20 @@
+"""Device transports (IPC ring, host staging) on a real GPU; skipped without one."""
+import pytest
+
+from collectives.arrays import gpu_available
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA GPU")]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+def test_ipc_and_staged_transports_match_reference(run_mpi, k):
+    out = run_mpi(k, "tests/mpi/gpu_check.py", "ipc,ipc:3,ipc-host,staged", f"0,1,{max(k - 1, 1)},1009,100003",
+                  timeout=900).stdout
+    assert f"gpu_check OK: N={k}" in out
+
+
+def test_main_command_on_gpu(run_mpi):
+    out = run_mpi(4, "experiments/ring.py", "--sizes", "1M", "--iters", "3", timeout=600).stdout
+    assert "transport: ipc" in out and "FAIL" not in out
+    assert "n/a: NCCL needs one GPU per rank" in out or " nccl " in out
