@@ -173,6 +173,8 @@ class IpcRing:
         ready = cupy.cuda.Event(disable_timing=True)
         ready.record(caller)
         self.stream.wait_event(ready)
+        if src.size == 0:
+            return True
         if n == 1:
             with self.stream:
                 if out.data.ptr != src.data.ptr:
@@ -227,9 +229,9 @@ class IpcRing:
         done = cupy.cuda.Event(disable_timing=True)
         done.record(self.stream)
         caller.wait_event(done)
-        if not done.query():
+        if not done.done:
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            while not done.query():
+            while not done.done:
                 if deadline is not None and time.monotonic() > deadline:
                     raise CollectiveTimeout(f"rank {self.comm.rank}: IPC ring made no progress within "
                                             f"{self.timeout:g} s (neighbours: rank {self.left} and {self.right})")
