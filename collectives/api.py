@@ -84,7 +84,7 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     ``out=None`` allocates, ``out=x`` works in place. ``op``: sum, prod, max, min, avg. Every rank
     ends bitwise identical. ``timeout`` (s) bounds each wait; ``validate=False`` skips the
     cross-rank argument check (for benchmarks). ``transport`` (device arrays only): None/"auto",
-    "ipc", "ipc:K" (K pipeline slices), "ipc-host", "mpi" (CUDA-aware), "staged".
+    "ipc", "ipc:K" (K pipeline slices), "ipc-host", "ipc-shared", "mpi" (CUDA-aware), "staged".
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
     a = as_array(x)
@@ -97,11 +97,11 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks)
     if is_device_array(a) and algo == "ring":
         name, slices, _ = select_transport(comm, transport)
-        if name in ("ipc", "ipc-host") and a.dtype.name in IPC_DTYPES:
+        if name in ("ipc", "ipc-host", "ipc-shared") and a.dtype.name in IPC_DTYPES:
             from .ipc import get_ipc_ring
             import cupy
             src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
-            ring = get_ipc_ring(comm, slices, "stream" if name == "ipc" else "host")
+            ring = get_ipc_ring(comm, slices, {"ipc": "stream", "ipc-host": "host", "ipc-shared": "shared"}[name])
             if timeout is not None:
                 ring.timeout = timeout
             ring.allreduce(src, res.reshape(-1), op)

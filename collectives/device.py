@@ -1,9 +1,10 @@
 """Which transport moves device (CuPy) buffers: IPC, CUDA-aware MPI, or host staging.
 
-IPC when every rank has a GPU on one node; CUDA-aware MPI when the library says so and a guarded
+IPC when every rank has a GPU on one node (``ipc-shared`` when they all share one GPU, whose
+processes would otherwise time-slice at every ring step); CUDA-aware MPI when the library says so and a guarded
 probe (in a child process, since a non-CUDA-aware MPI segfaults on device pointers) agrees;
 otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, ipc,
-ipc-host, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
+ipc-host, ipc-shared, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
 """
 import os
 import subprocess
@@ -13,7 +14,7 @@ from mpi4py import MPI
 
 __all__ = ["parse_transport", "select_transport", "cuda_aware_mpi", "TRANSPORTS"]
 
-TRANSPORTS = ("auto", "ipc", "ipc-host", "mpi", "staged")
+TRANSPORTS = ("auto", "ipc", "ipc-host", "ipc-shared", "mpi", "staged")
 _chosen = {}
 _PROBE = r"""
 import cupy, numpy as np
@@ -79,7 +80,11 @@ def select_transport(comm, requested=None):
         from .ipc import ipc_usable
         ok, why = ipc_usable(comm)
         if ok:
-            _chosen[key] = ("ipc", why)
+            from .ipc import all_ranks_share_one_gpu
+            if comm.size > 1 and all_ranks_share_one_gpu(comm):
+                _chosen[key] = ("ipc-shared", f"{why}; all {comm.size} ranks share one GPU: one context drives the ring")
+            else:
+                _chosen[key] = ("ipc", why)
         elif cuda_aware_mpi(comm):
             _chosen[key] = ("mpi", f"CUDA-aware MPI ({why})")
         else:

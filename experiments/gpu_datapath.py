@@ -69,6 +69,7 @@ def main():
         variants = [allreduce_variant(comm, f"ipc:{k}", device=True, transport=f"ipc:{k}")
                     for k in (int(x) for x in args.slices.split(","))]
         variants.append(allreduce_variant(comm, "ipc-host", device=True, transport="ipc-host"))
+        variants.insert(0, allreduce_variant(comm, "ipc-shared", device=True, transport="ipc-shared"))
         if size <= staged_max:
             variants.append(allreduce_variant(comm, "staged", device=True, transport="staged"))
             variants.append(mpi_native_variant(comm, "mpi-staged", device=True))
