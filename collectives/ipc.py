@@ -40,6 +40,7 @@ _EXPR = {
 }
 _kernels = {}
 _rings = {}
+_TRACE = os.environ.get("RINGLAB_IPC_TRACE") == "1"   # leader prints its wait/ops split per call
 
 
 def _kernel(op, last_avg=False):
@@ -306,8 +307,13 @@ class SharedGpuRing(IpcRing):
                 return self._finish(caller)
             srcs = [src] + [self._peer_view(everyone[k][0], src) for k in range(1, n)]
             outs = [out] + [self._peer_view(everyone[k][1], src) for k in range(1, n)]
+            trace = [cupy.cuda.Event() for _ in range(3)] if _TRACE else None
+            if trace:
+                trace[0].record(self.stream)
             for k in range(1, n):
                 self._wait(self.counters[k], call)
+            if trace:
+                trace[1].record(self.stream)
             bounds = chunk_bounds(src.size, n)
             item = src.dtype.itemsize
             for s in range(n - 1):                        # reduce-scatter: same table as the ring
@@ -323,7 +329,13 @@ class SharedGpuRing(IpcRing):
                         cupy.cuda.runtime.memcpyAsync(outs[k].data.ptr + lo * item, outs[k - 1].data.ptr + lo * item,
                                                       (hi - lo) * item, 4, self.stream.ptr)
             self._write(self.counter, call)
-        return self._finish(caller)
+            if trace:
+                trace[2].record(self.stream)
+        self._finish(caller)
+        if trace:
+            print(f"[ipc-shared trace] wait for peers {cupy.cuda.get_elapsed_time(trace[0], trace[1]) * 1e3:8.1f} us, "
+                  f"ring ops {cupy.cuda.get_elapsed_time(trace[1], trace[2]) * 1e3:8.1f} us", flush=True)
+        return True
 
 
 def get_ipc_ring(comm, slices=1, sync="stream"):
