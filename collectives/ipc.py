@@ -27,6 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import CollectiveTimeout, default_timeout
+from .cuda_reduce import reduce_kernel_vec
 from .schedule import chunk_bounds
 
 __all__ = ["IpcRing", "SharedGpuRing", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "close_all"]
@@ -41,6 +42,7 @@ _EXPR = {
 _kernels = {}
 _rings = {}
 _TRACE = os.environ.get("RINGLAB_IPC_TRACE") == "1"   # leader prints its wait/ops split per call
+_VECTOR = os.environ.get("RINGLAB_IPC_VECTOR", "1") != "0"   # 16-byte kernel (0: CuPy elementwise)
 
 
 def _kernel(op, last_avg=False):
@@ -105,6 +107,7 @@ class IpcRing:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.progress = 0                      # value our counter reaches after all enqueued work
         self.opened = OrderedDict()            # peer handle bytes -> our mapping of its base
+        self.exported = {}                     # (base, driver buffer id) -> our IPC handle
         n, r = comm.size, comm.rank
         self.counter = cupy.cuda.runtime.malloc(512) if n > 1 else 0
         if n > 1:
@@ -149,18 +152,30 @@ class IpcRing:
 
     def _reduce_step(self, op, src, peer, out, n, last):
         """out = src (op) peer on the current stream; avg divides at the last reduce-scatter step."""
+        if _VECTOR and reduce_kernel_vec(src, peer, out, "avg_last" if last and op == "avg" else op, n):
+            return
         if last and op == "avg":
             _kernel(op, last_avg=True)(src, peer, src.dtype.type(n), out)
         else:
             _kernel(op)(src, peer, out)
 
     def _export(self, arr):
-        """(handle of the allocation holding ``arr``, byte offset of ``arr`` in it)."""
+        """(handle of the allocation holding ``arr``, byte offset of ``arr`` in it).
+
+        Handles are cached per allocation, keyed by the driver's unique buffer id, so a buffer
+        freed and re-allocated at the same address is never confused with the old one."""
         import cupy
         d = _driver()
-        base, _size = _check(d.cuMemGetAddressRange(d.CUdeviceptr(arr.data.ptr)), "cuMemGetAddressRange")
-        base = int(base)
-        return cupy.cuda.runtime.ipcGetMemHandle(base), arr.data.ptr - base
+        ptr = d.CUdeviceptr(arr.data.ptr)
+        base, _size = _check(d.cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
+        (buffer_id,) = _check(d.cuPointerGetAttribute(d.CUpointer_attribute.CU_POINTER_ATTRIBUTE_BUFFER_ID, ptr),
+                              "cuPointerGetAttribute")
+        key = (int(base), int(buffer_id))
+        if key not in self.exported:
+            if len(self.exported) > 256:
+                self.exported.clear()
+            self.exported[key] = cupy.cuda.runtime.ipcGetMemHandle(int(base))
+        return self.exported[key], arr.data.ptr - int(base)
 
     def _write(self, addr, value):
         d = _driver()
@@ -297,6 +312,7 @@ class SharedGpuRing(IpcRing):
         self.stream.wait_event(ready)
         if src.size == 0:
             return True
+        t_host = time.perf_counter()
         everyone = comm.allgather((self._export(src), self._export(out)))
         self.calls += 1
         call = self.calls
@@ -331,10 +347,12 @@ class SharedGpuRing(IpcRing):
             self._write(self.counter, call)
             if trace:
                 trace[2].record(self.stream)
+                t_host = time.perf_counter() - t_host
         self._finish(caller)
         if trace:
             print(f"[ipc-shared trace] wait for peers {cupy.cuda.get_elapsed_time(trace[0], trace[1]) * 1e3:8.1f} us, "
-                  f"ring ops {cupy.cuda.get_elapsed_time(trace[1], trace[2]) * 1e3:8.1f} us", flush=True)
+                  f"ring ops {cupy.cuda.get_elapsed_time(trace[1], trace[2]) * 1e3:8.1f} us, host enqueue {t_host * 1e6:8.1f} us",
+                  flush=True)
         return True
 
 
