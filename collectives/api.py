@@ -22,6 +22,8 @@ __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "
 ALLREDUCE_ALGORITHMS = {"ring": lambda buf, tr, op, cache: ring_allreduce_inplace(buf, tr, op, cache=cache)}
 # dtypes the IPC ring's CuPy kernels reduce (bfloat16 device arrays are staged)
 IPC_DTYPES = ("float16", "float32", "float64", "int32", "int64")
+# device-only algorithms: every rank reads every peer's buffers over CUDA IPC (collectives/ipc_direct.py)
+DEVICE_ALGORITHMS = ("oneshot", "twoshot")
 
 _caches = {}
 _pinned = {}
@@ -74,6 +76,12 @@ def _transport(comm, timeout):
 
 
 def _check_algo(algo, a):
+    if algo in DEVICE_ALGORITHMS:
+        if not is_device_array(a):
+            raise ValueError(f"algo {algo!r} reads peers' GPU memory over CUDA IPC: it needs device (CuPy) arrays")
+        if a.dtype.name not in IPC_DTYPES:
+            raise TypeError(f"algo {algo!r} supports {', '.join(IPC_DTYPES)}, not {a.dtype.name}")
+        return
     if algo not in ALLREDUCE_ALGORITHMS:
         raise ValueError(f"unknown algo {algo!r}; available: {', '.join(sorted(ALLREDUCE_ALGORITHMS))}")
 
@@ -95,6 +103,16 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
         return _prepare_out(a, out, a.shape, "allreduce")
     route = f"{algo}/{transport or 'auto'}"
     res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks)
+    if algo in DEVICE_ALGORITHMS:
+        from .ipc import ipc_usable
+        from .ipc_direct import get_ipc_direct
+        import cupy
+        usable, why = ipc_usable(comm)
+        if not usable:
+            raise ValueError(f"algo {algo!r} needs CUDA IPC between all ranks, which is unusable here: {why}")
+        src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
+        get_ipc_direct(comm).allreduce(src, res.reshape(-1), op, algo=algo)
+        return res
     if is_device_array(a) and algo == "ring":
         name, slices, _ = select_transport(comm, transport)
         if name in ("ipc", "ipc-host", "ipc-shared") and a.dtype.name in IPC_DTYPES:

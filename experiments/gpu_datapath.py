@@ -48,6 +48,10 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--slices", default="1,4,16", help="IPC pipeline slice counts to compare")
     p.add_argument("--staged-max", default="64M", help="skip host staging above this size (it is slow)")
+    p.add_argument("--variants", default="ipc-shared,ipc,ipc-host,staged,mpi-staged,nccl",
+                   help="comma list of: ipc-shared, ipc (one row per --slices), ipc-host, staged, mpi-staged, nccl, "
+                        "oneshot, twoshot")
+    p.add_argument("--baseline", default="staged", help="variant the ratio column divides by")
     p.add_argument("--json")
     args = p.parse_args()
     comm = MPI.COMM_WORLD
@@ -64,23 +68,32 @@ def main():
     itemsize = np.dtype(args.dtype).itemsize
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     staged_max = parse_size(args.staged_max)
+    wanted = args.variants.split(",")
     rows = []
     for size in sizes:
-        variants = [allreduce_variant(comm, f"ipc:{k}", device=True, transport=f"ipc:{k}")
-                    for k in (int(x) for x in args.slices.split(","))]
-        variants.append(allreduce_variant(comm, "ipc-host", device=True, transport="ipc-host"))
-        variants.insert(0, allreduce_variant(comm, "ipc-shared", device=True, transport="ipc-shared"))
-        if size <= staged_max:
-            variants.append(allreduce_variant(comm, "staged", device=True, transport="staged"))
-            variants.append(mpi_native_variant(comm, "mpi-staged", device=True))
-        variants.append(nccl_variant(comm))
+        variants = []
+        for name in wanted:
+            if name in ("staged", "mpi-staged") and size > staged_max:
+                continue
+            if name == "nccl":
+                variants.append(nccl_variant(comm))
+            elif name == "mpi-staged":
+                variants.append(mpi_native_variant(comm, "mpi-staged", device=True))
+            elif name in ("oneshot", "twoshot"):
+                variants.append(allreduce_variant(comm, name, algo=name, device=True))
+            elif name == "ipc":
+                variants += [allreduce_variant(comm, f"ipc:{k}", device=True, transport=f"ipc:{k}")
+                             for k in (int(x) for x in args.slices.split(","))]
+            else:
+                variants.append(allreduce_variant(comm, name, device=True, transport=name))
+        base = args.baseline if args.baseline in wanted and (args.baseline not in ("staged", "mpi-staged")
+                                                             or size <= staged_max) else None
         rows += measure(comm, variants, [size // itemsize], args.dtype, "sum", iters=args.iters,
-                        warmup=args.warmup, baseline="staged" if size <= staged_max else None,
-                        progress=lambda t: print("  ..", t, flush=True))
-    say(format_table(rows, f"allreduce on GPU, N = {n}; ratio = staged time / variant time"))
+                        warmup=args.warmup, baseline=base, progress=lambda t: print("  ..", t, flush=True))
+    say(format_table(rows, f"allreduce on GPU, N = {n}; ratio = {args.baseline} time / variant time"))
     floor_rows = []
     for r in rows:
-        if r.note or n == 1:
+        if r.note or n == 1 or r.variant in ("oneshot", "twoshot"):   # the floor is the ring's traffic
             continue
         floor_s = 5 * (n - 1) * r.size / bw
         floor_rows.append({"variant": r.variant, "size": r.size, "time_us": r.time_us,

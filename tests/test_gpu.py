@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 def test_ipc_and_staged_transports_match_reference(run_mpi, k):
-    out = run_mpi(k, "tests/mpi/gpu_check.py", "ipc-shared,ipc,ipc:3,ipc-host,staged", f"0,1,{max(k - 1, 1)},1009,100003",
+    out = run_mpi(k, "tests/mpi/gpu_check.py", "ipc-shared,ipc,ipc:3,ipc-host,staged,oneshot,twoshot", f"0,1,{max(k - 1, 1)},1009,100003",
                   timeout=900).stdout
     assert f"gpu_check OK: N={k}" in out
 

@@ -1,6 +1,7 @@
 """MPI worker (GPU): the device transports against a float64 reference; exits non-zero on failure.
 
-usage: gpu_check.py TRANSPORTS COUNTS    e.g. ipc,ipc:4,ipc-host,staged 0,1,1009,100003
+usage: gpu_check.py TRANSPORTS COUNTS    e.g. ipc,ipc:4,ipc-host,staged,oneshot 0,1,1009,100003
+(oneshot and twoshot are algorithms over IPC rather than transports of the ring)
 """
 import hashlib
 import sys
@@ -39,7 +40,8 @@ for transport in transports:
                 for inplace in (False, True):
                     for rep in range(3):  # reuse the same buffers: cross-call ordering must hold
                         buf = x.copy() if inplace else x
-                        y = allreduce(buf, out=buf if inplace else None, op=op, transport=transport)
+                        how = {"algo": transport} if transport in ("oneshot", "twoshot") else {"transport": transport}
+                        y = allreduce(buf, out=buf if inplace else None, op=op, **how)
                         got = y.get().astype(np.float64)
                         if inplace:
                             buf.fill(7)   # scribble right after return: peers must be done with it
