@@ -7,7 +7,7 @@ to the elementwise kernel.
 """
 import numpy as np
 
-__all__ = ["reduce_kernel_vec", "OP_CODES"]
+__all__ = ["reduce_kernel_vec", "step_kernel", "TASK_DTYPE", "OP_CODES"]
 
 OP_CODES = {"sum": 0, "avg": 0, "prod": 1, "max": 2, "min": 3, "avg_last": 4}
 _TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
@@ -41,7 +41,38 @@ __global__ void rl_reduce(const T* __restrict__ a, const T* __restrict__ b, T* _
   const long long t = nv * V + tid;                 // the last n % V elements
   if (t < n) out[t] = rl_apply(op, a[t], b[t], scale);
 }
+
+// One ring step for many ranks at once (blockIdx.y = task): out[i] = a[i] (op) b[i] for i in
+// [lo, hi), or out[i] = b[i] when copy != 0. Vector body, scalar head and tail.
+struct RlTask { unsigned long long a, b, out; long long lo, hi; };
+template <typename T>
+__global__ void rl_step(const RlTask* __restrict__ tasks, int op, T scale, int copy) {
+  const RlTask t = tasks[blockIdx.y];
+  const T* a = reinterpret_cast<const T*>(t.a);
+  const T* b = reinterpret_cast<const T*>(t.b);
+  T* out = reinterpret_cast<T*>(t.out);
+  constexpr int V = 16 / sizeof(T);
+  struct alignas(16) Pack { T v[V]; };
+  const bool aligned = ((t.a | t.b | t.out) & 15ull) == 0;
+  long long vlo = aligned ? ((t.lo + V - 1) / V) * V : t.hi;
+  if (vlo > t.hi) vlo = t.hi;
+  const long long vhi = vlo + ((t.hi - vlo) / V) * V;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  for (long long i = vlo / V + tid; i < vhi / V; i += stride) {
+    Pack y = reinterpret_cast<const Pack*>(b)[i];
+    if (!copy) {
+      Pack x = reinterpret_cast<const Pack*>(a)[i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) y.v[k] = rl_apply(op, x.v[k], y.v[k], scale);
+    }
+    reinterpret_cast<Pack*>(out)[i] = y;
+  }
+  for (long long i = t.lo + tid; i < vlo; i += stride) out[i] = copy ? b[i] : rl_apply(op, a[i], b[i], scale);
+  for (long long i = vhi + tid; i < t.hi; i += stride) out[i] = copy ? b[i] : rl_apply(op, a[i], b[i], scale);
+}
 """
+TASK_DTYPE = np.dtype([("a", "<u8"), ("b", "<u8"), ("out", "<u8"), ("lo", "<i8"), ("hi", "<i8")])
 _module = None
 _sms = None
 
@@ -51,7 +82,8 @@ def _functions():
     if _module is None:
         import cupy
         _module = cupy.RawModule(code=_SOURCE, options=("--std=c++17",),
-                                 name_expressions=[f"rl_reduce<{t}>" for t in _TYPES.values()])
+                                 name_expressions=[f"rl_reduce<{t}>" for t in _TYPES.values()]
+                                 + [f"rl_step<{t}>" for t in _TYPES.values()])
         _sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     return _module
 
@@ -71,3 +103,16 @@ def reduce_kernel_vec(a, b, out, op, nranks=1):
     blocks = int(min(max(1, -(-n // (per_thread * threads))), _sms * 8))
     fn((blocks,), (threads,), (a, b, out, np.int64(n), np.int32(OP_CODES[op]), a.dtype.type(nranks)))
     return True
+
+
+def step_kernel(tasks_dev, ntasks, dtype, op, nranks, copy, longest):
+    """Launch one ring step for ``ntasks`` ranks: ``tasks_dev`` points at TASK_DTYPE records in
+    device memory (a MemoryPointer), ``longest`` is the longest [lo, hi) range in elements."""
+    dtype = np.dtype(dtype)
+    if ntasks == 0 or longest == 0:
+        return
+    fn = _functions().get_function(f"rl_step<{_TYPES[dtype.name]}>")
+    per_thread = 16 // dtype.itemsize
+    threads = 256
+    blocks = int(min(max(1, -(-longest // (per_thread * threads))), max(1, _sms * 8 // ntasks)))
+    fn((blocks, ntasks), (threads,), (tasks_dev, np.int32(OP_CODES[op]), dtype.type(nranks), np.int32(copy)))

@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import CollectiveTimeout, default_timeout
-from .cuda_reduce import reduce_kernel_vec
+from .cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
 from .schedule import chunk_bounds
 
 __all__ = ["IpcRing", "SharedGpuRing", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "close_all"]
@@ -43,6 +43,7 @@ _kernels = {}
 _rings = {}
 _TRACE = os.environ.get("RINGLAB_IPC_TRACE") == "1"   # leader prints its wait/ops split per call
 _VECTOR = os.environ.get("RINGLAB_IPC_VECTOR", "1") != "0"   # 16-byte kernel (0: CuPy elementwise)
+_STEP_TYPES = ("float16", "float32", "float64", "int32", "int64") if _VECTOR else ()
 
 
 def _kernel(op, last_avg=False):
@@ -330,20 +331,10 @@ class SharedGpuRing(IpcRing):
                 self._wait(self.counters[k], call)
             if trace:
                 trace[1].record(self.stream)
-            bounds = chunk_bounds(src.size, n)
-            item = src.dtype.itemsize
-            for s in range(n - 1):                        # reduce-scatter: same table as the ring
-                for k in range(n):
-                    lo, hi = bounds[(k - s - 1) % n]
-                    peer = srcs[k - 1] if s == 0 else outs[k - 1]
-                    if hi > lo:
-                        self._reduce_step(op, srcs[k][lo:hi], peer[lo:hi], outs[k][lo:hi], n, last=s == n - 2)
-            for s in range(n - 1):                        # all-gather
-                for k in range(n):
-                    lo, hi = bounds[(k - s) % n]
-                    if hi > lo:
-                        cupy.cuda.runtime.memcpyAsync(outs[k].data.ptr + lo * item, outs[k - 1].data.ptr + lo * item,
-                                                      (hi - lo) * item, 4, self.stream.ptr)
+            if src.dtype.name in _STEP_TYPES:
+                self._batched_steps(srcs, outs, op, n)
+            else:
+                self._steps_one_by_one(srcs, outs, op, n)
             self._write(self.counter, call)
             if trace:
                 trace[2].record(self.stream)
@@ -354,6 +345,43 @@ class SharedGpuRing(IpcRing):
                   f"ring ops {cupy.cuda.get_elapsed_time(trace[1], trace[2]) * 1e3:8.1f} us, host enqueue {t_host * 1e6:8.1f} us",
                   flush=True)
         return True
+
+    def _batched_steps(self, srcs, outs, op, n):
+        """Every rank's part of a ring step in one launch: 2(N-1) launches instead of 2N(N-1)."""
+        import cupy
+        bounds = chunk_bounds(srcs[0].size, n)
+        table = np.zeros((2 * (n - 1), n), dtype=TASK_DTYPE)
+        for s in range(n - 1):
+            for k in range(n):
+                lo, hi = bounds[(k - s - 1) % n]                       # reduce-scatter, as the ring
+                peer = srcs[k - 1] if s == 0 else outs[k - 1]
+                table[s, k] = (srcs[k].data.ptr, peer.data.ptr, outs[k].data.ptr, lo, hi)
+                lo, hi = bounds[(k - s) % n]                           # all-gather
+                table[n - 1 + s, k] = (0, outs[k - 1].data.ptr, outs[k].data.ptr, lo, hi)
+        self._table = cupy.asarray(table)                              # alive until the next call
+        longest = bounds[0][1] - bounds[0][0]
+        for j in range(2 * (n - 1)):
+            rs = j < n - 1
+            step_op = "avg_last" if (rs and op == "avg" and j == n - 2) else op
+            step_kernel(self._table.data + j * n * TASK_DTYPE.itemsize, n, srcs[0].dtype, step_op, n,
+                        copy=0 if rs else 1, longest=longest)
+
+    def _steps_one_by_one(self, srcs, outs, op, n):
+        import cupy
+        bounds = chunk_bounds(srcs[0].size, n)
+        item = srcs[0].dtype.itemsize
+        for s in range(n - 1):                        # reduce-scatter: same table as the ring
+            for k in range(n):
+                lo, hi = bounds[(k - s - 1) % n]
+                peer = srcs[k - 1] if s == 0 else outs[k - 1]
+                if hi > lo:
+                    self._reduce_step(op, srcs[k][lo:hi], peer[lo:hi], outs[k][lo:hi], n, last=s == n - 2)
+        for s in range(n - 1):                        # all-gather
+            for k in range(n):
+                lo, hi = bounds[(k - s) % n]
+                if hi > lo:
+                    cupy.cuda.runtime.memcpyAsync(outs[k].data.ptr + lo * item, outs[k - 1].data.ptr + lo * item,
+                                                  (hi - lo) * item, 4, self.stream.ptr)
 
 
 def get_ipc_ring(comm, slices=1, sync="stream"):
