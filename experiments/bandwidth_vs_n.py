@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--fit", metavar="PATH", help="write the alpha-beta fits (ringlab.alphabeta/1 JSON)")
     p.add_argument("--plot-prefix", metavar="PREFIX", help="write PREFIX_vs_size.png and PREFIX_vs_n.png")
     p.add_argument("--label", default="", help="text for plot titles, e.g. 'CPU, 2 cores oversubscribed'")
+    p.add_argument("--fit-nranks", default="", help="fit only these N (e.g. 2 when N > cores oversubscribes); default all")
     p.add_argument("--refit", metavar="SWEEP_JSON", help="no run: fit (and plot) a sweep written by --json")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
@@ -151,11 +152,12 @@ def sweep(world, args, device):
     return rows, steps
 
 
-def fit_all(rows, variants_seen, steps, meta):
+def fit_all(rows, variants_seen, steps, meta, only_nranks=""):
     """An α-β fit per variant that has enough timed rows; prints each report."""
+    keep = {int(x) for x in only_nranks.split(",") if x.strip()}
     fits = []
     for name in variants_seen:
-        samples = samples_from_rows(rows, name)
+        samples = [s for s in samples_from_rows(rows, name) if not keep or s[1] in keep]
         try:
             fit = fit_alpha_beta(samples)
         except ValueError as exc:
@@ -163,7 +165,7 @@ def fit_all(rows, variants_seen, steps, meta):
             continue
         fit.algo, fit.dtype, fit.date = name, meta.get("dtype", ""), meta.get("date", "")
         fit.machine = {k: meta.get(k) for k in ("host", "backend", "device", "mpi")}
-        finite = [t for t in steps.values() if math.isfinite(t)]
+        finite = [t for n, t in steps.items() if math.isfinite(t) and (not keep or n in keep)]
         fit.step_latency_s = float(np.median(finite)) if finite else None
         print(format_fit_report(fit, samples))
         if name != "ring":
@@ -234,7 +236,7 @@ def refit(args):
     rows, meta = doc["rows"], doc["meta"]
     steps = {int(k): v for k, v in meta.get("step_latency_s", {}).items()}
     names = [v for v in VARIANT_NAMES if any(r["variant"] == v for r in rows)]
-    fits = fit_all(rows, names, steps, meta)
+    fits = fit_all(rows, names, steps, meta, args.fit_nranks)
     if args.fit and fits:
         write_fits(args.fit, fits, meta)
         print(f"wrote {args.fit}")
@@ -264,7 +266,7 @@ def main(argv=None):
     if args.json:
         write_json(args.json, rows, meta)
         print(f"wrote {args.json}")
-    fits = fit_all(rows, args.variants, steps, meta)
+    fits = fit_all(rows, args.variants, steps, meta, args.fit_nranks)
     if args.fit and fits:
         write_fits(args.fit, fits, meta)
         print(f"wrote {args.fit}")
