@@ -161,7 +161,7 @@ def _draw_step(everyone, i, path, dpi):
 
 def render_walkthrough_figures(records, outdir, dpi=100, gif=True, frame_ms=1600):
     """Write one PNG per step (start, N-1 reduce-scatter, N-1 all-gather) of a recorded run into
-    ``outdir`` and, with ``gif``, an animated ``walkthrough.gif`` of them; returns the paths written."""
+    ``outdir`` and, with ``gif``, an animated ``walkthrough_animation.gif`` of them; returns the paths written."""
     n = _check(records)
     if n > MAX_FIGURE_RANKS:
         raise ValueError(f"figures are drawn for N <= {MAX_FIGURE_RANKS} ranks (got {n}); the tables work for any N")
@@ -172,7 +172,7 @@ def render_walkthrough_figures(records, outdir, dpi=100, gif=True, frame_ms=1600
         _draw_step(records, i, path, dpi)
         paths.append(path)
     if gif:
-        paths.append(_write_gif(paths, os.path.join(outdir, "walkthrough.gif"), frame_ms))
+        paths.append(_write_gif(paths, os.path.join(outdir, "walkthrough_animation.gif"), frame_ms))
     return paths
 
 

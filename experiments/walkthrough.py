@@ -22,7 +22,7 @@ from collectives.walkthrough_figures import (extract_generated_section, render_w
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--figures", metavar="DIR", help="write one PNG per step and walkthrough.gif here")
+    p.add_argument("--figures", metavar="DIR", help="write one PNG per step and walkthrough_animation.gif here")
     p.add_argument("--markdown", metavar="PATH", help="rewrite the generated section of this Markdown file")
     p.add_argument("--check", metavar="PATH", help="compare the generated section of PATH with this run; exit 1 if it differs")
     p.add_argument("--image-dir", metavar="REL",

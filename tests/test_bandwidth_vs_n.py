@@ -55,3 +55,7 @@ def test_refit_of_saved_sweep_writes_fit_json(tmp_path):
     assert fit.alpha_s == pytest.approx(3e-6) and fit.beta_Bps == pytest.approx(5e9)
     assert fit.nranks == [2, 4, 8] and fit.step_latency_s == pytest.approx(3.1e-6) and fit.machine["host"] == "test"
     assert (tmp_path / "p_vs_size.png").exists()
+    only = subprocess.run([sys.executable, SCRIPT, "--refit", str(sweep), "--fit-nranks", "2,8", "--fit", str(fit_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert only.returncode == 0, only.stderr
+    assert load_fit(fit_path, "ring").nranks == [2, 8] and "6 samples, N = [2, 8]" in only.stdout

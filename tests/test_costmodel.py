@@ -1,11 +1,11 @@
 """The cost model reproduces the seeds' worked numbers and flags the ones that are wrong."""
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 
-from collectives.costmodel import (LINKS, MODELS, Layout, Link, bubble_fraction, communication_cost,
+from collectives.costmodel import (MODELS, Layout, Link, bubble_fraction, communication_cost,
                                    layer_forward_flops, pipeline_speedup, ring_allreduce_seconds, seed_claims,
                                    tp_allreduce_bytes)
 

@@ -24,7 +24,7 @@ def test_committed_doc_links_existing_figures():
     for name in step_figure_names(4):
         assert f"(img/{name})" in section
         assert os.path.exists(os.path.join(ROOT, "docs", "img", name)), name
-    assert os.path.exists(os.path.join(ROOT, "docs", "img", "walkthrough.gif"))
+    assert os.path.exists(os.path.join(ROOT, "docs", "img", "walkthrough_animation.gif"))
 
 
 def test_check_detects_drift(run_mpi, tmp_path):

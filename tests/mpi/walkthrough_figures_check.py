@@ -16,7 +16,7 @@ if comm.rank == 0:
     paths = render_walkthrough_figures(records, outdir)
     n = comm.size
     pngs = [os.path.join(outdir, name) for name in step_figure_names(n)]
-    assert paths == pngs + [os.path.join(outdir, "walkthrough.gif")], paths
+    assert paths == pngs + [os.path.join(outdir, "walkthrough_animation.gif")], paths
     sizes = {Image.open(p).size for p in pngs}
     assert len(sizes) == 1, f"frames differ in size: {sizes}"
     gif = Image.open(paths[-1])
