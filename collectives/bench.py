@@ -8,6 +8,7 @@ algbw = S/t and busbw = algbw * factor(N), plus the ratio to a baseline variant.
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -237,7 +238,7 @@ def run_metadata(comm, **extra):
         "nranks": comm.size,
         "mpi": MPI.Get_library_version().splitlines()[0].strip(),
         "python": platform.python_version(),
-        "command": "mpirun -n %d python %s" % (comm.size, " ".join(sys.argv)),
+        "command": "mpirun -n %d python %s" % (comm.size, shlex.join(sys.argv)),
     }
     meta.update(extra)
     return meta

@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--walkthrough-ranks", type=int, default=8,
                    help="print the step tables only when N <= this (they grow as N^2); default %(default)s")
     p.add_argument("--no-walkthrough", action="store_true", help="skip part 1")
+    p.add_argument("--figures", metavar="DIR", help="also draw the walkthrough: one PNG per step and a GIF (N <= 8)")
     p.add_argument("--no-bench", action="store_true", help="skip part 3")
     p.add_argument("--json", metavar="PATH", help="write the benchmark rows and run metadata as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the verification line and the table")
@@ -135,6 +136,13 @@ def main(argv=None):
                 print(format_walkthrough(records))
             else:
                 print(f"\n== 1. walkthrough skipped: N = {n} > --walkthrough-ranks {args.walkthrough_ranks} ==")
+        if args.figures and rank == 0:
+            from collectives.walkthrough_figures import render_walkthrough_figures
+            try:
+                paths = render_walkthrough_figures(records, args.figures)
+                print(f"wrote {len(paths)} walkthrough figures to {args.figures}")
+            except ValueError as exc:
+                print(f"figures skipped: {exc}")
         ok = bool(np.all(final == (1 << n) - 1))
         say(f"walkthrough result: every element = 2**N - 1 = {(1 << n) - 1}: {'yes' if ok else 'NO'}")
 
