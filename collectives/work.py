@@ -5,7 +5,8 @@
     grad_sum = work.wait()                # re-raises any error of the collective
 
 Design (docs/overlap.md has the picture):
-- One background *progress thread* per process runs the blocking collectives of ``api`` in
+- One background *progress thread* per process runs the collectives of ``api`` (with its own
+  scratch buffers, so blocking calls from the caller's thread never share them) in
   issue order (FIFO), like NCCL's one stream per communicator. The caller's thread never blocks
   on communication, so MPI progresses while it computes (NumPy releases the GIL in large ops).
 - Each parent communicator gets one private duplicate (``Dup``, made once in the caller's thread
@@ -31,6 +32,7 @@ from . import api
 from .arrays import as_array, is_device_array
 from .errors import CollectiveTimeout, default_timeout
 from .ops import check_op_dtype
+from .ring import ring_reduce_scatter_inplace
 from .schedule import chunk_bounds
 from .validate import checked_call
 
@@ -186,6 +188,44 @@ def _launch(what, comm, host_job, device_job, x, keep=()):
     return work
 
 
+# ---- host execution with the progress thread's own scratch ---------------------------------------
+# api keeps module-level scratch buffers (``api._caches``) for the caller's blocking collectives;
+# sharing them with the progress thread would let a blocking and an async ring overwrite each
+# other's receive buffer. These mirror api.allreduce / api.reduce_scatter with a private cache.
+
+_scratch = {}
+
+
+def _run_allreduce(a, out, op, algo, comm, timeout, validate, inplace):
+    def local_checks():
+        check_op_dtype(op, a.dtype)
+        api._check_algo(algo, a)
+        return api._prepare_out(a, out, a.shape, "allreduce")
+    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, algo, inplace), local_checks)
+    if res is not a:
+        res[...] = a
+    api.ALLREDUCE_ALGORITHMS[algo](res.reshape(-1), api._transport(comm, timeout), op, _scratch.setdefault(algo, {}))
+    return res
+
+
+def _run_reduce_scatter(a, out, op, comm, timeout, validate):
+    n = comm.size
+    lo, hi = chunk_bounds(a.size, n)[comm.rank]
+
+    def local_checks():
+        check_op_dtype(op, a.dtype)
+        return api._prepare_out(a, out, (hi - lo,), "reduce_scatter")
+    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks)
+    work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
+    # rotate=-1: rank r ends owning chunk r, as in api.reduce_scatter.
+    ring_reduce_scatter_inplace(work, api._transport(comm, timeout), op, rotate=-1,
+                                cache=_scratch.setdefault("reduce_scatter", {}))
+    if op == "avg":
+        np.divide(work[lo:hi], n, out=work[lo:hi], casting="unsafe")
+    res[...] = work[lo:hi]
+    return res
+
+
 # ---- CuPy staging on the communication stream ------------------------------------------------------
 
 _comm_streams = {}
@@ -256,7 +296,7 @@ def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None,
     a = as_array(x)
 
     def host_job(pcomm):
-        return api.allreduce(a, out=out, op=op, algo=algo, comm=pcomm, timeout=timeout, validate=validate)
+        return _run_allreduce(a, out, op, algo, pcomm, timeout, validate, out is x)
 
     if not is_device_array(a):
         return _launch("allreduce", comm, host_job, None, a)
@@ -274,7 +314,7 @@ def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None,
     sig = ("allreduce", a.size, a.dtype.name, op, algo, out is x, validate)
 
     def device_job(pcomm, ready, device):
-        run = lambda h, _: api.allreduce(h, out=h, op=op, algo=algo, comm=pcomm, timeout=timeout, validate=False)
+        run = lambda h, _: _run_allreduce(h, h, op, algo, pcomm, timeout, False, True)
         return _staged(pcomm, ready, device, a, res, sig, err, run, None)
     return _launch("allreduce", comm, None, device_job, a, keep=(res,))
 
@@ -284,7 +324,7 @@ def reduce_scatter_async(x, out=None, op="sum", comm=None, timeout=None, validat
     a = as_array(x)
 
     def host_job(pcomm):
-        return api.reduce_scatter(a, out=out, op=op, comm=pcomm, timeout=timeout, validate=validate)
+        return _run_reduce_scatter(a, out, op, pcomm, timeout, validate)
 
     if not is_device_array(a):
         return _launch("reduce_scatter", comm, host_job, None, a)
@@ -301,7 +341,7 @@ def reduce_scatter_async(x, out=None, op="sum", comm=None, timeout=None, validat
     sig = ("reduce_scatter", a.size, a.dtype.name, op, "ring", False, validate)
 
     def device_job(pcomm, ready, device):
-        run = lambda h, o: api.reduce_scatter(h, out=o, op=op, comm=pcomm, timeout=timeout, validate=False)
+        run = lambda h, o: _run_reduce_scatter(h, o, op, pcomm, timeout, False)
         return _staged(pcomm, ready, device, a, res, sig, err, run, (hi - lo,))
     return _launch("reduce_scatter", comm, None, device_job, a, keep=(res,))
 
