@@ -48,11 +48,11 @@ def parse_args(argv=None):
                    help="numpy: host buffers, compute on the caller's thread; cupy: compute on the current "
                         "stream, communication on a separate stream; default %(default)s")
     p.add_argument("--buckets", type=float_list, default=[1, 4, 25, 100], help="DDP bucket sizes in MB; default 1,4,25,100")
-    p.add_argument("--layers", type=int, default=16, help="DDP: linear layers (one gradient each); default %(default)s")
-    p.add_argument("--hidden", type=int, default=1024, help="DDP: layer width; gradient = hidden^2 elements; default %(default)s")
-    p.add_argument("--batch", type=int, default=48, help="DDP: batch rows; backward = 4*batch*hidden^2 flops per layer; default %(default)s")
+    p.add_argument("--layers", type=int, default=32, help="DDP: linear layers (one gradient each); default %(default)s")
+    p.add_argument("--hidden", type=int, default=512, help="DDP: layer width; gradient = hidden^2 elements; default %(default)s")
+    p.add_argument("--batch", type=int, default=64, help="DDP: batch rows; backward = 4*batch*hidden^2 flops per layer; default %(default)s")
     p.add_argument("--chunks", type=int_list, default=[1, 2, 4, 8], help="TP: row blocks k; default 1,2,4,8")
-    p.add_argument("--tp-m", type=int, default=4096, help="TP: rows of X and Y; default %(default)s")
+    p.add_argument("--tp-m", type=int, default=2048, help="TP: rows of X and Y; default %(default)s")
     p.add_argument("--tp-k", type=int, default=128, help="TP: inner size per rank (K = N * this); default %(default)s")
     p.add_argument("--tp-n", type=int, default=1024, help="TP: columns of W and Y; default %(default)s")
     p.add_argument("--iters", type=int, default=3, help="rounds; each times comp, comm and both once (median over rounds of the slowest rank); default %(default)s")
@@ -204,7 +204,8 @@ def main(argv=None):
     else:
         xp, stream, sync = np, None, (lambda: None)
         where = f"CPU (NumPy; {comm.size} ranks on {os.cpu_count()} cores{': oversubscribed' if comm.size > (os.cpu_count() or 1) else ''})"
-    title = f"overlap, N = {comm.size}, {where}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    title = f"overlap, N = {comm.size}, {where}, load average {load:.1f} at start"
     say(f"# {title}\n# efficiency = (T_comp + T_comm - T_both) / min(T_comp, T_comm); exposed = T_both - T_comp")
     say(HEADER)
     summaries, rows = [], []
@@ -217,7 +218,7 @@ def main(argv=None):
     if comm.rank == 0:
         if args.json:
             from dataclasses import asdict
-            meta = run_metadata(comm, backend=args.backend, where=where, args=vars(args))
+            meta = run_metadata(comm, backend=args.backend, where=where, load_average=load, args=vars(args))
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "overlap": summaries, "rows": [asdict(r) for r in rows]}, f, indent=1)
             print(f"wrote {args.json}")
