@@ -7,3 +7,4 @@ from .validate import InvalidCollectiveCall
 __all__ = ["allreduce", "reduce_scatter", "allgather", "register_allreduce", "ALLREDUCE_ALGORITHMS",
            "chunk_bounds", "reduce_scatter_owner", "ring_reduce_scatter_schedule", "ring_allgather_schedule",
            "CollectiveError", "CollectiveTimeout", "CollectiveMismatch", "InvalidCollectiveCall"]
+from .work import Work, allgather_async, allreduce_async, reduce_scatter_async  # noqa: E402,F401
