@@ -4,6 +4,8 @@ Host (NumPy) buffers run the chosen algorithm over MPI directly. Device (CuPy) b
 transport ``device.select_transport`` picks: the CUDA IPC ring when all ranks share a node, the
 ring over CUDA-aware MPI, or pinned host staging (any algorithm; correct first).
 """
+import threading
+
 import numpy as np
 from mpi4py import MPI
 
@@ -25,8 +27,15 @@ IPC_DTYPES = ("float16", "float32", "float64", "int32", "int64")
 # device-only algorithms: every rank reads every peer's buffers over CUDA IPC (collectives/ipc_direct.py)
 DEVICE_ALGORITHMS = ("oneshot", "twoshot")
 
-_caches = {}
-_pinned = {}
+_scratch = threading.local()   # per-thread buffers: async collectives run on a progress thread
+
+
+def _cache(name):
+    """This thread's scratch dict for ``name`` (receive buffers, pinned staging buffers)."""
+    caches = getattr(_scratch, "caches", None)
+    if caches is None:
+        caches = _scratch.caches = {}
+    return caches.setdefault(name, {})
 
 
 def register_allreduce(name, fn):
@@ -60,13 +69,14 @@ def stage_through_host(flat, run):
         run(flat)
         return
     import cupyx
-    buf = _pinned.get("stage")
+    pinned = _cache("pinned")
+    buf = pinned.get("stage")
     if buf is None or buf.nbytes < flat.nbytes:
-        _pinned.pop("stage", None)
+        pinned.pop("stage", None)
         buf = cupyx.empty_pinned(max(flat.nbytes, 1), dtype=np.uint8)
-        _pinned["stage"] = buf
+        pinned["stage"] = buf
     host = buf[: flat.nbytes].view(flat.dtype)
-    flat.get(out=host)
+    flat.get(out=host)     # on the current stream; blocks until the bytes are on the host
     run(host)
     flat.set(host)
 
@@ -128,11 +138,11 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
             if res is not a:
                 res[...] = a
             tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
-            ring_allreduce_inplace(res.reshape(-1), tr, op, cache=_caches.setdefault("ring-device", {}))
+            ring_allreduce_inplace(res.reshape(-1), tr, op, cache=_cache("ring-device"))
             return res
     if res is not a:
         res[...] = a
-    tr, cache = _transport(comm, timeout), _caches.setdefault(algo, {})
+    tr, cache = _transport(comm, timeout), _cache(algo)
     stage_through_host(res.reshape(-1), lambda host: ALLREDUCE_ALGORITHMS[algo](host, tr, op, cache))
     return res
 
@@ -150,7 +160,7 @@ def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True
         return _prepare_out(a, out, (hi - lo,), "reduce_scatter")
     res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks)
     work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
-    tr, cache = _transport(comm, timeout), _caches.setdefault("reduce_scatter", {})
+    tr, cache = _transport(comm, timeout), _cache("reduce_scatter")
 
     def run(host):
         # rotate=-1 relabels chunks so that rank r ends owning chunk r (see schedule.py).

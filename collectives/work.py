@@ -5,8 +5,8 @@
     grad_sum = work.wait()                # re-raises any error of the collective
 
 Design (docs/overlap.md has the picture):
-- One background *progress thread* per process runs the collectives of ``api`` (with its own
-  scratch buffers, so blocking calls from the caller's thread never share them) in
+- One background *progress thread* per process runs the blocking collectives of ``api`` (whose
+  scratch buffers are per thread, so blocking calls from the caller's thread never share them) in
   issue order (FIFO), like NCCL's one stream per communicator. The caller's thread never blocks
   on communication, so MPI progresses while it computes (NumPy releases the GIL in large ops).
 - Each parent communicator gets one private duplicate (``Dup``, made once in the caller's thread
@@ -14,10 +14,9 @@ Design (docs/overlap.md has the picture):
   blocking traffic on ``comm``; async collectives run one at a time on that duplicate, and MPI's
   non-overtaking rule keeps back-to-back ones apart. Every rank must issue them in the same order.
 - CuPy arrays: the caller's stream records a *ready* event; the progress thread makes a private
-  communication stream wait on it, stages the bytes through pinned host memory (MPI here is not
-  CUDA-aware), and queues the copy back plus a *done* event on the communication stream.
-  ``wait()`` then makes the caller's current stream wait on *done* instead of blocking the host
-  on the GPU copy. A device-native executor would record *done* at launch and never block the host.
+  communication stream wait on it and runs the API's device path there (the IPC ring, or pinned
+  staging where IPC is unusable), then records a *done* event on that stream. ``wait()`` makes the
+  caller's current stream wait on *done*; the caller's host thread never blocks on the transfer.
 """
 import atexit
 import itertools
@@ -25,16 +24,11 @@ import queue
 import threading
 import time
 
-import numpy as np
 from mpi4py import MPI
 
 from . import api
 from .arrays import as_array, is_device_array
 from .errors import CollectiveTimeout, default_timeout
-from .ops import check_op_dtype
-from .ring import ring_reduce_scatter_inplace
-from .schedule import chunk_bounds
-from .validate import checked_call
 
 __all__ = ["Work", "allreduce_async", "reduce_scatter_async", "allgather_async", "async_comm"]
 
@@ -171,8 +165,8 @@ def async_comm(comm):
     return entry[1]
 
 
-def _launch(what, comm, host_job, device_job, x, keep=()):
-    """Submit ``host_job(pcomm)`` or, for device arrays, ``device_job(pcomm, ready_event)``."""
+def _launch(what, comm, run, x, keep=()):
+    """Queue ``run(private_comm)`` on the progress thread; device arrays run on the comm stream."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     engine = _progress()
     pcomm = async_comm(comm)
@@ -182,54 +176,15 @@ def _launch(what, comm, host_job, device_job, x, keep=()):
         ready = cupy.cuda.Event(block=False, disable_timing=True)
         ready.record(cupy.cuda.get_current_stream())   # the input is final once this point is reached
         device = cupy.cuda.Device().id
-        engine.submit(work, lambda: device_job(pcomm, ready, device))
+        engine.submit(work, lambda: _on_comm_stream(ready, device, lambda: run(pcomm)))
     else:
-        engine.submit(work, lambda: (host_job(pcomm), None))
+        engine.submit(work, lambda: (run(pcomm), None))
     return work
 
 
-# ---- host execution with the progress thread's own scratch ---------------------------------------
-# api keeps module-level scratch buffers (``api._caches``) for the caller's blocking collectives;
-# sharing them with the progress thread would let a blocking and an async ring overwrite each
-# other's receive buffer. These mirror api.allreduce / api.reduce_scatter with a private cache.
-
-_scratch = {}
-
-
-def _run_allreduce(a, out, op, algo, comm, timeout, validate, inplace):
-    def local_checks():
-        check_op_dtype(op, a.dtype)
-        api._check_algo(algo, a)
-        return api._prepare_out(a, out, a.shape, "allreduce")
-    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, algo, inplace), local_checks)
-    if res is not a:
-        res[...] = a
-    api.ALLREDUCE_ALGORITHMS[algo](res.reshape(-1), api._transport(comm, timeout), op, _scratch.setdefault(algo, {}))
-    return res
-
-
-def _run_reduce_scatter(a, out, op, comm, timeout, validate):
-    n = comm.size
-    lo, hi = chunk_bounds(a.size, n)[comm.rank]
-
-    def local_checks():
-        check_op_dtype(op, a.dtype)
-        return api._prepare_out(a, out, (hi - lo,), "reduce_scatter")
-    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks)
-    work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
-    # rotate=-1: rank r ends owning chunk r, as in api.reduce_scatter.
-    ring_reduce_scatter_inplace(work, api._transport(comm, timeout), op, rotate=-1,
-                                cache=_scratch.setdefault("reduce_scatter", {}))
-    if op == "avg":
-        np.divide(work[lo:hi], n, out=work[lo:hi], casting="unsafe")
-    res[...] = work[lo:hi]
-    return res
-
-
-# ---- CuPy staging on the communication stream ------------------------------------------------------
+# ---- device arrays: the blocking API, on the communication stream ------------------------------
 
 _comm_streams = {}
-_pinned = {}
 
 
 def _comm_stream(device):
@@ -240,134 +195,48 @@ def _comm_stream(device):
     return _comm_streams[device]
 
 
-def _pinned_host(role, nbytes, dtype, stream):
-    """A pinned host buffer for ``role`` ('in'/'out'), reused FIFO by the progress thread.
+def _on_comm_stream(ready, device, run):
+    """Run ``run()`` (a blocking API call) with the communication stream current, after ``ready``.
 
-    Reuse is safe because the thread synchronizes the communication stream (after each D2H
-    copy) before the host touches pinned memory again, and all copies run on that one stream.
+    The API's device paths (IPC rings, or pinned staging) order their work after the current
+    stream, so they start only once the caller's input is final; ``done`` marks the result.
     """
-    import cupyx
-    buf = _pinned.get(role)
-    if buf is None or buf.nbytes < nbytes:
-        stream.synchronize()   # no copy from the old buffer may still be in flight when it is freed
-        buf = cupyx.empty_pinned(max(nbytes, 1), dtype=np.uint8)
-        _pinned[role] = buf
-    return buf[:nbytes].view(dtype)
-
-
-def _staged(pcomm, ready, device, x, out, signature, local_error, run_host, host_out_shape):
-    """Stage ``x`` to pinned host memory, run ``run_host(host_in, host_out)``, queue the copy to ``out``."""
     import cupy
     with cupy.cuda.Device(device):
         stream = _comm_stream(device)
-
-        def local_checks():
-            if local_error is not None:
-                raise local_error
-        checked_call(pcomm, signature[-1], signature[:-1], local_checks)
         stream.wait_event(ready)
-        flat_x = x.reshape(-1)
-        host_in = _pinned_host("in", flat_x.nbytes, x.dtype, stream)
-        flat_x.get(stream=stream, out=host_in)          # blocking: the host needs the bytes for MPI
-        host_out = host_in if host_out_shape is None else \
-            _pinned_host("out", int(np.prod(host_out_shape)) * x.dtype.itemsize, x.dtype, stream).reshape(host_out_shape)
-        run_host(host_in, host_out)
-        out.reshape(-1).set(host_out.reshape(-1), stream=stream)   # async from pinned memory
+        with stream:
+            result = run()
         done = cupy.cuda.Event(block=False, disable_timing=True)
         done.record(stream)
-        return out, done
-
-
-def _device_out(a, out, shape, what):
-    """(out array, None) or (None, error): errors are agreed on across ranks, not raised here."""
-    try:
-        return api._prepare_out(a, out, shape, what), None
-    except (TypeError, ValueError) as exc:
-        return None, exc
+        return result, done
 
 
 # ---- public API ---------------------------------------------------------------------------------
 
-def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True):
+def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """Non-blocking ``api.allreduce`` (same arguments); ``wait()`` returns ``out``.
 
     ``x`` must not be modified, nor ``out`` read, until ``wait()`` returns (as with MPI_Iallreduce).
     """
     a = as_array(x)
+    inplace = out is x
 
-    def host_job(pcomm):
-        return _run_allreduce(a, out, op, algo, pcomm, timeout, validate, out is x)
-
-    if not is_device_array(a):
-        return _launch("allreduce", comm, host_job, None, a)
-    import cupy
-    a = cupy.ascontiguousarray(a)
-    res, err = _device_out(a, out, a.shape, "allreduce")
-    if err is None:
-        try:
-            check_op_dtype(op, a.dtype)
-        except (TypeError, ValueError) as exc:
-            err = exc
-    if err is None and algo not in api.ALLREDUCE_ALGORITHMS:
-        err = ValueError(f"unknown algo {algo!r} for the staged async path; available: "
-                         f"{', '.join(sorted(api.ALLREDUCE_ALGORITHMS))}")
-    sig = ("allreduce", a.size, a.dtype.name, op, algo, out is x, validate)
-
-    def device_job(pcomm, ready, device):
-        run = lambda h, _: _run_allreduce(h, h, op, algo, pcomm, timeout, False, True)
-        return _staged(pcomm, ready, device, a, res, sig, err, run, None)
-    return _launch("allreduce", comm, None, device_job, a, keep=(res,))
+    def run(pcomm):
+        return api.allreduce(a, out=a if inplace else out, op=op, algo=algo, comm=pcomm, timeout=timeout,
+                             validate=validate, transport=transport)
+    return _launch("allreduce", comm, run, a, keep=(out,))
 
 
 def reduce_scatter_async(x, out=None, op="sum", comm=None, timeout=None, validate=True):
     """Non-blocking ``api.reduce_scatter`` (same arguments); ``wait()`` returns this rank's chunk."""
     a = as_array(x)
-
-    def host_job(pcomm):
-        return _run_reduce_scatter(a, out, op, pcomm, timeout, validate)
-
-    if not is_device_array(a):
-        return _launch("reduce_scatter", comm, host_job, None, a)
-    import cupy
-    c = comm if comm is not None else MPI.COMM_WORLD
-    a = cupy.ascontiguousarray(a)
-    lo, hi = chunk_bounds(a.size, c.size)[c.rank]
-    res, err = _device_out(a, out, (hi - lo,), "reduce_scatter")
-    if err is None:
-        try:
-            check_op_dtype(op, a.dtype)
-        except (TypeError, ValueError) as exc:
-            err = exc
-    sig = ("reduce_scatter", a.size, a.dtype.name, op, "ring", False, validate)
-
-    def device_job(pcomm, ready, device):
-        run = lambda h, o: _run_reduce_scatter(h, o, op, pcomm, timeout, False)
-        return _staged(pcomm, ready, device, a, res, sig, err, run, (hi - lo,))
-    return _launch("reduce_scatter", comm, None, device_job, a, keep=(res,))
+    return _launch("reduce_scatter", comm, lambda pcomm: api.reduce_scatter(
+        a, out=out, op=op, comm=pcomm, timeout=timeout, validate=validate), a, keep=(out,))
 
 
 def allgather_async(x, out=None, comm=None, timeout=None, validate=True):
     """Non-blocking ``api.allgather`` (same arguments); ``wait()`` returns ``out`` (``out[r]`` = rank r's x)."""
     a = as_array(x)
-
-    def host_job(pcomm):
-        return api.allgather(a, out=out, comm=pcomm, timeout=timeout, validate=validate)
-
-    if not is_device_array(a):
-        return _launch("allgather", comm, host_job, None, a)
-    import cupy
-    c = comm if comm is not None else MPI.COMM_WORLD
-    a = cupy.ascontiguousarray(a)
-    shape = (c.size,) + tuple(a.shape)
-    res, err = _device_out(a, out, shape, "allgather")
-    if err is None:
-        try:
-            check_op_dtype("sum", a.dtype)
-        except (TypeError, ValueError) as exc:
-            err = exc
-    sig = ("allgather", a.size, a.dtype.name, "-", "ring", False, validate)
-
-    def device_job(pcomm, ready, device):
-        run = lambda h, o: api.allgather(h.reshape(a.shape), out=o, comm=pcomm, timeout=timeout, validate=False)
-        return _staged(pcomm, ready, device, a, res, sig, err, run, shape)
-    return _launch("allgather", comm, None, device_job, a, keep=(res,))
+    return _launch("allgather", comm, lambda pcomm: api.allgather(
+        a, out=out, comm=pcomm, timeout=timeout, validate=validate), a, keep=(out,))
