@@ -18,7 +18,7 @@ from .reference import (dequant_accumulate_reference, dequant_add_requant_refere
 __all__ = ["BLOCK_SIZES", "FP8_FORMATS", "Fp8Format", "fp8_format", "check_block", "check_fp8_input_dtype",
            "quantize_fp8_blockwise", "dequantize_fp8_blockwise", "dequant_add_requant_reference",
            "dequant_accumulate_reference", "reduce_reference", "fp8_message_nbytes", "split_fp8_message",
-           "patch_numpy_for_numba", "use_simulator_without_gpu", "reduce", "fp8"]
+           "patch_numpy_for_numba", "use_simulator_without_gpu"]
 
 
 def patch_numpy_for_numba():

@@ -95,8 +95,8 @@ def reduce_device(a, b, op="sum", out=None):
     """
     if op not in REDUCE_OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(REDUCE_OPS)}")
-    if out is None:
-        out = a.copy()
+    if out is None:   # numba device arrays have no .copy(); CuPy and NumPy (simulator) arrays do
+        out = cuda.device_array_like(a) if hasattr(a, "copy_to_host") else a.copy()
     if a.dtype != b.dtype or a.dtype != out.dtype:
         raise TypeError(f"dtypes differ: a {a.dtype}, b {b.dtype}, out {out.dtype}")
     if not (a.size == b.size == out.size):

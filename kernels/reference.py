@@ -52,6 +52,16 @@ def _blocks(v, block, fill=0.0):
     return padded.reshape(nblocks, block)
 
 
+_tables = {}
+
+
+def _decode_table(f):
+    """fp32 value of each of the 256 codes, from ml_dtypes."""
+    if f.name not in _tables:
+        _tables[f.name] = np.arange(256, dtype=np.uint8).view(f.ml_dtype).astype(np.float32)
+    return _tables[f.name]
+
+
 def block_scales(x32, fmt, block):
     """fp32 scale per block: amax(finite |x|) / fmax, or 1.0 where that is 0 (see the module policy)."""
     f = fp8_format(fmt)
@@ -97,7 +107,7 @@ def dequantize_fp8_blockwise(codes, scales, fmt="e4m3", block=128, out=None, dty
     if scales.size != -(-codes.size // block):
         raise ValueError(f"{codes.size} codes with block {block} need {-(-codes.size // block)} scales, "
                          f"got {scales.size}")
-    decoded = codes.view(f.ml_dtype).astype(np.float32)
+    decoded = _decode_table(f)[codes]            # 256-entry table: the same values as ml_dtypes' cast, faster
     with np.errstate(invalid="ignore", over="ignore"):
         v = (_blocks(decoded, block) * scales[:, None].astype(np.float32)).reshape(-1)[: codes.size]
     if out is None:
