@@ -1,0 +1,186 @@
+"""FP8-compressed all-reduce: the ring with FP8 payloads, and a direct variant whose error does not grow with N.
+
+Both send FP8 codes + one fp32 scale per block (kernels/codec.py) and accumulate in fp32 locally.
+
+``ring`` (algo="ring"): the ring of ring.py, but every hop re-quantizes the partial sum it forwards
+
+    reduce-scatter step s: rank r sends Q(p) of chunk (r-s), receives chunk (r-s-1) from r-1 and
+    computes p = x[chunk] + D(received) in fp32 -> the chunk is quantized N-1 times on its way
+    (Q of 1, 2, ..., N addends), so the error grows with N (about sqrt(N) for random data).
+    all-gather: the owner quantizes its final sum once, keeps D(Q(sum)) itself and forwards the
+    same bytes around the ring; nobody re-quantizes, so all ranks end bitwise identical.
+
+``direct`` (algo="direct", ZeRO++ qgZ style): rank r quantizes its copy of chunk j once and sends
+it straight to rank j (N-1 pairwise exchanges, round k: send to r+k, receive from r-k); the owner
+adds the N-1 dequantized copies to its own exact chunk in fp32, quantizes the sum once, and the
+same FP8 all-gather follows. Every addend is quantized once: the error does not grow with N.
+Bytes sent per rank are the same: 2(N-1) messages of about S/N elements each.
+"""
+import numpy as np
+from mpi4py import MPI
+
+from kernels.codec import codec_for
+from kernels.formats import check_block, check_fp8_input_dtype, fp8_format
+
+from .api import _prepare_out, register_allreduce
+from .arrays import as_array
+from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+from .transport import MpiTransport
+from .validate import checked_call
+
+__all__ = ["allreduce_fp8", "fp8_ring_allreduce", "fp8_direct_allreduce", "direct_exchange_schedule",
+           "fp8_allreduce_error_bound", "FP8_ALGOS", "FP8_OPS"]
+
+FP8_ALGOS = ("ring", "direct")
+FP8_OPS = ("sum", "avg")
+
+
+def direct_exchange_schedule(rank, nranks):
+    """Rounds of the direct reduce-scatter: [(send_to, send_chunk, recv_from)], chunk j -> rank j.
+
+    Round k = 1..N-1 pairs every rank with r+k (send) and r-k (receive), so each round is a
+    permutation and all N-1 rounds together are an all-to-all without a hot spot.
+    """
+    return [((rank + k) % nranks, (rank + k) % nranks, (rank - k) % nranks) for k in range(1, nranks)]
+
+
+def _message_pair(codec, bounds):
+    largest = max(hi - lo for lo, hi in bounds)
+    return codec.message(largest), codec.message(largest)
+
+
+def _fp8_allgather(x_out, codec, transport, bounds, send, recv, rotate):
+    """All-gather FP8 messages around the ring: ``send`` holds this rank's owned chunk's message.
+    Every received message is decoded into place and forwarded unchanged."""
+    comm = transport.comm
+    for st in ring_allgather_schedule(comm.rank, comm.size, rotate):
+        s0, s1 = bounds[st.send_chunk]
+        r0, r1 = bounds[st.recv_chunk]
+        codec.exchange(transport, send, s1 - s0, st.send_to, recv, r1 - r0, st.recv_from,
+                       what=f"fp8 all-gather step {st.step}")
+        codec.dequantize(recv[: codec.nbytes(r1 - r0)], x_out[r0:r1])
+        send, recv = recv, send
+
+
+def fp8_ring_allreduce(x, out, transport, codec, op="sum"):
+    """Ring all-reduce of flat ``x`` into flat ``out`` (may be ``x``) with FP8 messages; see module doc."""
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    if n == 1:
+        if out is not x:
+            out[...] = x
+        return out
+    bounds = chunk_bounds(x.size, n)
+    send, recv = _message_pair(codec, bounds)
+    steps = ring_reduce_scatter_schedule(r, n)
+    lo, hi = bounds[steps[0].send_chunk]
+    codec.quantize(x[lo:hi], send[: codec.nbytes(hi - lo)])
+    for st in steps:
+        s0, s1 = bounds[st.send_chunk]
+        r0, r1 = bounds[st.recv_chunk]
+        codec.exchange(transport, send, s1 - s0, st.send_to, recv, r1 - r0, st.recv_from,
+                       what=f"fp8 ring reduce-scatter step {st.step}")
+        last = st.step == n - 2          # the chunk received last is the one this rank owns
+        nb = codec.nbytes(r1 - r0)
+        # send is free again (the exchange completed): the hop writes the next message into it.
+        codec.hop(x[r0:r1], recv[:nb], send[:nb], out=out[r0:r1] if last else None,
+                  divide_by=n if (last and op == "avg") else 1)
+    _fp8_allgather(out, codec, transport, bounds, send, recv, rotate=0)
+    return out
+
+
+def fp8_direct_allreduce(x, out, transport, codec, op="sum"):
+    """Direct-exchange (qgZ) reduce-scatter + FP8 ring all-gather; rank r owns chunk r; see module doc."""
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    if n == 1:
+        if out is not x:
+            out[...] = x
+        return out
+    bounds = chunk_bounds(x.size, n)
+    send, recv = _message_pair(codec, bounds)
+    lo, hi = bounds[r]
+    acc = codec.accumulator(x[lo:hi])          # own addend: exact, never quantized
+    for k, (dest, chunk, source) in enumerate(direct_exchange_schedule(r, n)):
+        c0, c1 = bounds[chunk]
+        codec.quantize(x[c0:c1], send[: codec.nbytes(c1 - c0)])
+        codec.exchange(transport, send, c1 - c0, dest, recv, hi - lo, source,
+                       what=f"fp8 direct reduce-scatter round {k + 1}")
+        codec.accumulate(acc, recv[: codec.nbytes(hi - lo)])
+    if op == "avg":
+        acc /= np.float32(n)
+    nb = codec.nbytes(hi - lo)
+    codec.quantize(acc, send[:nb])
+    codec.dequantize(send[:nb], out[lo:hi])     # the owner keeps exactly what the others will decode
+    _fp8_allgather(out, codec, transport, bounds, send, recv, rotate=-1)
+    return out
+
+
+_EXECUTORS = {"ring": fp8_ring_allreduce, "direct": fp8_direct_allreduce}
+
+
+def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", comm=None, timeout=None,
+                  validate=True):
+    """All-reduce ``x`` with FP8 (``fmt`` "e4m3" or "e5m2") payloads and one fp32 scale per ``block``.
+
+    ``algo``: "ring" (error grows with N) or "direct" (N-independent error, same bytes). ``op``:
+    sum or avg. Input float32, float16 or bfloat16 (NumPy, or CuPy via the numba kernels); the
+    result has the input's dtype and is bitwise identical on every rank. ``out=x`` works in place.
+    Inf/NaN inputs follow docs/fp8.md: NaN stays NaN, inf stays inf in E5M2 and becomes NaN in E4M3.
+    """
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    a = as_array(x)
+
+    def local_checks():
+        check_fp8_input_dtype(a.dtype)
+        fp8_format(fmt)
+        check_block(block)
+        if algo not in FP8_ALGOS:
+            raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(FP8_ALGOS)}")
+        if op not in FP8_OPS:
+            raise ValueError(f"FP8 all-reduce supports op {' or '.join(FP8_OPS)}, got {op!r}")
+        return _prepare_out(a, out, a.shape, "allreduce_fp8")
+    res = checked_call(comm, validate, ("allreduce_fp8", a.size, str(a.dtype), op, f"{algo}/{fmt}/{block}",
+                                        out is x), local_checks)
+    if not a.flags.c_contiguous:
+        a = a.copy()
+    tr = MpiTransport(comm) if timeout is None else MpiTransport(comm, timeout=timeout)
+    _EXECUTORS[algo](a.reshape(-1), res.reshape(-1), tr, codec_for(a, fmt, block), op)
+    return res
+
+
+def _registered(algo):
+    def run(buf, transport, op, cache):
+        check_fp8_input_dtype(buf.dtype)
+        if op not in FP8_OPS:
+            raise ValueError(f"fp8-{algo} supports op {' or '.join(FP8_OPS)}, got {op!r}")
+        _EXECUTORS[algo](buf, buf, transport, codec_for(buf), op)
+    return run
+
+
+for _algo in FP8_ALGOS:   # allreduce(x, algo="fp8-ring" | "fp8-direct"): E4M3, block 128
+    register_allreduce(f"fp8-{_algo}", _registered(_algo))
+
+
+def fp8_allreduce_error_bound(fmt, nranks, max_abs_input, algo="ring", op="sum"):
+    """Worst-case |result - exact| per element when every input element satisfies |x| <= max_abs_input.
+
+    One quantization of a block with amax A errs by at most u*A, u = 2**-(mbits+1) (half an ulp at
+    the top binade; subnormals and saturation err less). Ring: the k-th quantization (k = 1..N, the
+    last one for the all-gather) sees a partial sum of k addends plus the error E so far, so
+    E <- E + u*(k*X + E). Direct: N-1 single addends (amax <= X), then the final sum. avg divides
+    the sum's bound by N. 1% slack covers the fp32 arithmetic.
+    """
+    u = 2.0 ** -(fp8_format(fmt).mbits + 1)
+    n, big = int(nranks), float(max_abs_input)
+    if n == 1:
+        return 0.0
+    if algo == "ring":
+        err = 0.0
+        for k in range(1, n + 1):
+            err += u * (k * big + err)
+    else:
+        err = (n - 1) * u * big
+        err += u * (n * big + err)
+    bound = 1.01 * err
+    return bound / n if op == "avg" else bound

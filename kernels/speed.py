@@ -1,0 +1,137 @@
+"""GPU kernel speed cases for collectives/bench.py: each kernel's GB/s (bytes read + written) beside a
+device copy, and torch's FP8 casts as peers. Needs CuPy and a GPU; torch is optional.
+
+Every case is checked before it is timed: #wrong counts elements that differ from the NumPy
+reference (bit for bit for our kernels; against ml_dtypes' cast for torch's, which does not saturate).
+"""
+import numpy as np
+
+from collectives.bench import Case, Unavailable, Variant
+
+from .formats import fp8_format
+from .reference import (dequant_add_requant_reference, dequantize_fp8_blockwise, quantize_fp8_blockwise,
+                        reduce_reference)
+
+__all__ = ["kernel_speed_variants", "torch_unavailable_reason"]
+
+
+def torch_unavailable_reason():
+    """None if torch with CUDA and float8_e4m3fn is usable, else why not (printed as n/a)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if not hasattr(torch, "float8_e4m3fn"):
+        return f"torch {torch.__version__} has no float8_e4m3fn"
+    return None
+
+
+def _mismatches(got, want):
+    return int(np.count_nonzero(np.asarray(got).view(np.uint8) != np.asarray(want).view(np.uint8)))
+
+
+def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
+    """bench Variants (collective 'sendrecv': busbw = algbw) for count fp32 elements each."""
+    import cupy
+
+    from . import fp8 as kfp8
+    from .reduce import reduce_device
+    f = fp8_format(fmt)
+    stream = cupy.cuda.get_current_stream()
+    sync = stream.synchronize
+
+    def data(count, offset=0):
+        rng = np.random.default_rng(seed + offset)
+        return rng.standard_normal(count, dtype=np.float32)
+
+    def copy(count, dtype, op):
+        x = cupy.asarray(data(count))
+        y = cupy.empty_like(x)
+        return Case(run=lambda: cupy.copyto(y, x), wrong=lambda: int((y != x).sum()), sync=sync, stream=stream,
+                    nbytes=8 * count)
+
+    def reduce_case(kind):
+        def prepare(count, dtype, op):
+            ha, hb = data(count, 1), data(count, 2)
+            if kind == "bf16":
+                from ml_dtypes import bfloat16
+                ha, hb = ha.astype(bfloat16), hb.astype(bfloat16)
+            want = reduce_reference(ha, hb, "sum")
+            view = (lambda h: h.view(np.uint16)) if kind == "bf16" else (lambda h: h)
+            a, b = cupy.asarray(view(ha)), cupy.asarray(view(hb))
+            c = cupy.empty_like(a)
+            return Case(run=lambda: reduce_device(a, b, "sum", out=c),
+                        wrong=lambda: _mismatches(cupy.asnumpy(c), view(want)) // ha.itemsize,
+                        sync=sync, stream=stream, nbytes=3 * ha.itemsize * count)
+        return prepare
+
+    def quantize(count, dtype, op):
+        hx = data(count)
+        wc, ws = quantize_fp8_blockwise(hx, f, block)
+        x = cupy.asarray(hx)
+        c, s = cupy.empty(count, np.uint8), cupy.empty(ws.size, np.float32)
+        return Case(run=lambda: kfp8.quantize_device(x, c, s, f, block),
+                    wrong=lambda: _mismatches(cupy.asnumpy(c), wc) + _mismatches(cupy.asnumpy(s), ws) // 4,
+                    sync=sync, stream=stream, nbytes=4 * count + count + 4 * ws.size)
+
+    def dequantize(count, dtype, op):
+        wc, ws = quantize_fp8_blockwise(data(count), f, block)
+        want = dequantize_fp8_blockwise(wc, ws, f, block)
+        c, s, y = cupy.asarray(wc), cupy.asarray(ws), cupy.empty(count, np.float32)
+        return Case(run=lambda: kfp8.dequantize_device(c, s, y, f, block),
+                    wrong=lambda: _mismatches(cupy.asnumpy(y), want) // 4,
+                    sync=sync, stream=stream, nbytes=count + 4 * ws.size + 4 * count)
+
+    def hop(count, dtype, op):
+        hl = data(count, 3)
+        pc, ps = quantize_fp8_blockwise(data(count, 4), f, block)
+        wc, ws = dequant_add_requant_reference(hl, pc, ps, f, block)
+        loc, c, s = cupy.asarray(hl), cupy.asarray(pc), cupy.asarray(ps)
+        nc, ns = cupy.empty_like(c), cupy.empty_like(s)
+        return Case(run=lambda: kfp8.dequant_add_requant_device(loc, c, s, nc, ns, f, block),
+                    wrong=lambda: _mismatches(cupy.asnumpy(nc), wc) + _mismatches(cupy.asnumpy(ns), ws) // 4,
+                    sync=sync, stream=stream, nbytes=4 * count + 2 * (count + 4 * ws.size))
+
+    def torch_case(scaled, with_amax=False):
+        def prepare(count, dtype, op):
+            why = torch_unavailable_reason()
+            if why:
+                raise Unavailable(why)
+            import torch
+            hx = data(count)
+            x = torch.as_tensor(hx, device="cuda")
+            nb = -(-count // block)
+            if scaled:
+                if count % block:
+                    raise Unavailable(f"count not a multiple of block {block}")
+                xb = x.view(nb, block)
+                scales = (xb.abs().amax(dim=1, keepdim=True) / f.fmax)
+                out = {}
+
+                def run():
+                    s = (xb.abs().amax(dim=1, keepdim=True) / f.fmax) if with_amax else scales
+                    out["y"] = (xb / s).to(torch.float8_e4m3fn)
+                want = np.clip(hx.reshape(nb, block) / scales.cpu().numpy(), -f.fmax, f.fmax).astype(
+                    fp8_format("e4m3").ml_dtype)
+            else:
+                out = {}
+
+                def run():
+                    out["y"] = x.to(torch.float8_e4m3fn)
+                want = hx.astype(fp8_format("e4m3").ml_dtype)
+            return Case(run=run, wrong=lambda: _mismatches(out["y"].view(torch.uint8).cpu().numpy(), want),
+                        sync=torch.cuda.synchronize, stream=stream,
+                        nbytes=4 * count + count + (4 * nb if scaled else 0))
+        return prepare
+
+    return [Variant("device copy", copy, "sendrecv"),
+            Variant("reduce f32 sum", reduce_case("f32"), "sendrecv"),
+            Variant("reduce bf16 sum", reduce_case("bf16"), "sendrecv"),
+            Variant(f"quantize {f.name}", quantize, "sendrecv"),
+            Variant(f"dequantize {f.name}", dequantize, "sendrecv"),
+            Variant(f"hop {f.name} fused", hop, "sendrecv"),
+            Variant("torch cast", torch_case(False), "sendrecv"),
+            Variant("torch scale+cast", torch_case(True), "sendrecv"),
+            Variant("torch amax+scale+cast", torch_case(True, True), "sendrecv")]

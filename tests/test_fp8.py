@@ -1,0 +1,249 @@
+"""FP8 quantization: policy of the NumPy reference, the bit-level codec vs ml_dtypes, and the numba
+kernels vs the reference (in the CUDA simulator on CPU, on the GPU where there is one)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ml_dtypes import bfloat16
+
+import kernels
+from kernels.fp8_bits import bf16_bits_from_f32_bits, make_fp8_bit_codec
+from kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
+                               fp8_message_nbytes, quantize_fp8_blockwise, split_fp8_message)
+
+FMTS = ("e4m3", "e5m2")
+
+
+# ---- reference policy ---------------------------------------------------------------------------
+
+def test_scale_is_amax_over_fmax_and_roundtrip_error_is_half_ulp():
+    rng = np.random.default_rng(0)
+    for fmt, mbits, fmax in (("e4m3", 3, 448.0), ("e5m2", 2, 57344.0)):
+        x = rng.standard_normal(1000).astype(np.float32)
+        codes, scales = quantize_fp8_blockwise(x, fmt, 128)
+        amax = np.array([np.abs(x[i:i + 128]).max() for i in range(0, 1000, 128)], np.float32)
+        assert np.array_equal(scales, amax / np.float32(fmax))
+        y = dequantize_fp8_blockwise(codes, scales, fmt, 128)
+        bound = np.repeat(amax, 128)[:1000] * 2.0 ** -(mbits + 1) * 1.0001
+        assert (np.abs(y - x) <= bound).all()
+        assert np.abs(y).max() == np.abs(x).max()     # amax maps to fmax exactly, and back
+
+
+def test_zero_and_underflowing_blocks_get_scale_one_and_decode_to_zero():
+    x = np.zeros(96, np.float32)
+    x[32:64] = 1e-44                     # amax / 448 underflows fp32: treated like a zero block
+    x[64] = -0.0
+    x[65:96] = 1.0
+    codes, scales = quantize_fp8_blockwise(x, "e4m3", 32)
+    assert scales.tolist() == [1.0, 1.0, np.float32(1) / np.float32(448)]
+    assert (codes[:64] == 0).all() and codes[64] == 0x80        # -0 keeps its sign
+    y = dequantize_fp8_blockwise(codes, scales, "e4m3", 32)
+    assert np.isfinite(y).all() and (y[:65] == 0).all() and np.array_equal(y[65:], x[65:])
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_nonfinite_policy(fmt):
+    x = np.array([1.0, np.nan, -np.nan, np.inf, -np.inf, 2.0, 1e30, -1e30] + [0.5] * 24, np.float32)
+    codes, scales = quantize_fp8_blockwise(x, fmt, 32)
+    assert scales[0] == np.float32(1e30) / np.float32(448 if fmt == "e4m3" else 57344)   # inf/NaN not in amax
+    if fmt == "e4m3":
+        assert codes[1:5].tolist() == [0x7F, 0xFF, 0x7F, 0xFF]      # no inf in E4M3fn: inf -> NaN, sign kept
+    else:
+        assert codes[1:5].tolist() == [0x7E, 0xFE, 0x7C, 0xFC]
+    assert codes[6] in (0x7E, 0x7B) and codes[7] in (0xFE, 0xFB)    # amax encodes as +-fmax
+    y = dequantize_fp8_blockwise(codes, scales, fmt, 32)
+    assert np.isnan(y[1]) and np.isnan(y[2])
+    if fmt == "e5m2":
+        assert y[3] == np.inf and y[4] == -np.inf
+    else:
+        assert np.isnan(y[3]) and np.isnan(y[4])
+
+
+def test_finite_overflow_saturates():
+    # a scale far below amax/fmax (as after a rounding) must saturate, never produce NaN/inf
+    for fmt in FMTS:
+        codec_encode, _ = make_fp8_bit_codec(fmt)
+        fmax = kernels.fp8_format(fmt).fmax
+        for v in (fmax * 1.04, fmax * 1.07, fmax * 1.5, 3e38):
+            b = int(np.float32(v).view(np.uint32))
+            assert codec_encode(b) == kernels.fp8_format(fmt).max_code
+            assert codec_encode(b | 0x80000000) == 0x80 | kernels.fp8_format(fmt).max_code
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(TypeError, match="integers"):
+        quantize_fp8_blockwise(np.arange(10, dtype=np.int32))
+    with pytest.raises(TypeError, match="float64"):
+        quantize_fp8_blockwise(np.ones(10))
+    with pytest.raises(ValueError, match="block"):
+        quantize_fp8_blockwise(np.ones(10, np.float32), block=100)
+    with pytest.raises(ValueError, match="format"):
+        quantize_fp8_blockwise(np.ones(10, np.float32), fmt="e2m5")
+    with pytest.raises(ValueError, match="scales"):
+        dequantize_fp8_blockwise(np.zeros(100, np.uint8), np.ones(1, np.float32), "e4m3", 32)
+
+
+def test_message_layout():
+    assert fp8_message_nbytes(0, 32) == 0
+    assert fp8_message_nbytes(1, 32) == 4 + 4
+    assert fp8_message_nbytes(130, 128) == 132 + 8
+    msg = np.zeros(fp8_message_nbytes(130, 128), np.uint8)
+    codes, scales = split_fp8_message(msg, 130, 128)
+    assert codes.size == 130 and scales.size == 2 and scales.dtype == np.float32
+    scales[:] = 2.0
+    assert msg[132:].view(np.float32).tolist() == [2.0, 2.0]
+
+
+def test_hop_and_accumulate_references_are_fp32_arithmetic():
+    rng = np.random.default_rng(1)
+    local = rng.standard_normal(300).astype(bfloat16)
+    codes, scales = quantize_fp8_blockwise(rng.standard_normal(300).astype(np.float32), "e5m2", 64)
+    peer = dequantize_fp8_blockwise(codes, scales, "e5m2", 64)
+    out = np.empty(300, bfloat16)
+    c, s = dequant_add_requant_reference(local, codes, scales, "e5m2", 64, divide_by=3, out=out)
+    want = (local.astype(np.float32) + peer) / np.float32(3)
+    assert np.array_equal(c, quantize_fp8_blockwise(want, "e5m2", 64)[0])
+    assert np.array_equal(out, dequantize_fp8_blockwise(c, s, "e5m2", 64).astype(bfloat16))
+    acc = np.ones(300, np.float32)
+    dequant_accumulate_reference(acc, codes, scales, "e5m2", 64)
+    assert np.array_equal(acc, np.float32(1) + peer)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 700), st.sampled_from(FMTS), st.sampled_from(kernels.BLOCK_SIZES),
+       st.floats(-30, 30), st.integers(0, 2 ** 31))
+def test_roundtrip_error_bound_property(n, fmt, block, log2_scale, seed):
+    x = (np.random.default_rng(seed).standard_normal(n) * 2.0 ** log2_scale).astype(np.float32)
+    codes, scales = quantize_fp8_blockwise(x, fmt, block)
+    y = dequantize_fp8_blockwise(codes, scales, fmt, block)
+    amax = np.repeat([np.abs(x[i:i + block]).max() for i in range(0, n, block)], block)[:n]
+    assert (np.abs(y - x) <= amax * 2.0 ** -(kernels.fp8_format(fmt).mbits + 1) * 1.0001 + 1e-45).all()
+
+
+# ---- the bit-level codec the kernels compile, against ml_dtypes ----------------------------------
+
+def _interesting_f32(fmt):
+    """Every FP8 value, every midpoint between neighbours and its fp32 neighbours, random values."""
+    f = kernels.fp8_format(fmt)
+    grid = np.arange(256, dtype=np.uint8).view(f.ml_dtype).astype(np.float32)
+    grid = np.unique(grid[np.isfinite(grid)])
+    mids = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(2)
+    rand = (rng.uniform(-1, 1, 4000) * 2.0 ** rng.uniform(-24, np.log2(f.fmax) + 1, 4000)).astype(np.float32)
+    vals = np.concatenate([grid, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf), rand,
+                           np.float32([1e-40, -1e-45, 3e38, -3e38, f.fmax * 1.01, 0.0, -0.0])])
+    return vals.astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_bit_encoder_matches_ml_dtypes(fmt):
+    f = kernels.fp8_format(fmt)
+    encode, _ = make_fp8_bit_codec(fmt)
+    vals = _interesting_f32(fmt)
+    want = np.clip(vals, -f.fmax32, f.fmax32).astype(f.ml_dtype).view(np.uint8)
+    got = np.array([encode(int(b)) for b in vals.view(np.uint32)], dtype=np.uint8)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, [(float(vals[i]), hex(got[i]), hex(want[i])) for i in bad[:5]]
+    specials = np.float32([np.nan, -np.nan, np.inf, -np.inf])
+    want = specials.astype(f.ml_dtype).view(np.uint8)
+    assert [encode(int(b)) for b in specials.view(np.uint32)] == want.tolist()
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_bit_decoder_matches_ml_dtypes_for_all_256_codes(fmt):
+    f = kernels.fp8_format(fmt)
+    _, decode = make_fp8_bit_codec(fmt)
+    codes = np.arange(256, dtype=np.uint8)
+    want = codes.view(f.ml_dtype).astype(np.float32)
+    got = np.array([decode(int(c)) for c in codes], dtype=np.uint32).view(np.float32)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert np.array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))     # signed zeros too
+
+
+def test_bf16_rounding_matches_ml_dtypes():
+    rng = np.random.default_rng(3)
+    bits = np.concatenate([rng.integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32),
+                           np.uint32([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0x00008000])])
+    vals = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = vals.astype(bfloat16).view(np.uint16)
+    got = np.array([bf16_bits_from_f32_bits(int(b)) for b in bits], dtype=np.uint16)
+    finite = ~np.isnan(vals)
+    assert np.array_equal(got[finite], want[finite])
+    assert np.isnan(got[~finite].view(bfloat16).astype(np.float32)).all()
+
+
+# ---- numba kernels vs the reference (simulator on CPU: keep sizes small) -------------------------
+
+SIM = kernels.use_simulator_without_gpu()
+pytest.importorskip("numba")
+
+
+def _same_floats(a, b):
+    a32, b32 = np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32)
+    return np.array_equal(np.isnan(a32), np.isnan(b32)) and np.array_equal(
+        a32[~np.isnan(a32)].view(np.uint32), b32[~np.isnan(b32)].view(np.uint32))
+
+
+def _kernel_input(n, dtype, block, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(2, n) * 2.0 ** rng.integers(-8, 8, n)).astype(np.float32)
+    x[3], x[10], x[11] = np.nan, np.inf, -np.inf
+    x[block: 2 * block] = 0.0
+    return x.astype(dtype)
+
+
+CASES = [("e4m3", 32, np.float32), ("e5m2", 256, bfloat16), ("e4m3", 128, np.float16)]
+N_KERNEL = 1500 if SIM else 1 << 20      # simulator: one full 1024-element tile + a partial one
+
+
+def _to_device(xp, a):
+    """Device copy (a host copy in the simulator); bfloat16 travels as its uint16 bits (CuPy has no bf16)."""
+    a = a.view(np.uint16) if a.dtype == bfloat16 else a
+    return xp.asarray(a) if xp is not np else a.copy()
+
+
+@pytest.mark.parametrize("fmt,block,dtype", CASES)
+def test_quantize_and_dequantize_kernels_bit_exact(fmt, block, dtype):
+    xp, to_host = _device_module()
+    from kernels.fp8 import dequantize_device, quantize_device
+    x = _kernel_input(N_KERNEL, dtype, block, 4)
+    want_c, want_s = quantize_fp8_blockwise(x, fmt, block)
+    codes, scales = xp.zeros(x.size, np.uint8), xp.zeros(want_s.size, np.float32)
+    quantize_device(_to_device(xp, x), codes, scales, fmt, block)
+    assert np.array_equal(to_host(codes), want_c)
+    assert np.array_equal(to_host(scales).view(np.uint32), want_s.view(np.uint32))
+    out = xp.zeros(x.size, np.float32)
+    dequantize_device(codes, scales, out, fmt, block)
+    assert _same_floats(to_host(out), dequantize_fp8_blockwise(want_c, want_s, fmt, block))
+
+
+@pytest.mark.parametrize("fmt,block,dtype", CASES[:2])
+def test_fused_hop_and_accumulate_kernels_bit_exact(fmt, block, dtype):
+    xp, to_host = _device_module()
+    from kernels.fp8 import dequant_accumulate_device, dequant_add_requant_device
+    local = _kernel_input(N_KERNEL, dtype, block, 5)
+    peer_c, peer_s = quantize_fp8_blockwise(_kernel_input(N_KERNEL, np.float32, block, 6), fmt, block)
+    out_ref = np.zeros(N_KERNEL, dtype)
+    want_c, want_s = dequant_add_requant_reference(local, peer_c, peer_s, fmt, block, divide_by=4, out=out_ref)
+    codes, scales = xp.zeros(N_KERNEL, np.uint8), xp.zeros(want_s.size, np.float32)
+    out = _to_device(xp, np.zeros(N_KERNEL, dtype))
+    dequant_add_requant_device(_to_device(xp, local), _to_device(xp, peer_c), _to_device(xp, peer_s), codes, scales,
+                               fmt, block, out=out, divide_by=4)
+    assert np.array_equal(to_host(codes), want_c)
+    assert np.array_equal(to_host(scales), want_s)
+    got_out = to_host(out)
+    assert _same_floats(got_out.view(bfloat16) if dtype is bfloat16 else got_out, out_ref)
+    acc = np.random.default_rng(7).standard_normal(N_KERNEL).astype(np.float32)
+    acc_dev = _to_device(xp, acc)
+    dequant_accumulate_device(acc_dev, _to_device(xp, peer_c), _to_device(xp, peer_s), fmt, block)
+    assert _same_floats(to_host(acc_dev), dequant_accumulate_reference(acc.copy(), peer_c, peer_s, fmt, block))
+
+
+def _device_module():
+    """(array module, to-host function): NumPy in the simulator, CuPy on a GPU."""
+    if SIM:
+        return np, np.asarray
+    cupy = pytest.importorskip("cupy")
+    return cupy, cupy.asnumpy
