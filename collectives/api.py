@@ -18,7 +18,7 @@ from .transport import CudaAwareMpiTransport, MpiTransport
 from .validate import checked_call
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "register_allreduce",
-           "stage_through_host", "IPC_DTYPES"]
+           "stage_through_host", "prepare_out", "IPC_DTYPES"]
 
 # name -> fn(flat_host_buffer, transport, op, cache): in-place all-reduce of host memory.
 ALLREDUCE_ALGORITHMS = {"ring": lambda buf, tr, op, cache: ring_allreduce_inplace(buf, tr, op, cache=cache)}
@@ -43,7 +43,7 @@ def register_allreduce(name, fn):
     ALLREDUCE_ALGORITHMS[name] = fn
 
 
-def _prepare_out(a, out, shape, what):
+def prepare_out(a, out, shape, what):
     """The output array: allocated when ``out`` is None, else checked for place, dtype and shape."""
     if out is None:
         if is_device_array(a):
@@ -110,7 +110,7 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     def local_checks():
         check_op_dtype(op, a.dtype)
         _check_algo(algo, a)
-        return _prepare_out(a, out, a.shape, "allreduce")
+        return prepare_out(a, out, a.shape, "allreduce")
     route = f"{algo}/{transport or 'auto'}"
     res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks)
     if algo in DEVICE_ALGORITHMS:
@@ -157,7 +157,7 @@ def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True
 
     def local_checks():
         check_op_dtype(op, a.dtype)
-        return _prepare_out(a, out, (hi - lo,), "reduce_scatter")
+        return prepare_out(a, out, (hi - lo,), "reduce_scatter")
     res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks)
     work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
     tr, cache = _transport(comm, timeout), _cache("reduce_scatter")
@@ -180,7 +180,7 @@ def allgather(x, out=None, comm=None, timeout=None, validate=True):
 
     def local_checks():
         check_op_dtype("sum", a.dtype)
-        return _prepare_out(a, out, (n,) + tuple(a.shape), "allgather")
+        return prepare_out(a, out, (n,) + tuple(a.shape), "allgather")
     res = checked_call(comm, validate, ("allgather", a.size, a.dtype.name, "-", "ring", False), local_checks)
     res[r] = a
     tr = _transport(comm, timeout)

@@ -18,7 +18,8 @@ import numpy as np
 from mpi4py import MPI
 
 __all__ = ["Case", "Unavailable", "Variant", "Row", "measure", "format_table", "busbw_factor",
-           "pattern", "reference", "count_wrong", "tolerance", "write_json", "run_metadata", "sizes_from_range"]
+           "pattern", "reference", "count_wrong", "tolerance", "write_json", "run_metadata", "sizes_from_range",
+           "parse_size"]
 
 BUSBW_FACTORS = {
     "allreduce": lambda n: 2 * (n - 1) / n if n > 1 else 1.0,
@@ -219,6 +220,20 @@ def count_wrong(out, ref, dtype, op, nranks, xp=np):
     rtol = tolerance(dtype, op, nranks)
     bad = ~(xp.abs(got - ref) <= rtol * xp.abs(ref))
     return int(bad.sum())
+
+
+def parse_size(text):
+    """'64M' -> 67108864 bytes (K, M, G are powers of 1024)."""
+    text = text.strip().upper().rstrip("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in "KMG" else text
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: use e.g. 4K, 1M, 64M") from None
+    if value < 0:
+        raise ValueError("sizes must be >= 0")
+    return value
 
 
 def sizes_from_range(begin, end, factor, itemsize):

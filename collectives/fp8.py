@@ -22,7 +22,7 @@ from mpi4py import MPI
 from kernels.codec import codec_for
 from kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
-from .api import _prepare_out, register_allreduce
+from .api import prepare_out, register_allreduce
 from .arrays import as_array
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 from .transport import MpiTransport
@@ -139,7 +139,7 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(FP8_ALGOS)}")
         if op not in FP8_OPS:
             raise ValueError(f"FP8 all-reduce supports op {' or '.join(FP8_OPS)}, got {op!r}")
-        return _prepare_out(a, out, a.shape, "allreduce_fp8")
+        return prepare_out(a, out, a.shape, "allreduce_fp8")
     res = checked_call(comm, validate, ("allreduce_fp8", a.size, str(a.dtype), op, f"{algo}/{fmt}/{block}",
                                         out is x), local_checks)
     if not a.flags.c_contiguous:

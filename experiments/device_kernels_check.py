@@ -24,7 +24,7 @@ import kernels  # noqa: E402  (restores np.row_stack for numba-cuda on NumPy 2.5
 from collectives import allreduce_fp8  # noqa: E402
 from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
 from collectives.bench import format_table, measure  # noqa: E402
-from experiments.ring import parse_size  # noqa: E402
+from collectives.bench import parse_size  # noqa: E402
 
 
 def _bits(a):

@@ -28,7 +28,7 @@ from collectives.arrays import gpu_available  # noqa: E402
 from collectives.bench import Case, Variant, count_wrong, format_table, measure, pattern, reference, run_metadata  # noqa: E402
 from collectives.fp8 import fp8_allreduce_error_bound  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
-from experiments.ring import parse_size  # noqa: E402
+from collectives.bench import parse_size  # noqa: E402
 
 DISTS = ("normal", "t2")
 

@@ -19,7 +19,7 @@ from collectives.arrays import use_local_gpu  # noqa: E402
 from collectives.bench import format_table, measure, run_metadata, write_json  # noqa: E402
 from collectives.device import select_transport  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
-from experiments.ring import parse_size  # noqa: E402
+from collectives.bench import parse_size  # noqa: E402
 
 
 def copy_bandwidth(nbytes=1 << 30, reps=20):

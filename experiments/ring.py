@@ -15,25 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from collectives import allreduce  # noqa: E402
 from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
-from collectives.bench import format_table, measure, run_metadata, write_json  # noqa: E402
+from collectives.bench import format_table, measure, parse_size, run_metadata, write_json  # noqa: E402
 from collectives.ops import OPS, SUPPORTED_DTYPES  # noqa: E402
 from collectives.device import select_transport  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
 from collectives.walkthrough import format_walkthrough, record_ring_allreduce  # noqa: E402
-
-
-def parse_size(text):
-    """'64M' -> 67108864 bytes (K, M, G are powers of 1024)."""
-    text = text.strip().upper().rstrip("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in "KMG" else text
-    try:
-        value = int(float(number) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 4K, 1M, 64M") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("sizes must be >= 0")
-    return value
 
 
 def parse_args(argv=None):
@@ -54,7 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write the benchmark rows and run metadata as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the verification line and the table")
     args = p.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    try:
+        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        p.error(str(exc))
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
     return args
