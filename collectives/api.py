@@ -91,7 +91,8 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
         check_op_dtype(op, a.dtype)
         _check_algo(algo, a)
         return _prepare_out(a, out, a.shape, "allreduce")
-    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, algo, out is x), local_checks)
+    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, algo, out is x), local_checks,
+                       timeout)
     if res is not a:
         res[...] = a
     flat = res.reshape(-1)
@@ -113,7 +114,8 @@ def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True
     def local_checks():
         check_op_dtype(op, a.dtype)
         return _prepare_out(a, out, (hi - lo,), "reduce_scatter")
-    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks)
+    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks,
+                       timeout)
     work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
     tr, cache = _transport(comm, timeout), _caches.setdefault("reduce_scatter", {})
 
@@ -136,7 +138,8 @@ def allgather(x, out=None, comm=None, timeout=None, validate=True):
     def local_checks():
         check_op_dtype("sum", a.dtype)
         return _prepare_out(a, out, (n,) + tuple(a.shape), "allgather")
-    res = checked_call(comm, validate, ("allgather", a.size, a.dtype.name, "-", "ring", False), local_checks)
+    res = checked_call(comm, validate, ("allgather", a.size, a.dtype.name, "-", "ring", False), local_checks,
+                       timeout)
     res[r] = a
     tr = _transport(comm, timeout)
     stage_through_host(res.reshape(-1), lambda host: ring_allgather_inplace(host, tr, rotate=-1))
