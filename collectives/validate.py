@@ -111,7 +111,9 @@ def checked_call(comm, validate, signature, local_checks, timeout=None):
         rows.append(tuple(values))
         errors.append(err or None)
     parts = _describe(rows, errors)
-    raise InvalidCollectiveCall(f"{signature[0]} called inconsistently: " + " | ".join(parts)) from error
+    # Built only from gathered values, so the text is identical on every rank.
+    names = sorted({row[0].strip("'") for row in rows})
+    raise InvalidCollectiveCall(f"{' / '.join(names)} called inconsistently: " + " | ".join(parts)) from error
 
 
 def _error_text(error):
