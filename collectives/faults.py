@@ -147,6 +147,6 @@ def abort_job(exc, code=ABORT_EXIT_CODE, grace_s=ABORT_GRACE_S):
     try:
         MPI.COMM_WORLD.Abort(code)
     finally:
-        # MPI_Abort may return while the launcher tears the job down (seen with MPICH 4/hydra):
+        # MPI_Abort may return while the launcher tears the job down (seen with MPICH 5.0 with hydra):
         # never let this rank run on with a communicator in an unknown state.
         os._exit(code)
