@@ -125,8 +125,8 @@ def main():
         lines.append(line)
         print(line, flush=True)
     tried = sum(r["faults"] for r in results)
-    summary = (f"faults tried: {tried} ({sum(r['faults'] for r in results if r['fault'] == '-' and 'mismatch' in r['name'])}"
-               f" argument mismatches, {sum(1 for r in results if 'mismatch' not in r['name'])} rank failures), "
+    mismatches = sum(r["faults"] for r in results if "mismatch" in r["name"])
+    summary = (f"faults tried: {tried} ({mismatches} argument mismatches, {tried - mismatches} rank failures), "
                f"hangs: {sum(r['hung'] for r in results)}, data corrupted: {sum(r['corrupted'] for r in results)}, "
                f"unexpected outcomes: {sum(not r['expected'] for r in results)}, "
                f"slowest job: {max((r['wall_s'] for r in results), default=0):g} s")
