@@ -112,7 +112,8 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
         _check_algo(algo, a)
         return prepare_out(a, out, a.shape, "allreduce")
     route = f"{algo}/{transport or 'auto'}"
-    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks)
+    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks,
+                       timeout)
     if algo in DEVICE_ALGORITHMS:
         from .ipc import ipc_usable
         from .ipc_direct import get_ipc_direct
@@ -158,7 +159,8 @@ def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True
     def local_checks():
         check_op_dtype(op, a.dtype)
         return prepare_out(a, out, (hi - lo,), "reduce_scatter")
-    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks)
+    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks,
+                       timeout)
     work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
     tr, cache = _transport(comm, timeout), _cache("reduce_scatter")
 
@@ -181,7 +183,8 @@ def allgather(x, out=None, comm=None, timeout=None, validate=True):
     def local_checks():
         check_op_dtype("sum", a.dtype)
         return prepare_out(a, out, (n,) + tuple(a.shape), "allgather")
-    res = checked_call(comm, validate, ("allgather", a.size, a.dtype.name, "-", "ring", False), local_checks)
+    res = checked_call(comm, validate, ("allgather", a.size, a.dtype.name, "-", "ring", False), local_checks,
+                       timeout)
     res[r] = a
     tr = _transport(comm, timeout)
     stage_through_host(res.reshape(-1), lambda host: ring_allgather_inplace(host, tr, rotate=-1))

@@ -22,6 +22,7 @@ the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (s
 import numpy as np
 
 from .arrays import array_module
+from . import faults
 from .ops import reduce_into
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
@@ -52,7 +53,10 @@ def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, 
     largest = bounds[0][1] - bounds[0][0]
     xp = array_module(buf)
     recv_all = _scratch(cache if cache is not None else {}, largest * buf.itemsize, buf.dtype, xp)
+    fault = faults.ring_step_hook(r)  # None unless a test planned a fault (RINGLAB_FAULT) for this rank
     for st in ring_reduce_scatter_schedule(r, n, rotate):
+        if fault is not None:
+            fault(st)
         s0, s1 = bounds[st.send_chunk]
         r0, r1 = bounds[st.recv_chunk]
         recv = recv_all[: r1 - r0]
@@ -69,7 +73,10 @@ def ring_allgather_inplace(buf, transport, rotate=0, trace=None):
     comm = transport.comm
     n, r = comm.size, comm.rank
     bounds = chunk_bounds(buf.size, n)
+    fault = faults.ring_step_hook(r)
     for st in ring_allgather_schedule(r, n, rotate):
+        if fault is not None:
+            fault(st)
         s0, s1 = bounds[st.send_chunk]
         r0, r1 = bounds[st.recv_chunk]
         # Receive straight into place: the chunk being overwritten is never the one being sent.

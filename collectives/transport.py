@@ -1,7 +1,8 @@
 """MPI transport: moves bytes between ranks with mpi4py, on host (NumPy) buffers.
 
 Every wait is bounded: a peer that dies or stalls raises CollectiveTimeout naming it, instead of
-hanging the job. Payloads travel as raw bytes, so any dtype (bfloat16, fp8) crosses unchanged.
+hanging the job (by default the job is then aborted: see faults.py). Payloads travel as raw bytes,
+so any dtype (bfloat16, fp8) crosses unchanged.
 """
 import os
 import time
@@ -9,7 +10,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .errors import CollectiveTimeout, default_timeout
+from .errors import CollectiveTimeout, default_timeout, resolve_timeout
+from .faults import handle_timeout
 
 __all__ = ["MpiTransport", "CudaAwareMpiTransport", "wait_all"]
 
@@ -21,10 +23,11 @@ def _as_bytes(a):
 
 
 def wait_all(requests, timeout, describe):
-    """Complete ``requests`` or raise CollectiveTimeout after ``timeout`` seconds.
+    """Complete ``requests`` or, after ``timeout`` seconds (None: no limit), apply the timeout
+    policy (``faults.handle_timeout``: abort by default) and raise CollectiveTimeout.
 
     Polls with Testall and yields the CPU between polls, which also keeps oversubscribed runs
-    (8 ranks on 2 cores) moving. ``describe()`` builds the error text only when it is needed.
+    (8 ranks on 2 cores) moving. ``describe() -> (text, peer)`` builds the error only when needed.
     """
     if timeout is None:
         MPI.Request.Waitall(requests)
@@ -37,8 +40,11 @@ def wait_all(requests, timeout, describe):
         spins += 1
         if spins & 63 == 0 and time.monotonic() > deadline:
             text, peer = describe()
-            raise CollectiveTimeout(f"{text} (no progress within {timeout:g} s; "
-                                    "set RINGLAB_TIMEOUT or timeout= to change)", peer=peer)
+            exc = CollectiveTimeout(f"{text} (no progress within {timeout:g} s; "
+                                    "set RINGLAB_TIMEOUT or timeout= to change)",
+                                    peer=peer, rank=MPI.COMM_WORLD.rank)
+            handle_timeout(exc)
+            raise exc
         os.sched_yield()
 
 
@@ -48,8 +54,12 @@ class MpiTransport:
     name = "mpi"
 
     def __init__(self, comm=None, timeout=_UNSET, tag=7):
+        """``timeout``: seconds per wait; unset: $RINGLAB_TIMEOUT; None, 0 or inf: no limit."""
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-        self.timeout = default_timeout() if timeout is _UNSET else timeout
+        if timeout is _UNSET:
+            self.timeout = default_timeout()
+        else:
+            self.timeout = None if timeout is None else resolve_timeout(timeout)
         self.tag = tag
 
     def sendrecv(self, sendbuf, dest, recvbuf, source, what=""):
@@ -59,9 +69,11 @@ class MpiTransport:
                 comm.Isend(_as_bytes(sendbuf), dest=dest, tag=self.tag)]
 
         def describe():
+            # The receive pending means the left neighbour never sent; else the right one never took ours.
             peer = source if not reqs[0].Test() else dest
             return (f"rank {comm.rank}: peer rank {peer} did not "
-                    f"{'send' if peer == source else 'receive'}{' during ' + what if what else ''}", peer)
+                    f"{'send' if peer == source else 'receive'}{' during ' + what if what else ''} "
+                    "(it died, stalled, or is not in this collective)", peer)
         wait_all(reqs, self.timeout, describe)
 
 

@@ -1,0 +1,56 @@
+"""Ranks agree on (collective, count, dtype, op, algo, in-place) before a collective, or all raise.
+
+tests/mpi/validate_fields.py makes each field disagree on one rank (the odd rank moves with the case)
+under mpirun -n 3 and -n 4: every rank must raise the same InvalidCollectiveCall naming the odd rank
+and its value, nobody may hang, and a correct all-reduce right after must be exact.
+"""
+import numpy as np
+import pytest
+
+from collectives.validate import FIELDS, InvalidCollectiveCall, _describe, checked_call, validation_enabled
+
+N_CASES = 13
+
+
+@pytest.mark.parametrize("nprocs", [3, 4])
+def test_every_field_mismatch_raises_the_same_error_on_every_rank(run_mpi, nprocs):
+    res = run_mpi(nprocs, "tests/mpi/validate_fields.py", timeout=120, env={"RINGLAB_TIMEOUT": "30"})
+    assert f"validate cases ok: {N_CASES} on {nprocs} ranks" in res.stdout
+    # The one-bad-dtype case from the issue: rank 2 passes complex64, everyone hears about it.
+    assert "rank 2: TypeError: unsupported dtype complex64" in res.stdout
+
+
+def test_validation_off_skips_the_exchange(run_mpi):
+    res = run_mpi(4, "tests/mpi/validate_fields.py", "--off", timeout=120, env={"RINGLAB_VALIDATE": "0"})
+    assert "validation off ok" in res.stdout
+
+
+def test_validate_env_switch(monkeypatch):
+    monkeypatch.delenv("RINGLAB_VALIDATE", raising=False)
+    assert validation_enabled()
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("RINGLAB_VALIDATE", off)
+        assert not validation_enabled()
+    monkeypatch.setenv("RINGLAB_VALIDATE", "sometimes")
+    with pytest.raises(ValueError, match="RINGLAB_VALIDATE"):
+        validation_enabled()
+
+
+def test_describe_names_ranks_and_values():
+    rows = [("'allreduce'", "8", "'float32'", "'sum'", "'ring'", "False")] * 3
+    rows[1] = rows[1][:2] + ("'float16'",) + rows[1][3:]
+    parts = _describe(rows, [None, None, "TypeError: boom"])
+    assert parts == ["rank 2: TypeError: boom",
+                     "dtype differs across ranks: 'float32' on ranks 0,2; 'float16' on rank 1"]
+    assert len(FIELDS) == len(rows[0])
+
+
+def test_single_rank_local_error_is_invalid_call():
+    from mpi4py import MPI
+
+    def bad():
+        raise TypeError("unsupported dtype complex64")
+    with pytest.raises(InvalidCollectiveCall, match="allreduce: TypeError: unsupported dtype complex64"):
+        checked_call(MPI.COMM_SELF, True, ("allreduce", 4, "complex64", "sum", "ring", False), bad)
+    out = checked_call(MPI.COMM_SELF, True, ("allreduce", 4, "float32", "sum", "ring", False), lambda: np.ones(4))
+    assert out.shape == (4,)
