@@ -111,7 +111,7 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
         check_op_dtype(op, a.dtype)
         _check_algo(algo, a)
         return prepare_out(a, out, a.shape, "allreduce")
-    route = f"{algo}/{transport or 'auto'}"
+    route = algo if transport is None else f"{algo} via {transport}"   # ranks must agree on both
     res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks,
                        timeout)
     if algo in DEVICE_ALGORITHMS:

@@ -104,6 +104,11 @@ def dequantize_fp8_blockwise(codes, scales, fmt="e4m3", block=128, out=None, dty
     """Decode FP8 ``codes`` with their block ``scales``: decoded * scale in fp32, cast to ``dtype``."""
     f, block = fp8_format(fmt), check_block(block)
     codes = np.asarray(codes).reshape(-1)
+    if codes.dtype != np.uint8:                  # ml_dtypes float8 arrays: the same bytes
+        if codes.dtype.itemsize != 1:
+            raise TypeError(f"FP8 codes must be uint8 or an 8-bit float dtype, got {codes.dtype}")
+        codes = codes.view(np.uint8)
+    scales = np.asarray(scales, dtype=np.float32).reshape(-1)
     if scales.size != -(-codes.size // block):
         raise ValueError(f"{codes.size} codes with block {block} need {-(-codes.size // block)} scales, "
                          f"got {scales.size}")

@@ -1,7 +1,8 @@
 """FP8 per-block quantize/dequantize on the edge cases: zeros, denormals, values beyond the format's
 max, inf, NaN, all-equal blocks, and a block with one huge outlier.
 
-Expected interface (module ``kernels.fp8``, or the one named by $RINGLAB_FP8_MODULE):
+Interface under test (module ``kernels``, whose NumPy/ml_dtypes FP8 codec is the CPU path and the
+GPU kernels' reference; or the module named by $RINGLAB_FP8_MODULE):
 
     quantize_fp8_blockwise(x, fmt="e4m3", block=128) -> (q, scales)
         x       1-D float32 NumPy array, any length (the last block may be short)
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-_module_name = os.environ.get("RINGLAB_FP8_MODULE", "kernels.fp8")
+_module_name = os.environ.get("RINGLAB_FP8_MODULE", "kernels")
 fp8 = pytest.importorskip(_module_name, reason=f"{_module_name} not written yet")
 if not hasattr(fp8, "quantize_fp8_blockwise") or not hasattr(fp8, "dequantize_fp8_blockwise"):
     pytest.skip(f"{_module_name} lacks quantize_fp8_blockwise/dequantize_fp8_blockwise", allow_module_level=True)
