@@ -1,18 +1,42 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the GPU benchmarks; results under $OUT (default ./out).
-# usage (device tool): bash experiments/device_run.sh [tests|bench|all]
+# The lab's GPU runs, in two device calls of under 10 minutes each; logs and JSON under $OUT.
+#   bash experiments/device_run.sh check   # correctness on the GPU: tests, kernel checks, async, leaks
+#   bash experiments/device_run.sh bench   # the GPU benchmarks quoted in docs/
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-what=${1:-all}
-nvidia-smi -L; python3 -c "import cupy, numpy, mpi4py; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'mpi4py', mpi4py.__version__)"
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 420 python3 -m pytest -q -x tests/test_gpu.py ${GPU_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  for n in ${NS:-1 2 4 8}; do
-    timeout 300 mpirun -n $n python3 experiments/gpu_datapath.py --sizes ${SIZES:-64M,256M} --json "$OUT/gpu_datapath_n$n.json" 2>&1 | tee "$OUT/gpu_datapath_n$n.log" | tail -22
+summary="$OUT/summary.txt"; : > "$summary"
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, record the exit status
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$summary"
+  tail -n "${TAIL:-6}" "$OUT/$name.log"
+}
+nvidia-smi -L | tee -a "$summary"
+case "${1:-check}" in
+check)
+  step gpu_tests 330 python3 -m pytest -q -x tests/test_gpu.py
+  step kernels_check 150 python3 experiments/device_kernels_check.py --json "$OUT/kernels_speed.json"
+  step kernels_check_mpi 90 mpirun -n 4 python3 experiments/device_kernels_check.py --no-speed
+  step fp8_pytest 150 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step async_check 90 mpirun -n 4 python3 tests/mpi/async_device_check.py
+  step leak_check 120 mpirun -n 4 python3 experiments/leak_check.py --device --json "$OUT/leak_gpu.json"
+  ;;
+bench)
+  for n in 8 4 2; do
+    step datapath_n$n 100 mpirun -n $n python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
+      --staged-max 256M --json "$OUT/gpu_n$n.json"
   done
-fi
+  step datapath_n1 60 mpirun -n 1 python3 experiments/gpu_datapath.py --sizes 64M --iters 20 --slices 1 --json "$OUT/gpu_n1.json"
+  step small_n8 100 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 50 \
+    --variants ipc-shared,ipc,oneshot,twoshot,mpi-staged,staged,nccl --slices 1 --baseline ipc-shared --json "$OUT/small_n8.json"
+  step ring_main 90 mpirun -n 8 python3 experiments/ring.py --sizes 1M,64M --iters 10
+  step overlap 150 mpirun -n 8 python3 experiments/overlap.py --backend cupy --json "$OUT/overlap_gpu.json" --plot "$OUT/overlap_gpu.png"
+  step fp8 150 mpirun -n 8 python3 experiments/fp8_compression.py --json "$OUT/fp8_gpu.json"
+  ;;
+esac
+cat "$summary"
