@@ -20,7 +20,7 @@ nvidia-smi -L | tee -a "$summary"
 case "${1:-check}" in
 check)
   step gpu_tests 330 python3 -m pytest -q -x tests/test_gpu.py
-  step kernels_check 150 python3 experiments/device_kernels_check.py --json "$OUT/kernels_speed.json"
+  step kernels_check 150 python3 experiments/device_kernels_check.py
   step kernels_check_mpi 90 mpirun -n 4 python3 experiments/device_kernels_check.py --no-speed
   step fp8_pytest 150 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
   step async_check 90 mpirun -n 4 python3 tests/mpi/async_device_check.py
