@@ -29,7 +29,7 @@ def test_response_time_aware_learns_a_slow_replica():
     r.assigned(1, 1)
     r.finished(1, 1, 0.010)   # replica 1: 10 ms per unit
     assert r.pick(4) == 1
-    r.assigned(1, 8)          # replica 1 now has 8 units queued: (8+4)*10 ms > (0+4)*30 ms
+    r.assigned(1, 9)          # replica 1 now has 9 units queued: (9+4)*10 ms > (0+4)*30 ms
     assert r.pick(4) == 0
 
 
