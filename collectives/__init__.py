@@ -7,5 +7,5 @@ from .validate import InvalidCollectiveCall
 __all__ = ["allreduce", "reduce_scatter", "allgather", "register_allreduce", "ALLREDUCE_ALGORITHMS",
            "chunk_bounds", "reduce_scatter_owner", "ring_reduce_scatter_schedule", "ring_allgather_schedule",
            "CollectiveError", "CollectiveTimeout", "CollectiveMismatch", "InvalidCollectiveCall"]
-from . import algorithms as _alg, hierarchical as _hier, tuner as _tuner  # noqa: E402  beyond-ring algorithms, auto
-_alg.register_all(), _hier.register_all(), _tuner.register_all()
+from . import algorithms as _alg, hierarchical as _hier  # noqa: E402  beyond-ring algorithms and "auto"
+_alg.register_all(), _hier.register_all()

@@ -255,8 +255,16 @@ HOST_ALGORITHMS = {
 }
 
 
+def _auto(buf, transport, op="sum", cache=None):
+    """``algo="auto"``: tuner.py picks one of the above per size and N (imported on first use, so
+    ``python -m collectives.tuner`` does not find itself already imported)."""
+    from .tuner import auto_allreduce_inplace
+    auto_allreduce_inplace(buf, transport, op, cache)
+
+
 def register_all():
-    """Register this module's algorithms with the public API (done on ``import collectives``)."""
+    """Register this module's algorithms and ``auto`` with the public API (done on ``import collectives``)."""
     from .api import register_allreduce
     for name, fn in HOST_ALGORITHMS.items():
         register_allreduce(name, fn)
+    register_allreduce("auto", _auto)

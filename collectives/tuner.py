@@ -29,7 +29,7 @@ import numpy as np
 from .algorithms import fold_layout
 
 __all__ = ["cost_coefficients", "predict_us", "fit_alpha_beta", "choose_algorithm", "load_tuning", "tuning_path",
-           "auto_allreduce_inplace", "register_all", "DEFAULT_FITS", "main"]
+           "auto_allreduce_inplace", "DEFAULT_FITS", "main"]
 
 ENV_TUNING = "RINGLAB_TUNING"
 # Built-in guesses for a CPU MPI run from Python: one step costs tens of microseconds of overhead.
@@ -158,11 +158,6 @@ def auto_allreduce_inplace(buf, transport, op="sum", cache=None):
     name, _, _ = choose_algorithm(buf.nbytes, comm.size, table, available=ALLREDUCE_ALGORITHMS)
     cache["last_choice"] = name
     ALLREDUCE_ALGORITHMS[name](buf, transport, op, cache.setdefault(name, {}))
-
-
-def register_all():
-    from .api import register_allreduce
-    register_allreduce("auto", auto_allreduce_inplace)
 
 
 # ---- measuring: python -m collectives.tuner -------------------------------------------------------
