@@ -8,6 +8,7 @@ Each is a host algorithm ``fn(flat_buffer, transport, op, cache)`` registered wi
     recursive_doubling   log2 N              log2 N * S              small S (latency-optimal)
     rabenseifner         2 log2 N            2(N-1)/N * S            both: halving RS + doubling AG
     ring_bidir           2(N-1)              (N-1)/N * S per link    two directions of full-duplex links
+    direct               1                   (N-1) * S               tiny S (one round, all peers at once)
 
 N not a power of two: with p = 2^floor(log2 N) and rem = N - p, the first 2*rem ranks pair up
 (even r -> r+1), each even rank folds its whole buffer into its odd partner and sits out; the p
@@ -30,7 +31,7 @@ from .schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_schedul
 from .transport import MpiTransport, wait_all
 
 __all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "rabenseifner_allreduce_inplace",
-           "ring_bidir_allreduce_inplace", "fold_layout", "register_all", "HOST_ALGORITHMS"]
+           "ring_bidir_allreduce_inplace", "direct_allreduce_inplace", "fold_layout", "register_all", "HOST_ALGORITHMS"]
 
 _UFUNC = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
 
@@ -248,7 +249,33 @@ def ring_bidir_allreduce_inplace(buf, transport, op="sum", cache=None):
         tr.exchange(sends, recvs, what=f"bidirectional ring all-gather step {s}")
 
 
+def direct_allreduce_inplace(buf, transport, op="sum", cache=None):
+    """One round: every rank sends its whole buffer to every other rank and reduces all N copies
+    locally, in rank order 0, 1, .., N-1. One latency (all messages in flight at once) for (N-1)*S
+    bytes per rank: the latency-optimal choice for tiny messages, the CPU analogue of a GPU one-shot.
+    The fixed order makes every rank evaluate the identical expression, hence identical bytes.
+    """
+    cache = cache if cache is not None else {}
+    tr = _nonblocking(transport)
+    n, r = tr.comm.size, tr.comm.rank
+    if n == 1:
+        if op == "avg":
+            _divide(buf, 1)
+        return
+    slots = _scratch(cache, "slots", n * buf.size, buf.dtype).reshape(n, buf.size)
+    others = [k for k in range(n) if k != r]
+    tr.exchange(sends=[(buf, k, 0) for k in others], recvs=[(slots[k], k, 0) for k in others],
+                what="direct all-to-all exchange")
+    slots[r] = buf
+    buf[...] = slots[0]
+    for k in range(1, n):
+        reduce_into(buf, slots[k], op)
+    if op == "avg":
+        _divide(buf, n)
+
+
 HOST_ALGORITHMS = {
+    "direct": direct_allreduce_inplace,
     "recursive_doubling": recursive_doubling_allreduce_inplace,
     "rabenseifner": rabenseifner_allreduce_inplace,
     "ring_bidir": ring_bidir_allreduce_inplace,

@@ -7,6 +7,7 @@ coefficients come from its schedule, and alpha, beta are fitted per algorithm fr
     ring_bidir           a = 2(N-1)                       b = (N-1)/N  (each direction carries S/2)
     recursive_doubling   a = log2 p + 2f                  b = log2 p + 2f
     rabenseifner         a = 2 log2 p + 2f                b = 2(p-1)/p + 2f
+    direct               a = 1                            b = N-1      (all-to-all in one round)
 
 (p = largest power of two <= N; f = 1 when N is not a power of two: the fold and unfold steps move S.)
 
@@ -33,14 +34,14 @@ __all__ = ["cost_coefficients", "predict_us", "fit_alpha_beta", "choose_algorith
 
 ENV_TUNING = "RINGLAB_TUNING"
 # Built-in guesses for a CPU MPI run from Python: one step costs tens of microseconds of overhead.
-# ring_bidir is left out: whether two directions beat one is a property of the links, so only a
-# measured fit may choose it.
+# ring_bidir and direct are left out: whether two directions beat one, or N-1 simultaneous messages beat
+# log2 N rounds, depends on the links and the MPI, so only a measured fit may choose them.
 DEFAULT_FITS = {
     "ring": {"alpha_us": 20.0, "beta_GBps": 2.0},
     "recursive_doubling": {"alpha_us": 20.0, "beta_GBps": 2.0},
     "rabenseifner": {"alpha_us": 20.0, "beta_GBps": 2.0},
 }
-TUNED_ALGORITHMS = ("ring", "recursive_doubling", "rabenseifner", "ring_bidir")
+TUNED_ALGORITHMS = ("ring", "recursive_doubling", "rabenseifner", "ring_bidir", "direct")
 _warned = set()
 
 
@@ -58,6 +59,8 @@ def cost_coefficients(algo, n):
         return k + 2 * f, k + 2 * f
     if algo == "rabenseifner":
         return 2 * k + 2 * f, 2 * (p - 1) / p + 2 * f
+    if algo == "direct":
+        return 1, n - 1
     raise ValueError(f"no cost model for {algo!r}; modelled: {', '.join(TUNED_ALGORITHMS)}")
 
 

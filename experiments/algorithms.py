@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="8,64,512,4K,16K,64K,256K,1M,4M",
                    help="message sizes in bytes (K/M suffixes); default %(default)s")
-    p.add_argument("--algos", default="ring,recursive_doubling,rabenseifner,ring_bidir,hierarchical,auto",
+    p.add_argument("--algos", default="ring,recursive_doubling,rabenseifner,ring_bidir,direct,hierarchical,auto",
                    help="ringlab algorithms to compare; default %(default)s")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="declared node size for 'hierarchical' (default $RINGLAB_RANKS_PER_NODE or the real node)")

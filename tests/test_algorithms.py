@@ -1,7 +1,7 @@
 """Beyond-ring all-reduce algorithms over real mpirun: float64 reference, every op, odd counts, N = 1..8."""
 import pytest
 
-ALGOS = "ring,recursive_doubling,rabenseifner,ring_bidir,hierarchical,auto"
+ALGOS = "ring,recursive_doubling,rabenseifner,ring_bidir,direct,hierarchical,auto"
 
 
 @pytest.mark.parametrize("nranks,dtypes", [(1, "float32,int64"), (2, "float32,int64"), (3, "float64,int64"),
@@ -15,7 +15,7 @@ def test_every_algorithm_matches_reference_and_ranks_agree(run_mpi, nranks, dtyp
 
 @pytest.mark.parametrize("nranks", [3])
 def test_half_precision(run_mpi, nranks):
-    res = run_mpi(nranks, "tests/mpi/alg_check.py", "recursive_doubling,rabenseifner,ring_bidir",
+    res = run_mpi(nranks, "tests/mpi/alg_check.py", "recursive_doubling,rabenseifner,ring_bidir,direct",
                   "float16,bfloat16", timeout=180)
     assert "OK" in res.stdout, res.stdout
 

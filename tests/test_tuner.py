@@ -15,12 +15,13 @@ def test_cost_coefficients_match_the_seed_formulas():
     # N = 6: p = 4 plus fold and unfold steps of S bytes each
     assert cost_coefficients("recursive_doubling", 6) == (4, 4)
     assert cost_coefficients("rabenseifner", 6) == (6, 1.5 + 2)
+    assert cost_coefficients("direct", 8) == (1, 7)
     assert cost_coefficients("ring", 1) == (0, 0)
     with pytest.raises(ValueError, match="no cost model"):
         cost_coefficients("bogus", 4)
 
 
-@pytest.mark.parametrize("algo", ["ring", "recursive_doubling", "rabenseifner", "ring_bidir"])
+@pytest.mark.parametrize("algo", ["ring", "recursive_doubling", "rabenseifner", "ring_bidir", "direct"])
 def test_fit_recovers_alpha_beta_from_model_times(algo):
     true = {"alpha_us": 12.5, "beta_GBps": 3.0}
     sizes = [8, 1024, 65536, 1 << 20, 1 << 23]
@@ -41,7 +42,7 @@ def test_choice_latency_then_bandwidth_with_defaults():
     assert source == "built-in defaults"
     assert small == "recursive_doubling"
     assert large in ("ring", "rabenseifner") and pred[large] == min(pred.values())
-    assert "ring_bidir" not in pred   # only a measured fit may pick it
+    assert "ring_bidir" not in pred and "direct" not in pred   # only a measured fit may pick them
     assert set(pred) == set(DEFAULT_FITS)
 
 
@@ -74,7 +75,7 @@ def test_tuner_command_writes_a_file_and_auto_agrees(run_mpi, tmp_path):
     assert "alpha-beta fits at N = 3" in res.stdout, res.stdout
     table = json.loads(path.read_text())
     fits = table["fits"]["3"]
-    assert set(fits) == {"ring", "recursive_doubling", "rabenseifner", "ring_bidir"}
+    assert set(fits) == {"ring", "recursive_doubling", "rabenseifner", "ring_bidir", "direct"}
     assert all(f["alpha_us"] >= 0 and len(f["points"]) == 2 for f in fits.values())
     res = run_mpi(3, "tests/mpi/alg_errors.py", "auto_agrees", timeout=120, env={"RINGLAB_TUNING": str(path)})
     assert "auto picks:" in res.stdout and "no tuning file" not in res.stderr

@@ -45,7 +45,7 @@ def main():
     comm = MPI.COMM_WORLD
     n, r = comm.size, comm.rank
     algos = sys.argv[1].split(",") if len(sys.argv) > 1 and sys.argv[1] else \
-        ["ring", "recursive_doubling", "rabenseifner", "ring_bidir", "hierarchical", "auto"]
+        ["ring", "recursive_doubling", "rabenseifner", "ring_bidir", "direct", "hierarchical", "auto"]
     dtypes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["float32", "float64", "int64"]
     dtypes = [bfloat16 if d == "bfloat16" else np.dtype(d) for d in dtypes]
     failures, checked = [], 0
