@@ -10,3 +10,5 @@ __all__ = ["allreduce", "reduce_scatter", "allgather", "allreduce_fp8", "registe
            "allreduce_async", "reduce_scatter_async", "allgather_async", "Work",
            "chunk_bounds", "reduce_scatter_owner", "ring_reduce_scatter_schedule", "ring_allgather_schedule",
            "CollectiveError", "CollectiveTimeout", "CollectiveMismatch", "InvalidCollectiveCall"]
+from . import algorithms as _alg, hierarchical as _hier  # noqa: E402  beyond-ring algorithms and "auto"
+_alg.register_all(), _hier.register_all()

@@ -1,0 +1,132 @@
+"""Hierarchical all-reduce: intra-node reduce-scatter, inter-node all-reduce per shard, intra-node all-gather.
+
+    node 0: ranks 0 1 | node 1: ranks 2 3 | ...        (ranks_per_node L = 2, M nodes)
+
+    1. reduce-scatter inside each node (ring, L ranks): local rank i owns shard i of the node's sum
+    2. all-reduce shard i across the M ranks with local rank i (one per node): the only traffic
+       that crosses nodes, S/L bytes per rank instead of S
+    3. all-gather inside each node: every rank ends with every shard
+
+Cost: 2(L-1) alpha_intra + 2(L-1)/L S/beta_intra + [inter algorithm on S/L bytes over M ranks].
+
+The node size comes from ``ranks_per_node`` (argument), else $RINGLAB_RANKS_PER_NODE, else MPI's
+shared-memory split (the real node). Declaring it lets one machine pretend to be several nodes:
+8 ranks with L = 2 are 4 "nodes", with the inter-node leg on a real ``comm.Split`` communicator.
+Nodes must all have L ranks (N divisible by L): shard i must line up across nodes, so an uneven
+layout raises a clear error on every rank rather than reducing misaligned data.
+"""
+import os
+
+import numpy as np
+from mpi4py import MPI
+
+from .ring import ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from .schedule import chunk_bounds
+from .transport import MpiTransport
+
+__all__ = ["NodeLayout", "node_layout", "hierarchical_allreduce_inplace", "make_hierarchical", "register_all"]
+
+ENV_RANKS_PER_NODE = "RINGLAB_RANKS_PER_NODE"
+
+
+class NodeLayout:
+    """The two sub-communicators of a hierarchical collective, built once per (comm, L)."""
+
+    def __init__(self, comm, ranks_per_node):
+        n, r, L = comm.size, comm.rank, ranks_per_node
+        self.ranks_per_node, self.nodes = L, n // L
+        self.node, self.local_rank = r // L, r % L
+        # intra: the L ranks of my node; inter: the ranks with my local index, one per node
+        self.intra = comm.Split(color=self.node, key=r)
+        self.inter = comm.Split(color=self.local_rank, key=r)
+
+    def free(self):
+        self.intra.Free()
+        self.inter.Free()
+
+
+def _declared_ranks_per_node(comm, ranks_per_node):
+    if ranks_per_node is not None:
+        return int(ranks_per_node), "argument"
+    raw = os.environ.get(ENV_RANKS_PER_NODE, "").strip()
+    if raw:
+        try:
+            return int(raw), f"${ENV_RANKS_PER_NODE}"
+        except ValueError:
+            return -1, f"${ENV_RANKS_PER_NODE}={raw!r} (not an integer)"
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return shared.size, "MPI shared-memory split"
+    finally:
+        shared.Free()
+
+
+def node_layout(comm, ranks_per_node=None, cache=None):
+    """Agree on L across ranks, check N % L == 0, and return the (cached) NodeLayout.
+
+    Collective: every rank checks the same agreed values, so a bad L raises on every rank.
+    """
+    L, source = _declared_ranks_per_node(comm, ranks_per_node)
+    cache = cache if cache is not None else {}
+    key = ("layout", comm.py2f(), comm.size, L)
+    if key in cache:   # agreed on and split once already; the steady state costs no extra messages
+        return cache[key]
+    lo, hi = comm.allreduce(L, op=MPI.MIN), comm.allreduce(L, op=MPI.MAX)
+    if lo != hi:
+        raise ValueError(f"hierarchical all-reduce: ranks disagree on ranks_per_node ({lo} .. {hi}, from "
+                         f"{source}); nodes of unequal size are not supported, set {ENV_RANKS_PER_NODE}")
+    if L < 1:
+        raise ValueError(f"hierarchical all-reduce: ranks_per_node must be >= 1, got {source}")
+    if comm.size % L:
+        raise ValueError(f"hierarchical all-reduce: N = {comm.size} ranks is not divisible by ranks_per_node "
+                         f"= {L} (from {source}); shards would not line up across nodes. Use an N that is a "
+                         f"multiple of {L}, another ranks_per_node, or another algorithm")
+    layout = cache[key] = NodeLayout(comm, L)
+    return layout
+
+
+def _ring(buf, transport, op, cache):
+    ring_allreduce_inplace(buf, transport, op, cache=cache)
+
+
+def hierarchical_allreduce_inplace(buf, transport, op="sum", cache=None, ranks_per_node=None, inter_algo=None):
+    """Hierarchical all-reduce of a flat host buffer, in place (see the module docstring).
+
+    ``inter_algo(shard, transport, op, cache)`` reduces each shard across nodes (default: the ring);
+    it gets op "sum" for ``avg``, and the shard is divided once afterwards, before the all-gather, so
+    every rank receives the same divided bytes.
+    """
+    cache = cache if cache is not None else {}
+    comm = transport.comm
+    layout = node_layout(comm, ranks_per_node, cache)
+    L = layout.ranks_per_node
+    intra = MpiTransport(layout.intra, timeout=transport.timeout, tag=transport.tag)
+    inter = MpiTransport(layout.inter, timeout=transport.timeout, tag=transport.tag)
+    acc_op = "sum" if op == "avg" else op
+    # rotate=-1: local rank i ends owning chunk i, which is also the chunk its inter peers own
+    ring_reduce_scatter_inplace(buf, intra, acc_op, rotate=-1, cache=cache.setdefault("intra", {}))
+    lo, hi = chunk_bounds(buf.size, L)[layout.local_rank]
+    shard = buf[lo:hi]
+    if layout.nodes > 1:
+        inter_algo = inter_algo or _ring
+        inter_algo(shard, inter, acc_op, cache.setdefault("inter", {}))
+    if op == "avg":
+        np.divide(shard, comm.size, out=shard, casting="unsafe")
+    ring_allgather_inplace(buf, intra, rotate=-1)
+
+
+def make_hierarchical(ranks_per_node=None, inter="ring"):
+    """A registrable ``fn(buf, transport, op, cache)`` with a fixed node size and inter-node algorithm name."""
+    def fn(buf, transport, op, cache):
+        from .api import ALLREDUCE_ALGORITHMS
+        inter_fn = ALLREDUCE_ALGORITHMS[inter]
+        hierarchical_allreduce_inplace(buf, transport, op, cache, ranks_per_node=ranks_per_node,
+                                       inter_algo=inter_fn)
+    return fn
+
+
+def register_all():
+    """``hierarchical`` (ring across nodes) and ``hierarchical_rd`` (recursive doubling across nodes)."""
+    from .api import register_allreduce
+    register_allreduce("hierarchical", make_hierarchical(inter="ring"))
+    register_allreduce("hierarchical_rd", make_hierarchical(inter="recursive_doubling"))
