@@ -106,8 +106,8 @@ def reduce_kernel_vec(a, b, out, op, nranks=1):
 
 
 def step_kernel(tasks_dev, ntasks, dtype, op, nranks, copy, longest):
-    """Launch one ring step for ``ntasks`` ranks: ``tasks_dev`` points at TASK_DTYPE records in
-    device memory (a MemoryPointer), ``longest`` is the longest [lo, hi) range in elements."""
+    """Launch one ring step for ``ntasks`` ranks: ``tasks_dev`` is the device address (int) of
+    TASK_DTYPE records, ``longest`` is the longest [lo, hi) range in elements."""
     dtype = np.dtype(dtype)
     if ntasks == 0 or longest == 0:
         return
@@ -115,4 +115,4 @@ def step_kernel(tasks_dev, ntasks, dtype, op, nranks, copy, longest):
     per_thread = 16 // dtype.itemsize
     threads = 256
     blocks = int(min(max(1, -(-longest // (per_thread * threads))), max(1, _sms * 8 // ntasks)))
-    fn((blocks, ntasks), (threads,), (tasks_dev, np.int32(OP_CODES[op]), dtype.type(nranks), np.int32(copy)))
+    fn((blocks, ntasks), (threads,), (np.uint64(tasks_dev), np.int32(OP_CODES[op]), dtype.type(nranks), np.int32(copy)))

@@ -27,6 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import CollectiveTimeout, default_timeout
+from .faults import abort_job, handle_timeout
 from .cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
 from .schedule import chunk_bounds
 
@@ -260,17 +261,20 @@ class IpcRing:
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             while not done.done:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise CollectiveTimeout(f"rank {self.comm.rank}: IPC ring made no progress within "
-                                            f"{self.timeout:g} s (neighbours: rank {self.left} and {self.right})")
+                    exc = CollectiveTimeout(f"rank {self.comm.rank}: IPC collective made no progress within "
+                                            f"{self.timeout:g} s (neighbours: rank {self.left} and {self.right})",
+                                            rank=self.comm.rank)
+                    handle_timeout(exc)     # abort the job by default (collectives/faults.py)
+                    raise exc
                 os.sched_yield()
         return True
 
     def close(self):
-        """Release peer mappings and our counter (collective: peers must be done with it)."""
+        """Release peer mappings and our counter. No barrier: at exit after an error on some rank,
+        waiting for peers here would hang; every completed call already waited for its readers."""
         import cupy
         try:
             self.stream.synchronize()
-            self.comm.Barrier()
             for ptr in self.opened.values():
                 cupy.cuda.runtime.ipcCloseMemHandle(ptr)
             self.opened.clear()
@@ -331,10 +335,13 @@ class SharedGpuRing(IpcRing):
                 self._wait(self.counters[k], call)
             if trace:
                 trace[1].record(self.stream)
-            if src.dtype.name in _STEP_TYPES:
-                self._batched_steps(srcs, outs, op, n)
-            else:
-                self._steps_one_by_one(srcs, outs, op, n)
+            try:
+                if src.dtype.name in _STEP_TYPES:
+                    self._batched_steps(srcs, outs, op, n)
+                else:
+                    self._steps_one_by_one(srcs, outs, op, n)
+            except Exception as exc:  # the others wait on our counter: never leave them hanging
+                abort_job(exc, code=1)
             self._write(self.counter, call)
             if trace:
                 trace[2].record(self.stream)
@@ -363,7 +370,7 @@ class SharedGpuRing(IpcRing):
         for j in range(2 * (n - 1)):
             rs = j < n - 1
             step_op = "avg_last" if (rs and op == "avg" and j == n - 2) else op
-            step_kernel(self._table.data + j * n * TASK_DTYPE.itemsize, n, srcs[0].dtype, step_op, n,
+            step_kernel(self._table.data.ptr + j * n * TASK_DTYPE.itemsize, n, srcs[0].dtype, step_op, n,
                         copy=0 if rs else 1, longest=longest)
 
     def _steps_one_by_one(self, srcs, outs, op, n):

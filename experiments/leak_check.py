@@ -59,8 +59,11 @@ def snapshot(comm, cupy):
 def workloads(comm, xp, count, device):
     """(name, call) for every collective and algorithm to repeat."""
     x = pattern(count, "float32", comm.rank, xp=xp)
-    algos = sorted(set(api.ALLREDUCE_ALGORITHMS) | (set(api.DEVICE_EXECUTORS) if device else set()))
+    algos = sorted(set(api.ALLREDUCE_ALGORITHMS) | (set(api.DEVICE_ALGORITHMS) if device else set()))
     jobs = [(f"allreduce[{a}]", (lambda a=a: api.allreduce(x, algo=a, comm=comm))) for a in algos]
+    if device:  # every device transport of the ring: IPC rings (shared and per rank) and staging
+        jobs += [(f"allreduce[ring via {t}]", (lambda t=t: api.allreduce(x, transport=t, comm=comm)))
+                 for t in ("ipc-shared", "ipc", "ipc-host", "staged")]
     jobs.append(("reduce_scatter", lambda: api.reduce_scatter(x, comm=comm)))
     jobs.append(("allgather", lambda: api.allgather(x[:13], comm=comm)))
     return x, jobs

@@ -5,6 +5,7 @@ usage: gpu_check.py TRANSPORTS COUNTS    e.g. ipc,ipc:4,ipc-host,staged,oneshot 
 """
 import hashlib
 import sys
+import time
 
 import cupy
 import numpy as np
@@ -21,6 +22,7 @@ transports = sys.argv[1].split(",")
 counts = [int(c) for c in sys.argv[2].split(",")]
 cases = 0
 for transport in transports:
+    t_start = time.perf_counter()
     for count in counts:
         for dtype in ("float32", "float16", "float64", "int32", "int64"):
             for op in ("sum", "prod", "max", "min", "avg"):
@@ -55,5 +57,7 @@ for transport in transports:
                         assert len(set(d)) == 1, f"{transport} {dtype} {op}: ranks differ bitwise"
                 cases += 1
     comm.Barrier()
+    if rank == 0:
+        print(f"  {transport}: ok ({time.perf_counter() - t_start:.1f} s)", flush=True)
 if rank == 0:
     print(f"gpu_check OK: N={n} transports={transports} cases={cases}")
