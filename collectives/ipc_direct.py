@@ -82,6 +82,14 @@ class IpcDirect(IpcRing):
         self.all_counters = [self.counter if k == comm.rank else self._open(self.counter_handles[k], pin=True)
                              for k in range(n)] if n > 1 else [self.counter]
 
+    def _scratch(self, like):
+        """A private buffer for in-place one-shot results (kept, grown on demand)."""
+        import cupy
+        buf = getattr(self, "_scratch_buf", None)
+        if buf is None or buf.nbytes < like.nbytes:
+            buf = self._scratch_buf = cupy.empty(max(like.nbytes, 1), dtype=cupy.uint8)
+        return buf[: like.nbytes].view(like.dtype)
+
     def _wait_all(self, value):
         for k, addr in enumerate(self.all_counters):
             if k != self.comm.rank:
@@ -106,11 +114,16 @@ class IpcDirect(IpcRing):
             self._write(self.counter, base + 1)          # my input is ready
             self._wait_all(base + 1)
             if algo == "oneshot":
+                # In place, peers still read our input while we reduce: write to scratch, copy after.
+                inplace = out.data.ptr < src.data.ptr + src.nbytes and src.data.ptr < out.data.ptr + out.nbytes
+                dst = self._scratch(src) if inplace else out
                 grid, block = _grid(src.size)
-                _fn("rl_reduce_n", src.dtype)(grid, block, (src_ptrs, np.int32(n), out, np.int64(0),
+                _fn("rl_reduce_n", src.dtype)(grid, block, (src_ptrs, np.int32(n), dst, np.int64(0),
                                                             np.int64(src.size), np.int32(code), scale))
                 self._write(self.counter, base + 2)      # done reading everyone's input
                 self._wait_all(base + 2)
+                if inplace:
+                    cupy.cuda.runtime.memcpyAsync(out.data.ptr, dst.data.ptr, out.nbytes, 3, self.stream.ptr)
                 self.progress = base + 2
             else:
                 bounds = chunk_bounds(src.size, n)
