@@ -2,6 +2,7 @@
 # The lab's GPU runs, in two device calls of under 10 minutes each; logs and JSON under $OUT.
 #   bash experiments/device_run.sh check   # correctness on the GPU: tests, kernel checks, async, leaks
 #   bash experiments/device_run.sh bench   # the GPU benchmarks quoted in docs/
+#   bash experiments/device_run.sh fp8     # FP8 kernels: bit-exactness, speed, the FP8 experiment
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
@@ -27,15 +28,24 @@ check)
   step leak_check 120 mpirun -n 4 python3 experiments/leak_check.py --device --json "$OUT/leak_gpu.json"
   ;;
 bench)
+  step oneshot_check 60 mpirun -n 3 python3 tests/mpi/gpu_check.py oneshot,twoshot 0,2,1009,100003
   for n in 8 4 2; do
-    step datapath_n$n 100 mpirun -n $n python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
+    step datapath_n$n 90 mpirun -n $n python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
       --staged-max 256M --json "$OUT/gpu_n$n.json"
   done
-  step datapath_n1 60 mpirun -n 1 python3 experiments/gpu_datapath.py --sizes 64M --iters 20 --slices 1 --json "$OUT/gpu_n1.json"
-  step small_n8 100 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 50 \
+  step datapath_n1 45 mpirun -n 1 python3 experiments/gpu_datapath.py --sizes 64M --iters 20 --slices 1 --json "$OUT/gpu_n1.json"
+  step small_n8 90 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 30 \
     --variants ipc-shared,ipc,oneshot,twoshot,mpi-staged,staged,nccl --slices 1 --baseline ipc-shared --json "$OUT/small_n8.json"
-  step ring_main 90 mpirun -n 8 python3 experiments/ring.py --sizes 1M,64M --iters 10
-  step overlap 150 mpirun -n 8 python3 experiments/overlap.py --backend cupy --json "$OUT/overlap_gpu.json" --plot "$OUT/overlap_gpu.png"
+  step ring_main 60 mpirun -n 8 python3 experiments/ring.py --sizes 1M,64M --iters 10
+  step overlap 120 mpirun -n 8 python3 experiments/overlap.py --backend cupy --hidden 2048 --layers 16 --batch 8192 \
+    --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 5 --json "$OUT/overlap_gpu.json" --plot "$OUT/overlap_gpu.png"
+  step bw_vs_n 120 mpirun -n 8 python3 experiments/bandwidth_vs_n.py -b 1K -e 64M -f 8 --iters 10 --warmup 3 --backend cupy \
+    --label "H100, 8 ranks sharing one GPU" --json "$OUT/sweep_gpu_shared_8ranks.json" --plot-prefix "$OUT/bw_gpu_shared_8ranks"
+  ;;
+fp8)
+  step kernels_check 150 python3 experiments/device_kernels_check.py
+  step kernels_check_mpi 90 mpirun -n 4 python3 experiments/device_kernels_check.py --no-speed
+  step fp8_pytest 120 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
   step fp8 150 mpirun -n 8 python3 experiments/fp8_compression.py --json "$OUT/fp8_gpu.json"
   ;;
 esac
