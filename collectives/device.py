@@ -12,13 +12,16 @@ import sys
 
 from mpi4py import MPI
 
+from .commstate import comm_state
+
 __all__ = ["parse_transport", "select_transport", "cuda_aware_mpi", "TRANSPORTS"]
 
 TRANSPORTS = ("auto", "ipc", "ipc-host", "ipc-shared", "mpi", "staged")
-_chosen = {}
 _PROBE = r"""
 import cupy, numpy as np
 from mpi4py import MPI
+
+from .commstate import comm_state
 a = cupy.arange(4, dtype=cupy.float32); b = cupy.zeros(4, dtype=cupy.float32)
 cupy.cuda.get_current_stream().synchronize()
 MPI.COMM_SELF.Sendrecv(a, 0, 0, b, 0, 0)
@@ -75,19 +78,19 @@ def select_transport(comm, requested=None):
     name, slices = parse_transport(requested or os.environ.get("RINGLAB_TRANSPORT", "auto"))
     if name != "auto":
         return name, slices, "requested"
-    key = comm.py2f()
-    if key not in _chosen:
+    state = comm_state(comm)
+    if "transport" not in state:
         from .ipc import ipc_usable
         ok, why = ipc_usable(comm)
         if ok:
             from .ipc import all_ranks_share_one_gpu
             if comm.size > 1 and all_ranks_share_one_gpu(comm):
-                _chosen[key] = ("ipc-shared", f"{why}; all {comm.size} ranks share one GPU: one context drives the ring")
+                state["transport"] = ("ipc-shared", f"{why}; all {comm.size} ranks share one GPU: one context drives the ring")
             else:
-                _chosen[key] = ("ipc", why)
+                state["transport"] = ("ipc", why)
         elif cuda_aware_mpi(comm):
-            _chosen[key] = ("mpi", f"CUDA-aware MPI ({why})")
+            state["transport"] = ("mpi", f"CUDA-aware MPI ({why})")
         else:
-            _chosen[key] = ("staged", f"host staging: {why}; MPI not CUDA-aware")
-    chosen, why = _chosen[key]
+            state["transport"] = ("staged", f"host staging: {why}; MPI not CUDA-aware")
+    chosen, why = state["transport"]
     return chosen, slices, why

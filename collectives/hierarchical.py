@@ -20,6 +20,8 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from .commstate import comm_state
+
 from .ring import ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
 from .schedule import chunk_bounds
 from .transport import MpiTransport
@@ -67,8 +69,8 @@ def node_layout(comm, ranks_per_node=None, cache=None):
     Collective: every rank checks the same agreed values, so a bad L raises on every rank.
     """
     L, source = _declared_ranks_per_node(comm, ranks_per_node)
-    cache = cache if cache is not None else {}
-    key = ("layout", comm.py2f(), comm.size, L)
+    cache = comm_state(comm)   # lives as long as comm: a freed handle reused by MPI never hits it
+    key = ("hierarchical-layout", L)
     if key in cache:   # agreed on and split once already; the steady state costs no extra messages
         return cache[key]
     lo, hi = comm.allreduce(L, op=MPI.MIN), comm.allreduce(L, op=MPI.MAX)

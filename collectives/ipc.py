@@ -29,9 +29,10 @@ from mpi4py import MPI
 from .errors import CollectiveTimeout, default_timeout
 from .faults import abort_job, handle_timeout
 from .cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
+from .commstate import comm_state
 from .schedule import chunk_bounds
 
-__all__ = ["IpcRing", "SharedGpuRing", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "open_ipc_handles", "close_all"]
+__all__ = ["IpcRing", "SharedGpuRing", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "cached_executor", "open_ipc_handles", "close_all"]
 
 _EXPR = {
     "sum": "out = a + b",
@@ -41,7 +42,7 @@ _EXPR = {
     "min": "out = (b < a || b != b) ? b : a",
 }
 _kernels = {}
-_rings = {}
+_live = set()      # every open executor, for the atexit close and the leak check
 _TRACE = os.environ.get("RINGLAB_IPC_TRACE") == "1"   # leader prints its wait/ops split per call
 _VECTOR = os.environ.get("RINGLAB_IPC_VECTOR", "1") != "0"   # 16-byte kernel (0: CuPy elementwise)
 _STEP_TYPES = ("float16", "float32", "float64", "int32", "int64") if _VECTOR else ()
@@ -283,6 +284,7 @@ class IpcRing:
                 self.counter = 0
         except Exception:  # pragma: no cover - best effort at interpreter exit
             pass
+        _live.discard(self)
 
 
 class SharedGpuRing(IpcRing):
@@ -392,12 +394,18 @@ class SharedGpuRing(IpcRing):
 
 
 def get_ipc_ring(comm, slices=1, sync="stream"):
-    """The cached ring executor for (comm, slices, sync); created collectively on first use.
-    ``sync="shared"`` gives the SharedGpuRing."""
-    key = (comm.py2f(), slices, sync)
-    if key not in _rings:
-        _rings[key] = SharedGpuRing(comm) if sync == "shared" else IpcRing(comm, slices=slices, sync=sync)
-    return _rings[key]
+    """The ring executor cached on ``comm`` for (slices, sync); created collectively on first use,
+    closed when the communicator is freed. ``sync="shared"`` gives the SharedGpuRing."""
+    return cached_executor(comm, ("ring", slices, sync),
+                           lambda: SharedGpuRing(comm) if sync == "shared" else IpcRing(comm, slices=slices, sync=sync))
+
+
+def cached_executor(comm, key, make):
+    state = comm_state(comm)
+    if key not in state:
+        state[key] = make()
+        _live.add(state[key])
+    return state[key]
 
 
 def all_ranks_share_one_gpu(comm):
@@ -409,13 +417,12 @@ def all_ranks_share_one_gpu(comm):
 
 def open_ipc_handles():
     """How many peer memory mappings this process holds open (the leak check watches it)."""
-    return sum(len(ring.opened) for ring in _rings.values())
+    return sum(len(ring.opened) for ring in _live)
 
 
 def close_all():
-    for ring in list(_rings.values()):
+    for ring in list(_live):
         ring.close()
-    _rings.clear()
 
 
 atexit.register(close_all)

@@ -15,7 +15,7 @@ every peer has finished reading this rank's buffers.
 import numpy as np
 
 from .cuda_reduce import OP_CODES
-from .ipc import IpcRing, _rings
+from .ipc import IpcRing, cached_executor
 from .schedule import chunk_bounds
 
 __all__ = ["IpcDirect", "get_ipc_direct", "DIRECT_ALGORITHMS"]
@@ -147,7 +147,4 @@ class IpcDirect(IpcRing):
 
 
 def get_ipc_direct(comm):
-    key = (comm.py2f(), "direct")
-    if key not in _rings:
-        _rings[key] = IpcDirect(comm)
-    return _rings[key]
+    return cached_executor(comm, ("direct",), lambda: IpcDirect(comm))

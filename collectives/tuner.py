@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 
 from .algorithms import fold_layout
+from .commstate import comm_state
 
 __all__ = ["cost_coefficients", "predict_us", "fit_alpha_beta", "choose_algorithm", "load_tuning", "tuning_path",
            "auto_allreduce_inplace", "DEFAULT_FITS", "main"]
@@ -137,7 +138,8 @@ def choose_algorithm(nbytes, n, table=None, available=None):
 
 def _agreed_table(comm, cache):
     """Load the tuning file once per communicator and broadcast rank 0's copy, so every rank uses one table."""
-    key = ("table", comm.py2f(), comm.size)
+    cache = comm_state(comm)   # lives as long as comm: a freed handle reused by MPI never hits it
+    key = "tuning-table"
     if key not in cache:
         path = tuning_path()
         table = load_tuning(path) if comm.rank == 0 else None

@@ -27,6 +27,7 @@ import time
 from mpi4py import MPI
 
 from . import api
+from .commstate import comm_state
 from .arrays import as_array, is_device_array
 from .errors import CollectiveTimeout, default_timeout
 
@@ -119,7 +120,6 @@ class _ProgressThread:
 
 _lock = threading.Lock()
 _engine = None
-_dups = {}                 # parent comm handle -> (parent, private duplicate)
 _seq = itertools.count()
 
 
@@ -156,13 +156,11 @@ def async_comm(comm):
 
     Collective over ``comm``: the first async call on a communicator must happen on every rank.
     """
-    key = comm.py2f()
     with _lock:
-        entry = _dups.get(key)
-        if entry is None:
-            entry = (comm, comm.Dup())
-            _dups[key] = entry
-    return entry[1]
+        state = comm_state(comm)   # lives as long as comm (a freed handle may be reused by MPI)
+        if "async-dup" not in state:
+            state["async-dup"] = comm.Dup()
+        return state["async-dup"]
 
 
 def _launch(what, comm, run, x, keep=()):

@@ -6,7 +6,7 @@ import numpy as np
 from mpi4py import MPI
 
 import collectives
-from collectives.api import _caches
+from collectives.api import _cache
 
 comm = MPI.COMM_WORLD
 mode = sys.argv[1]
@@ -25,7 +25,7 @@ elif mode == "auto_agrees":
         x = np.full(nbytes // 4, comm.rank, np.float32)
         y = collectives.allreduce(x, algo="auto")
         assert np.all(y == sum(range(comm.size))), "auto result wrong"
-        picks.append(_caches["auto"]["last_choice"])
+        picks.append(_cache("auto")["last_choice"])
     everyone = comm.allgather(picks)
     assert all(p == everyone[0] for p in everyone), everyone
     if comm.rank == 0:
