@@ -5,17 +5,18 @@
 #   bash experiments/device_run.sh fp8     # FP8 kernels: bit-exactness, speed, the FP8 experiment
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
+RES=$(mktemp -d); trap 'tar czf "$RES/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$RES/"' EXIT  # one file back
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-summary="$OUT/summary.txt"; : > "$summary"
+summary="$RES/summary.txt"; : > "$summary"
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, record the exit status
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$secs" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$summary"
-  tail -n "${TAIL:-6}" "$OUT/$name.log"
+  tail -n "${TAIL:-6}" "$RES/$name.log"
 }
 nvidia-smi -L | tee -a "$summary"
 case "${1:-check}" in
@@ -25,28 +26,41 @@ check)
   step kernels_check_mpi 90 mpirun -n 4 python3 experiments/device_kernels_check.py --no-speed
   step fp8_pytest 150 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
   step async_check 90 mpirun -n 4 python3 tests/mpi/async_device_check.py
-  step leak_check 120 mpirun -n 4 python3 experiments/leak_check.py --device --json "$OUT/leak_gpu.json"
+  step leak_check 120 mpirun -n 4 python3 experiments/leak_check.py --device --json "$RES/leak_gpu.json"
   ;;
 bench)
   step oneshot_check 60 mpirun -n 3 python3 tests/mpi/gpu_check.py oneshot,twoshot 0,2,1009,100003
   for n in 8 4 2; do
     step datapath_n$n 90 mpirun -n $n python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
-      --staged-max 256M --json "$OUT/gpu_n$n.json"
+      --staged-max 256M --json "$RES/gpu_n$n.json"
   done
-  step datapath_n1 45 mpirun -n 1 python3 experiments/gpu_datapath.py --sizes 64M --iters 20 --slices 1 --json "$OUT/gpu_n1.json"
+  step datapath_n1 45 mpirun -n 1 python3 experiments/gpu_datapath.py --sizes 64M --iters 20 --slices 1 --json "$RES/gpu_n1.json"
   step small_n8 90 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 30 \
-    --variants ipc-shared,ipc,oneshot,twoshot,mpi-staged,staged,nccl --slices 1 --baseline ipc-shared --json "$OUT/small_n8.json"
+    --variants ipc-shared,ipc,oneshot,twoshot,mpi-staged,staged,nccl --slices 1 --baseline ipc-shared --json "$RES/small_n8.json"
   step ring_main 60 mpirun -n 8 python3 experiments/ring.py --sizes 1M,64M --iters 10
   step overlap 120 mpirun -n 8 python3 experiments/overlap.py --backend cupy --hidden 2048 --layers 16 --batch 8192 \
-    --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 5 --json "$OUT/overlap_gpu.json" --plot "$OUT/overlap_gpu.png"
+    --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 5 --json "$RES/overlap_gpu.json" --plot "$RES/overlap_gpu.png"
   step bw_vs_n 120 mpirun -n 8 python3 experiments/bandwidth_vs_n.py -b 1K -e 64M -f 8 --iters 10 --warmup 3 --backend cupy \
-    --label "H100, 8 ranks sharing one GPU" --json "$OUT/sweep_gpu_shared_8ranks.json" --plot-prefix "$OUT/bw_gpu_shared_8ranks"
+    --label "H100, 8 ranks sharing one GPU" --json "$RES/sweep_gpu_shared_8ranks.json" --plot-prefix "$RES/bw_gpu_shared_8ranks"
+  ;;
+final)   # the last call of a session: FP8 on the GPU plus the benchmarks whose files were lost
+  step kernels_check 150 python3 experiments/device_kernels_check.py
+  step fp8_pytest 90 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step fp8 120 mpirun -n 8 python3 experiments/fp8_compression.py --json "$RES/fp8_gpu.json"
+  step datapath_n8 70 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
+    --staged-max 64M --json "$RES/gpu_n8.json"
+  step small_n8 45 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 30 \
+    --variants ipc-shared,ipc,oneshot,twoshot,mpi-staged,staged,nccl --slices 1 --baseline ipc-shared --json "$RES/small_n8.json"
+  step overlap 70 mpirun -n 8 python3 experiments/overlap.py --backend cupy --hidden 2048 --layers 16 --batch 8192 \
+    --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 3 --json "$RES/overlap_gpu.json" --plot "$RES/overlap_gpu.png"
+  step bw_vs_n 70 mpirun -n 8 python3 experiments/bandwidth_vs_n.py -b 1K -e 16M -f 16 --iters 10 --warmup 3 --backend cupy \
+    --label "H100, ranks sharing one GPU" --json "$RES/sweep_gpu_shared_8ranks.json" --plot-prefix "$RES/bw_gpu_shared_8ranks"
   ;;
 fp8)
   step kernels_check 150 python3 experiments/device_kernels_check.py
   step kernels_check_mpi 90 mpirun -n 4 python3 experiments/device_kernels_check.py --no-speed
   step fp8_pytest 120 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
-  step fp8 150 mpirun -n 8 python3 experiments/fp8_compression.py --json "$OUT/fp8_gpu.json"
+  step fp8 150 mpirun -n 8 python3 experiments/fp8_compression.py --json "$RES/fp8_gpu.json"
   ;;
 esac
 cat "$summary"
