@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The lab's GPU runs, in two device calls of under 10 minutes each; logs and JSON under $OUT.
+# The lab's GPU runs, each mode one device call of under 10 minutes; logs and JSON packed into
+# $OUT/results.tgz (the device tool returns at most 8 files).
 #   bash experiments/device_run.sh check   # correctness on the GPU: tests, kernel checks, async, leaks
 #   bash experiments/device_run.sh bench   # the GPU benchmarks quoted in docs/
 #   bash experiments/device_run.sh fp8     # FP8 kernels: bit-exactness, speed, the FP8 experiment
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
-RES=$(mktemp -d); trap 'tar czf "$RES/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$RES/"' EXIT  # one file back
+RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 summary="$RES/summary.txt"; : > "$summary"
-step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, record the exit status
+step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit status
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
   timeout "$secs" "$@" > "$RES/$name.log" 2>&1
