@@ -13,8 +13,8 @@ patch_numpy_for_numba()
 
 from numba import config, cuda  # noqa: E402
 
-__all__ = ["cuda", "SIMULATED", "f32_bits", "bits_f32", "fmul_rn", "device_fn", "launch_blocks", "kernel_view",
-           "TPB", "ITEMS"]
+__all__ = ["cuda", "SIMULATED", "f32_bits", "bits_f32", "fmul_rn", "shfl_xor_max", "device_fn", "launch_blocks",
+           "kernel_view", "data_address", "sm_count", "TPB", "ITEMS"]
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 TPB = 256          # threads per CUDA block
@@ -28,6 +28,18 @@ def device_fn(pyfunc):
 
 
 if SIMULATED:
+    def _shfl_xor_max(v, offset):
+        # The simulator has no warp shuffles: exchange through shared memory. Every thread of the CUDA
+        # block must call this equally often (the FP8 kernels' loops are block-uniform for this reason).
+        sh = cuda.shared.array(1024, np.float32)
+        t = cuda.threadIdx.x
+        cuda.syncthreads()
+        sh[t] = v
+        cuda.syncthreads()
+        other = sh[t ^ offset]
+        return other if other > v else v
+    shfl_xor_max = cuda.jit(device=True)(_shfl_xor_max)
+
     def f32_bits(x):
         return int(np.float32(x).view(np.uint32))
 
@@ -51,6 +63,28 @@ else:
     @cuda.jit(device=True)
     def fmul_rn(a, b):
         return libdevice.fmul_rn(np.float32(a), np.float32(b))
+
+    @cuda.jit(device=True)
+    def shfl_xor_max(v, offset):
+        """max(v, v of lane ^ offset) over the full warp (values are finite and >= 0)."""
+        other = cuda.shfl_xor_sync(0xFFFFFFFF, v, offset)
+        return other if other > v else v
+
+
+def data_address(a):
+    """Device (CuPy, numba) or host (NumPy, in the simulator) address of a's first element."""
+    iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return iface["data"][0]
+
+
+_sm_count = []
+
+
+def sm_count():
+    """Streaming multiprocessors of the current device (1 in the simulator)."""
+    if not _sm_count:
+        _sm_count.append(1 if SIMULATED else int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
+    return _sm_count[0]
 
 
 def launch_blocks(n, per_block=TPB * ITEMS):

@@ -2,7 +2,8 @@
 
 E4M3fn: 4 exponent bits (bias 7), 3 mantissa bits, max 448, no infinity, NaN = 0x7f / 0xff.
 E5M2:   5 exponent bits (bias 15), 2 mantissa bits, max 57344, +-inf = 0x7c / 0xfc, NaN = 0x7e / 0xfe
-        (the quiet NaN ml_dtypes writes; any exponent-31 code with a non-zero mantissa decodes to NaN).
+        (any exponent-31 code with a non-zero mantissa decodes to NaN).
+The quantizers write only the unsigned NaN code (0x7f / 0x7e); all NaN codes decode to NaN.
 """
 from dataclasses import dataclass
 
@@ -37,6 +38,11 @@ class Fp8Format:
     @property
     def fmax32(self):
         return np.float32(self.fmax)
+
+    @property
+    def rcp_fmax32(self):
+        """fp32(1 / fmax): scale = amax * this (one multiply, identical on NumPy and the GPU)."""
+        return np.float32(1.0 / self.fmax)
 
 
 FP8_FORMATS = {

@@ -2,184 +2,226 @@
 
 Same policy and bit-for-bit the same results as kernels/reference.py (see its docstring).
 
-Quantizing kernels work in tiles of TILE = TPB * ITEMS = 1024 elements per CUDA block, thread t
-holding elements t, t+256, t+512, t+768 (coalesced). A tile holds whole FP8 blocks (block divides
-1024), so each block's amax is a segmented tree max in shared memory, log2(block) steps:
+Memory-bound design (no shared memory, no __syncthreads on the GPU):
 
-    shared |x|:  [ blk 0 (block slots) | blk 1 | ... ]   step s: slot j <- max(slot j, slot j+s)
-                                                          for (j mod block) < s, s = block/2 .. 1
-    then slot (j - j mod block) holds the block's amax; its first thread writes the scale.
+- a warp owns a tile of ``32 * steps`` element pairs (``fp8_access``: one 8-byte fp32-pair load per lane
+  per step, coalesced); tiles start on FP8-block boundaries, so every FP8 block lies inside one warp:
+  block <= 64 elements = a segment of block/2 lanes of one step, 128/256 = 2/4 whole steps;
+- block amax: |x| of the lane's two finite elements, the max over the block's steps, then xor-shuffle
+  max over the segment (log2 lanes steps); every lane of the segment then has the amax, computes
+  scale = amax * fp32(1/fmax) and inv = 1/scale (one division per lane per block, not per element),
+  and encodes its elements as RNE(clamp(x * inv)) with fp32 arithmetic plus a few integer ops
+  (``fp8_bits.make_fp8_value_codec``); two codes go out as one uint16 store;
+- a grid-stride loop over tiles, ``blocks_per_sm`` CUDA blocks per SM (TUNING), loads of all steps
+  issued before any store so several are in flight per lane.
 
 ``dequant_add_requant`` is one compressed reduce-scatter hop: it reads the peer's codes and scales
 and the local partial sum once, and writes the new codes and scales once (plus, at the last hop,
 the owner's dequantized result), so a later IPC executor can point it at peer memory directly.
+Multiplies whose result is added (decode * scale in the hop) use ``fmul_rn``: NVVM would otherwise
+fuse them into an FMA (one rounding instead of NumPy's two).
 """
 import numpy as np
 from numba import float32
 
-from .device import ITEMS, TPB, bits_f32, cuda, device_fn, f32_bits, fmul_rn, kernel_view, launch_blocks
+from .device import (SIMULATED, cuda, data_address, device_fn, fmul_rn, kernel_view, shfl_xor_max, sm_count, bits_f32,
+                     f32_bits)
 from .formats import check_block, fp8_format
-from .fp8_bits import bf16_bits_from_f32_bits, make_fp8_bit_codec
-from .reference import split_fp8_message
+from .fp8_access import code_pair_loader, code_pair_storer, pair_loader, pair_storer, word_dtype
+from .fp8_bits import make_fp8_value_codec
+from .reference import MIN_SCALE, split_fp8_message
 
 __all__ = ["quantize_device", "dequantize_device", "dequant_add_requant_device", "dequant_accumulate_device",
-           "TILE"]
+           "TUNING", "VARIANTS"]
 
-TILE = TPB * ITEMS
+# Launch shape; device_kernels_check.py times every entry of VARIANTS and the lead keeps the fastest.
+# blocks_per_sm 0 = one tile per warp (a grid as large as the data, no grid-stride loop).
+TUNING = {"tpb": 256, "steps": 4, "blocks_per_sm": 8}
+VARIANTS = {"s4-b8": dict(steps=4, blocks_per_sm=8), "s2-b16": dict(steps=2, blocks_per_sm=16),
+            "s8-b4": dict(steps=8, blocks_per_sm=4), "s4-full": dict(steps=4, blocks_per_sm=0)}
 _kernels = {}
-_bf16_round = device_fn(bf16_bits_from_f32_bits)
 
 
-def _loader(kind):
-    """Device function reading element i of a kernel-view array as fp32."""
-    if kind == "bf16":
-        def load(a, i):
-            return bits_f32(np.int64(a[i]) << 16)
-    else:
-        def load(a, i):
-            return np.float32(a[i])
-    return device_fn(load)
+def _codec(f):
+    """Device functions for one format: encode(v, inv), dequant(code, scale), scale_of(amax), finite_abs(v)."""
+    encode, decode_value = make_fp8_value_codec(f, f32_bits, bits_f32, fmul_rn)
+    encode, decode_value = device_fn(encode), device_fn(decode_value)
+    rcp_fmax, one, inf = f.rcp_fmax32, np.float32(1.0), np.float32(np.inf)
+    zero = np.float32(0.0)
 
-
-def _storer(kind):
-    """Device function writing an fp32 value to element i (RNE to fp16 / bf16)."""
-    if kind == "bf16":
-        def store(a, i, v):
-            a[i] = _bf16_round(f32_bits(v))
-    elif kind == "f16":
-        def store(a, i, v):
-            a[i] = np.float16(v)
-    else:
-        def store(a, i, v):
-            a[i] = v
-    return device_fn(store)
-
-
-def _codec(fmt, block):
-    """Device functions for one (format, block): encode(v, scale), decode(code, scale), scale_of(amax), tile amax."""
-    f = fp8_format(fmt)
-    encode_bits, decode_bits = make_fp8_bit_codec(f)
-    encode_bits, decode_bits = device_fn(encode_bits), device_fn(decode_bits)
-    fmax = np.float32(f.fmax)
-    one = np.float32(1.0)
-    mask = block - 1
-
-    def encode(v, scale):
-        b = f32_bits(v)
-        if (b & 0x7F800000) == 0x7F800000:     # NaN / inf: straight from the input, as the reference does
-            return encode_bits(b)
-        return encode_bits(f32_bits(np.float32(v) / scale))   # the encoder saturates finite overflow
-
-    def decode(code, scale):
-        return fmul_rn(bits_f32(decode_bits(np.int64(code))), scale)
+    def dequant(code, scale):
+        return fmul_rn(decode_value(code), scale)
 
     def scale_of(amax):
-        s = np.float32(amax) / fmax
-        return one if s == 0 else s
+        s = fmul_rn(amax, rcp_fmax)
+        return one if s < MIN_SCALE else s
 
     def finite_abs(v):
-        return abs(np.float32(v)) if (f32_bits(v) & 0x7F800000) != 0x7F800000 else np.float32(0.0)
-
-    def tile_amax(sh, t):
-        # Segmented max over each block's slots; every thread of the CUDA block must call this.
-        s = block // 2
-        while s > 0:
-            for k in range(ITEMS):
-                j = t + k * TPB
-                if (j & mask) < s:
-                    other = sh[j + s]
-                    if other > sh[j]:
-                        sh[j] = other
-            cuda.syncthreads()
-            s = s // 2
-    return tuple(device_fn(g) for g in (encode, decode, scale_of, finite_abs, tile_amax))
+        a = abs(v)
+        return a if a < inf else zero           # NaN and inf: left out of amax
+    return encode, device_fn(dequant), device_fn(scale_of), device_fn(finite_abs)
 
 
-def _make_quantizing_kernel(fmt, block, kind_in, kind_out, hop):
-    """quantize(x) when ``hop`` is False, else dequant-add-requant: the same tile loop around a different value."""
-    encode, decode, scale_of, finite_abs, tile_amax = _codec(fmt, block)
-    load, store = _loader(kind_in), _storer(kind_out)
-    mask, items, tpb, tile = block - 1, ITEMS, TPB, TILE
-
-    def body(x, peer_codes, peer_scales, codes, scales, out, n, divide_by, write_out):
-        sh = cuda.shared.array(tile, float32)
-        vals = cuda.local.array(items, float32)
-        t = cuda.threadIdx.x
-        ntiles = (n + tile - 1) // tile
-        tile_id = cuda.blockIdx.x
-        while tile_id < ntiles:                 # uniform across the CUDA block: syncthreads is safe
-            base = tile_id * tile
-            for k in range(items):
-                i = base + t + k * tpb
-                v = np.float32(0.0)
-                if i < n:
-                    v = load(x, i)
-                    if hop:
-                        blk = i // block
-                        v = (v + decode(peer_codes[i], peer_scales[blk])) / divide_by
-                vals[k] = v
-                sh[t + k * tpb] = finite_abs(v)
-            cuda.syncthreads()
-            tile_amax(sh, t)
-            for k in range(items):
-                j = t + k * tpb
-                i = base + j
-                if i < n:
-                    scale = scale_of(sh[j - (j & mask)])
-                    code = encode(vals[k], scale)
-                    codes[i] = code
-                    if (j & mask) == 0:
-                        scales[i // block] = scale
-                    if write_out:
-                        store(out, i, decode(code, scale))
-            cuda.syncthreads()                  # shared slots are reused by the next tile
-            tile_id += cuda.gridDim.x
-    body = device_fn(body)
-
-    if hop:
-        def hop_kernel(local, peer_codes, peer_scales, codes, scales, out, n, divide_by, write_out):
-            body(local, peer_codes, peer_scales, codes, scales, out, n, divide_by, write_out)
-        return cuda.jit(hop_kernel)
-
-    def quantize_kernel(x, codes, scales, n):
-        body(x, codes, scales, codes, scales, x, n, np.float32(1.0), False)
-    return cuda.jit(quantize_kernel)
+def _log2(v):
+    return int(v).bit_length() - 1
 
 
-def _make_elementwise_kernel(fmt, block, kind_out, accumulate):
+def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, steps, tpb, hop):
+    """quantize(x) when ``hop`` is False, else dequant-add-requant: the same warp tiles around a different value."""
+    encode, dequant, scale_of, finite_abs = _codec(fp8_format(fmt))
+    load, store = pair_loader(kin, win), pair_storer(kout, wout)
+    load_codes, store_codes = code_pair_loader(wpeer), code_pair_storer(wcodes)
+    half_block = block // 2                      # pairs per FP8 block
+    hb_shift, hb_mask = _log2(half_block), half_block - 1
+    span = max(1, block // 64)                   # steps per FP8 block
+    nsteps = max(steps, span)
+    seg_top = min(half_block, 32) // 2           # first xor offset inside a step
+    tile_pairs = 32 * nsteps
+    warps_per_block = tpb // 32
+    one = np.float32(1.0)
+
+    def kernel(x, xw, pc, pcw, ps, codes, codes_w, scales, out, out_w, n, div, div_mode, write_out):
+        lane = cuda.threadIdx.x & 31
+        warp = cuda.blockIdx.x * warps_per_block + (cuda.threadIdx.x >> 5)
+        nwarps = cuda.gridDim.x * warps_per_block
+        npairs = (n + 1) >> 1
+        ntiles = (npairs + tile_pairs - 1) // tile_pairs
+        rounds = (ntiles + nwarps - 1) // nwarps         # the same for every thread: shuffles stay uniform
+        va = cuda.local.array(nsteps, float32)
+        vb = cuda.local.array(nsteps, float32)
+        am = cuda.local.array(nsteps, float32)
+        for r in range(rounds):
+            p0 = (r * nwarps + warp) * tile_pairs + lane
+            for j in range(nsteps):
+                p = p0 + 32 * j
+                a, b = load(x, xw, p, n)
+                if hop:
+                    c0, c1 = load_codes(pc, pcw, p, n)
+                    sc = one
+                    if p < npairs:
+                        sc = ps[p >> hb_shift]
+                    a = a + dequant(c0, sc)
+                    b = b + dequant(c1, sc)
+                    if div_mode == 1:
+                        a = a / div
+                        b = b / div
+                    elif div_mode == 2:                  # power of two: the exact reciprocal, same bits
+                        a = fmul_rn(a, div)
+                        b = fmul_rn(b, div)
+                va[j] = a
+                vb[j] = b
+                fa, fb = finite_abs(a), finite_abs(b)
+                am[j] = fa if fa > fb else fb
+            for g in range(nsteps // span):              # amax of each FP8 block, on all its lanes
+                m = am[g * span]
+                for k in range(1, span):
+                    other = am[g * span + k]
+                    m = other if other > m else m
+                off = seg_top
+                while off > 0:
+                    m = shfl_xor_max(m, off)
+                    off = off >> 1
+                for k in range(span):
+                    am[g * span + k] = m
+            for j in range(nsteps):
+                p = p0 + 32 * j
+                scale = scale_of(am[j])
+                inv = one / scale
+                c0, c1 = encode(va[j], inv), encode(vb[j], inv)
+                store_codes(codes, codes_w, p, n, c0, c1)
+                if p < npairs and (p & hb_mask) == 0:
+                    scales[p >> hb_shift] = scale
+                if write_out:
+                    store(out, out_w, p, n, dequant(c0, scale), dequant(c1, scale))
+    return cuda.jit(kernel), tile_pairs
+
+
+def _make_elementwise_kernel(fmt, block, kout, wout, wcodes, steps, accumulate):
     """dequantize into out (``accumulate`` False) or add the dequantized values into an fp32 accumulator."""
-    _, decode, _, _, _ = _codec(fmt, block)
-    store = _storer(kind_out)
-    items = ITEMS
+    _, dequant, _, _ = _codec(fp8_format(fmt))
+    load, store = pair_loader(kout, wout), pair_storer(kout, wout)
+    load_codes = code_pair_loader(wcodes)
+    hb_shift = _log2(block // 2)
+    one = np.float32(1.0)
 
-    def kernel(codes, scales, out, n):
+    def kernel(codes, codes_w, scales, out, out_w, n):
         stride = cuda.gridDim.x * cuda.blockDim.x
-        i0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        while i0 < n:
-            for k in range(items):
-                i = i0 + k * stride
-                if i < n:
-                    v = decode(codes[i], scales[i // block])
-                    if accumulate:
-                        out[i] = np.float32(out[i]) + v
-                    else:
-                        store(out, i, v)
-            i0 += items * stride
-    return cuda.jit(kernel)
+        npairs = (n + 1) >> 1
+        ca = cuda.local.array(steps, np.int64)
+        cb = cuda.local.array(steps, np.int64)
+        sc = cuda.local.array(steps, float32)
+        va = cuda.local.array(steps, float32)
+        vb = cuda.local.array(steps, float32)
+        p0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        while p0 < npairs:
+            for j in range(steps):                       # all loads first: several in flight per lane
+                p = p0 + j * stride
+                c0, c1 = load_codes(codes, codes_w, p, n)
+                ca[j] = c0
+                cb[j] = c1
+                s = one
+                if p < npairs:
+                    s = scales[p >> hb_shift]
+                sc[j] = s
+                if accumulate:
+                    a, b = load(out, out_w, p, n)
+                    va[j] = a
+                    vb[j] = b
+            for j in range(steps):
+                p = p0 + j * stride
+                a, b = dequant(ca[j], sc[j]), dequant(cb[j], sc[j])
+                if accumulate:
+                    a = va[j] + a
+                    b = vb[j] + b
+                store(out, out_w, p, n, a, b)
+            p0 += steps * stride
+    return cuda.jit(kernel), steps
 
 
 def _kernel(name, *key):
     full = (name,) + key
     if full not in _kernels:
-        if name == "quantize":
-            _kernels[full] = _make_quantizing_kernel(*key, hop=False)
-        elif name == "hop":
-            _kernels[full] = _make_quantizing_kernel(*key, hop=True)
-        elif name == "dequantize":
-            _kernels[full] = _make_elementwise_kernel(*key, accumulate=False)
+        if name in ("quantize", "hop"):
+            _kernels[full] = _make_quantizing_kernel(*key, hop=name == "hop")
         else:
-            _kernels[full] = _make_elementwise_kernel(*key, accumulate=True)
+            _kernels[full] = _make_elementwise_kernel(*key, accumulate=name == "accumulate")
     return _kernels[full]
+
+
+def _tuning(variant):
+    t = dict(TUNING)
+    if variant is not None:
+        t.update(VARIANTS[variant] if isinstance(variant, str) else variant)
+    return t
+
+
+def _grid(units, per_block, t):
+    """CUDA blocks: cover ``units`` once, capped at blocks_per_sm per SM (0: no cap)."""
+    need = max(1, -(-units // per_block))
+    return need if t["blocks_per_sm"] <= 0 else max(1, min(need, sm_count() * t["blocks_per_sm"]))
+
+
+def _words(a, kind, n):
+    """(word view of a's first n // 2 pairs, True) when a is aligned for words, else (a[:0], False).
+
+    The unused view is an empty slice, not ``a`` itself: the simulator copies every argument back after
+    the launch, and a second, unmodified copy of ``a`` would overwrite what the kernel wrote.
+    """
+    wdt = word_dtype(kind)
+    if wdt is None or n < 2 or data_address(a) % np.dtype(wdt).itemsize:
+        return a[:0], False
+    return a[: n - (n & 1)].view(wdt), True
+
+
+def _divide_mode(divide_by):
+    """(mode, operand): 0 no-op for 1, 2 multiply by an exact power-of-two reciprocal, 1 divide."""
+    d = np.float32(divide_by)
+    if d == 1:
+        return 0, d
+    m, e = np.frexp(d)
+    if m == 0.5 and -126 < e - 1 < 127:
+        return 2, np.float32(1.0) / d
+    return 1, d
 
 
 def _fp8_kind(a, what):
@@ -195,30 +237,29 @@ def _check(codes, scales, n, block):
                          f"got {codes.size} and {scales.size}")
 
 
-def quantize_device(x, codes, scales, fmt="e4m3", block=128):
+def quantize_device(x, codes, scales, fmt="e4m3", block=128, variant=None):
     """codes, scales = quantize(x) on the device (same bits as ``quantize_fp8_blockwise``)."""
     f, block = fp8_format(fmt), check_block(block)
     xv, kind = _fp8_kind(x, "quantize")
     n = xv.size
     _check(codes, scales, n, block)
     if n:
-        _kernel("quantize", f.name, block, kind, kind)[launch_blocks(n), TPB](xv, codes, scales, n)
+        t = _tuning(variant)
+        xw, wx = _words(xv, kind, n)
+        cw, wc = _words(codes, "u8", n)
+        kern, tile = _kernel("quantize", f.name, block, kind, wx, kind, wx, wc, wc, t["steps"], t["tpb"])
+        kern[_grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"]](    # no peer, no out: empty placeholders
+            xv, xw, codes[:0], cw[:0], scales[:0], codes, cw, scales, xv[:0], xw[:0], n, np.float32(1), 0, False)
     return codes, scales
 
 
-def dequantize_device(codes, scales, out, fmt="e4m3", block=128):
+def dequantize_device(codes, scales, out, fmt="e4m3", block=128, variant=None):
     """out = dequantize(codes, scales) on the device, cast to out's dtype (fp32, fp16, bf16)."""
-    f, block = fp8_format(fmt), check_block(block)
-    ov, kind = _fp8_kind(out, "dequantize")
-    n = ov.size
-    _check(codes, scales, n, block)
-    if n:
-        _kernel("dequantize", f.name, block, kind)[launch_blocks(n), TPB](codes, scales, ov, n)
-    return out
+    return _elementwise("dequantize", codes, scales, out, fmt, block, variant)
 
 
 def dequant_add_requant_device(local, peer_codes, peer_scales, codes, scales, fmt="e4m3", block=128,
-                               out=None, divide_by=1):
+                               out=None, divide_by=1, variant=None):
     """One compressed hop: s = (local + dequantize(peer)) / divide_by; codes, scales = quantize(s).
 
     With ``out`` (same dtype as ``local``) also writes dequantize(codes, scales) there.
@@ -228,23 +269,42 @@ def dequant_add_requant_device(local, peer_codes, peer_scales, codes, scales, fm
     n = lv.size
     _check(peer_codes, peer_scales, n, block)
     _check(codes, scales, n, block)
-    ov, kind_out = (lv, kind) if out is None else _fp8_kind(out, "dequant_add_requant out")
+    ov, kind_out = (lv[:0], kind) if out is None else _fp8_kind(out, "dequant_add_requant out")
+    if out is not None and ov.size != n:
+        raise ValueError(f"out has {ov.size} elements, local has {n}")
     if n:
-        _kernel("hop", f.name, block, kind, kind_out)[launch_blocks(n), TPB](
-            lv, peer_codes, peer_scales, codes, scales, ov, n, np.float32(divide_by), out is not None)
+        t = _tuning(variant)
+        lw, wl = _words(lv, kind, n)
+        ow, wo = _words(ov, kind_out, n)
+        pw, wp = _words(peer_codes, "u8", n)
+        cw, wc = _words(codes, "u8", n)
+        mode, d = _divide_mode(divide_by)
+        kern, tile = _kernel("hop", f.name, block, kind, wl, kind_out, wo, wc, wp, t["steps"], t["tpb"])
+        kern[_grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"]](
+            lv, lw, peer_codes, pw, peer_scales, codes, cw, scales, ov, ow, n, d, mode, out is not None)
     return codes, scales
 
 
-def dequant_accumulate_device(acc, codes, scales, fmt="e4m3", block=128):
+def dequant_accumulate_device(acc, codes, scales, fmt="e4m3", block=128, variant=None):
     """acc (fp32) += dequantize(codes, scales) on the device: the direct reduce-scatter's owner step."""
-    f, block = fp8_format(fmt), check_block(block)
     if acc.dtype != np.float32:
         raise TypeError(f"the accumulator must be float32, got {acc.dtype}")
-    n = acc.size
+    _elementwise("accumulate", codes, scales, acc.reshape(-1), fmt, block, variant)
+    return acc
+
+
+def _elementwise(name, codes, scales, out, fmt, block, variant):
+    f, block = fp8_format(fmt), check_block(block)
+    ov, kind = _fp8_kind(out, name)
+    n = ov.size
     _check(codes, scales, n, block)
     if n:
-        _kernel("accumulate", f.name, block, "f32")[launch_blocks(n), TPB](codes, scales, acc.reshape(-1), n)
-    return acc
+        t = _tuning(variant)
+        ow, wo = _words(ov, kind, n)
+        cw, wc = _words(codes, "u8", n)
+        kern, steps = _kernel(name, f.name, block, kind, wo, wc, t["steps"])
+        kern[_grid(-(-n // 2), t["tpb"] * steps, t), t["tpb"]](codes, cw, scales, ov, ow, n)
+    return out
 
 
 def message_views(msg, count, block):

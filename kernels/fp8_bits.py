@@ -1,81 +1,67 @@
-"""Scalar FP8 <-> fp32 bit conversions in plain integer arithmetic, for numba-CUDA device code.
+"""Scalar FP8 <-> fp32 conversions (fp32 arithmetic + bit tricks) and fp32 -> bf16 rounding, for device code.
 
 Written once as Python closures over a format's constants: the CUDA kernels compile them as
 device functions, the simulator runs them as Python, and tests run them on CPU against ml_dtypes
 over every interesting fp32 pattern. Integers here are fp32 bit patterns as non-negative ints.
 """
+import numpy as np
+
 from .formats import fp8_format
 
-__all__ = ["make_fp8_bit_codec", "bf16_bits_from_f32_bits"]
+__all__ = ["make_fp8_value_codec", "bf16_bits_from_f32_bits"]
 
 
-def make_fp8_bit_codec(fmt):
-    """(encode, decode) for one format.
+def make_fp8_value_codec(fmt, f32_bits, bits_f32, fmul_rn):
+    """(encode_scaled, decode_value): the kernels' branch-light codec, fp32 arithmetic + a few integer ops.
 
-    ``encode(bits32)``: fp32 bit pattern -> FP8 code, round to nearest even, finite overflow
-    saturating at +-fmax, NaN -> NaN and inf -> inf (E5M2) / NaN (E4M3fn), signs kept.
-    ``decode(code)``: FP8 code -> fp32 bit pattern (exact; NaN -> quiet NaN with the code's sign).
+    ``encode_scaled(v, inv)``: code of RNE(clamp(v * inv, +-fmax)) for finite ``v``; NaN -> the unsigned
+    NaN code, inf -> +-inf (E5M2) / NaN (E4M3fn). Normal results round with one integer add on the fp32
+    bits (a carry bumps the exponent); FP8-subnormal results round in the fp32 adder: y + 2**e is
+    correctly rounded to the FP8 subnormal spacing when ulp(2**e) is that spacing, so no loop, no table.
+    ``decode_value(code)``: the exact fp32 value: the code's bits shifted into an fp32 and multiplied by
+    2**(127 - bias) (exact, FP8 subnormals included as long as fp32 subnormals are not flushed).
+    The bit casts and ``fmul_rn`` (a multiply never fused into an FMA) are passed in: libdevice on the
+    GPU, NumPy in the simulator and in CPU tests.
     """
     f = fp8_format(fmt)
-    mbits, bias, max_code = f.mbits, f.bias, f.max_code
-    inf_code, nan_code, has_inf = f.inf_code, f.nan_code, f.has_inf
-    mmask = (1 << mbits) - 1
-    emax_code = (1 << f.ebits) - 1
-    sub_exp32 = 1 - bias + 127      # fp32 exponent of the smallest FP8 normal
+    mbits, has_inf, inf_code, nan_code = f.mbits, f.has_inf, f.inf_code, f.nan_code
+    shift = 23 - mbits
+    round_half = (1 << (shift - 1)) - 1
+    rebias = (127 - f.bias) << mbits
+    fmax = np.float32(f.fmax)
+    min_normal = np.float32(2.0 ** (1 - f.bias))
+    magic_exp = 24 - f.bias - mbits                  # ulp(2**magic_exp) = smallest FP8 subnormal
+    magic = np.float32(2.0 ** magic_exp)
+    magic_bits = (magic_exp + 127) << 23
+    to_fp32_exp = np.float32(2.0 ** (127 - f.bias))
+    nan32 = 0x7FC00000
 
-    def encode(b):
-        sign = (b >> 24) & 0x80
-        a = b & 0x7FFFFFFF
-        if a >= 0x7F800000:
-            if a == 0x7F800000:
-                return sign | inf_code
-            return sign | nan_code
-        e32 = a >> 23
-        if e32 == 0:                 # fp32 zero or subnormal: far below half the smallest FP8 subnormal
-            return sign
-        sig = (a & 0x7FFFFF) | 0x800000
-        e8 = e32 - 127 + bias
-        if e8 >= 1:                  # normal: keep mbits of the 23-bit fraction
-            shift = 23 - mbits
-            base = (e8 - 1) << mbits     # + sig >> shift (which includes the implicit 1) = (e8 << m) | frac
-        else:                        # FP8 subnormal: units of 2**(1 - bias - mbits)
-            shift = 24 - mbits - e8
-            base = 0
-            if shift > 25:           # value < a quarter of the smallest subnormal: rounds to 0
-                return sign
-        q = sig >> shift
-        rem = sig & ((1 << shift) - 1)
-        half = 1 << (shift - 1)
-        if rem > half or (rem == half and (q & 1) == 1):
-            q += 1                   # a carry out of the fraction bumps the exponent, as it should
-        mag = base + q
-        if mag > max_code:
-            mag = max_code
-        return sign | mag
+    def encode_scaled(v, inv):
+        b = f32_bits(v)
+        y = fmul_rn(abs(v), inv)
+        if not y < fmax:                             # saturate (a NaN y is replaced below)
+            y = fmax
+        if y < min_normal:
+            mag = f32_bits(y + magic) - magic_bits
+        else:
+            yb = f32_bits(y)
+            mag = ((yb + round_half + ((yb >> shift) & 1)) >> shift) - rebias
+        if (b & 0x7F800000) == 0x7F800000:
+            if has_inf and (b & 0x7FFFFF) == 0:
+                return ((b >> 24) & 0x80) | inf_code
+            return nan_code
+        return ((b >> 24) & 0x80) | mag
 
-    def decode(c):
-        sign = (c & 0x80) << 24
+    def decode_value(c):
         mag = c & 0x7F
-        e8 = mag >> mbits
-        m = mag & mmask
         if has_inf:
-            if e8 == emax_code:
-                if m == 0:
-                    return sign | 0x7F800000
-                return sign | 0x7FC00000
+            if mag >= inf_code:
+                return bits_f32(((c & 0x80) << 24) | (0x7F800000 if mag == inf_code else nan32))
         elif mag == 0x7F:
-            return sign | 0x7FC00000
-        if e8 == 0:
-            if m == 0:
-                return sign
-            e32 = sub_exp32
-            while m <= mmask:        # normalise the subnormal: shift until the implicit bit appears
-                m = m << 1
-                e32 -= 1
-            return sign | (e32 << 23) | ((m & mmask) << (23 - mbits))
-        return sign | ((e8 - bias + 127) << 23) | (m << (23 - mbits))
+            return bits_f32(nan32)
+        return fmul_rn(bits_f32(((c & 0x80) << 24) | (mag << shift)), to_fp32_exp)
 
-    return encode, decode
+    return encode_scaled, decode_value
 
 
 def bf16_bits_from_f32_bits(b):

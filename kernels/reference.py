@@ -3,12 +3,16 @@
 These are the CPU path of the FP8 collectives and the oracle the numba-CUDA kernels are tested
 against, bit for bit. The policy they implement (docs/fp8.md):
 
-- scale = amax / fmax in fp32, one per block of ``block`` elements, amax over the block's finite
-  values. A block whose scale would be 0 (all zeros, or amax < fmax * 2**-149 so the division
-  underflows) gets scale 1.0: its finite values then encode as +-0, and nothing divides by zero.
-- finite values: code = RNE(clamp(x / scale, -fmax, fmax)), so overflow saturates at +-fmax.
-- NaN stays NaN (sign kept); +-inf stays +-inf in E5M2 and becomes NaN in E4M3fn, which has no
-  infinity. Non-finite values are left out of amax, so one inf does not flush its block to zero.
+- scale = fp32(amax * fp32(1 / fmax)), one per block of ``block`` elements, amax over the block's
+  finite values. A block whose scale is below 2**-126 (all zeros, or amax < fmax * 2**-126, about
+  5e-36 for E4M3) gets scale 1.0: its finite values then encode as +-0, and 1 / scale is finite.
+- finite values: code = RNE(clamp(x * inv, -fmax, fmax)) with inv = fp32(1 / scale) computed once per
+  block (a multiply per element, not a division: what GPUs do fast), so overflow saturates at +-fmax.
+- every NaN encodes as the format's one NaN code, 0x7f (E4M3fn) / 0x7e (E5M2), without a sign:
+  IEEE 754 leaves the sign of an arithmetic NaN unspecified, x86 propagates an operand's sign while
+  NVIDIA GPUs return the canonical NaN, so a signed NaN code would make the fused hop differ between
+  NumPy and the GPU. +-inf stays +-inf in E5M2 and becomes that NaN code in E4M3fn (no infinity).
+  Non-finite values are left out of amax, so one inf does not flush its block to zero.
 - dequantize: decoded * scale in fp32 (one rounding), then cast to the output dtype (RNE).
 """
 import numpy as np
@@ -62,14 +66,17 @@ def _decode_table(f):
     return _tables[f.name]
 
 
+MIN_SCALE = np.float32(2.0 ** -126)     # smallest normal fp32: 1 / scale stays finite
+
+
 def block_scales(x32, fmt, block):
-    """fp32 scale per block: amax(finite |x|) / fmax, or 1.0 where that is 0 (see the module policy)."""
+    """fp32 scale per block: amax(finite |x|) * fp32(1/fmax), or 1.0 where that is below MIN_SCALE."""
     f = fp8_format(fmt)
     mag = np.abs(x32)
     mag[~np.isfinite(mag)] = 0.0
     amax = _blocks(mag, block).max(axis=1) if x32.size else np.zeros(0, np.float32)
-    scales = (amax / f.fmax32).astype(np.float32)
-    scales[scales == 0] = 1.0
+    scales = (amax * f.rcp_fmax32).astype(np.float32)
+    scales[scales < MIN_SCALE] = 1.0
     return scales
 
 
@@ -83,12 +90,14 @@ def quantize_fp8_blockwise(x, fmt="e4m3", block=128, codes=None, scales=None):
     check_fp8_input_dtype(x.dtype)
     x32 = to_float32(x)
     s = block_scales(x32, f, block)
+    inv = np.float32(1.0) / s
     with np.errstate(invalid="ignore", over="ignore"):
-        scaled = _blocks(x32, block) / s[:, None]
+        scaled = _blocks(x32, block) * inv[:, None]
         scaled = np.clip(scaled.reshape(-1)[: x32.size], -f.fmax32, f.fmax32)
     nonfinite = ~np.isfinite(x32)
     scaled[nonfinite] = x32[nonfinite]          # NaN / inf are cast straight from the input
     q = scaled.astype(f.ml_dtype).view(np.uint8)
+    q[np.isnan(x32) if f.has_inf else nonfinite] = f.nan_code     # one unsigned NaN code (policy above)
     if codes is None:
         codes = q
     else:

@@ -9,8 +9,8 @@ import numpy as np
 from collectives.bench import Case, Unavailable, Variant
 
 from .formats import fp8_format
-from .reference import (dequant_add_requant_reference, dequantize_fp8_blockwise, quantize_fp8_blockwise,
-                        reduce_reference)
+from .reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
+                        quantize_fp8_blockwise, reduce_reference)
 
 __all__ = ["kernel_speed_variants", "torch_unavailable_reason"]
 
@@ -29,7 +29,10 @@ def torch_unavailable_reason():
 
 
 def _mismatches(got, want):
-    return int(np.count_nonzero(np.asarray(got).view(np.uint8) != np.asarray(want).view(np.uint8)))
+    """Elements whose bits differ (compared as unsigned ints of the element size)."""
+    got, want = np.asarray(got), np.asarray(want)
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[want.dtype.itemsize]
+    return int(np.count_nonzero(got.view(bits) != want.view(bits)))
 
 
 def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
@@ -63,36 +66,51 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
             a, b = cupy.asarray(view(ha)), cupy.asarray(view(hb))
             c = cupy.empty_like(a)
             return Case(run=lambda: reduce_device(a, b, "sum", out=c),
-                        wrong=lambda: _mismatches(cupy.asnumpy(c), view(want)) // ha.itemsize,
+                        wrong=lambda: _mismatches(cupy.asnumpy(c), view(want)),
                         sync=sync, stream=stream, nbytes=3 * ha.itemsize * count)
         return prepare
 
-    def quantize(count, dtype, op):
-        hx = data(count)
-        wc, ws = quantize_fp8_blockwise(hx, f, block)
-        x = cupy.asarray(hx)
-        c, s = cupy.empty(count, np.uint8), cupy.empty(ws.size, np.float32)
-        return Case(run=lambda: kfp8.quantize_device(x, c, s, f, block),
-                    wrong=lambda: _mismatches(cupy.asnumpy(c), wc) + _mismatches(cupy.asnumpy(s), ws) // 4,
-                    sync=sync, stream=stream, nbytes=4 * count + count + 4 * ws.size)
+    def quantize(variant):
+        def prepare(count, dtype, op):
+            hx = data(count)
+            wc, ws = quantize_fp8_blockwise(hx, f, block)
+            x = cupy.asarray(hx)
+            c, s = cupy.empty(count, np.uint8), cupy.empty(ws.size, np.float32)
+            return Case(run=lambda: kfp8.quantize_device(x, c, s, f, block, variant=variant),
+                        wrong=lambda: _mismatches(cupy.asnumpy(c), wc) + _mismatches(cupy.asnumpy(s), ws),
+                        sync=sync, stream=stream, nbytes=4 * count + count + 4 * ws.size)
+        return prepare
 
-    def dequantize(count, dtype, op):
+    def dequantize(variant):
+        def prepare(count, dtype, op):
+            wc, ws = quantize_fp8_blockwise(data(count), f, block)
+            want = dequantize_fp8_blockwise(wc, ws, f, block)
+            c, s, y = cupy.asarray(wc), cupy.asarray(ws), cupy.empty(count, np.float32)
+            return Case(run=lambda: kfp8.dequantize_device(c, s, y, f, block, variant=variant),
+                        wrong=lambda: _mismatches(cupy.asnumpy(y), want),
+                        sync=sync, stream=stream, nbytes=count + 4 * ws.size + 4 * count)
+        return prepare
+
+    def hop(variant):
+        def prepare(count, dtype, op):
+            hl = data(count, 3)
+            pc, ps = quantize_fp8_blockwise(data(count, 4), f, block)
+            wc, ws = dequant_add_requant_reference(hl, pc, ps, f, block)
+            loc, c, s = cupy.asarray(hl), cupy.asarray(pc), cupy.asarray(ps)
+            nc, ns = cupy.empty_like(c), cupy.empty_like(s)
+            return Case(run=lambda: kfp8.dequant_add_requant_device(loc, c, s, nc, ns, f, block, variant=variant),
+                        wrong=lambda: _mismatches(cupy.asnumpy(nc), wc) + _mismatches(cupy.asnumpy(ns), ws),
+                        sync=sync, stream=stream, nbytes=4 * count + 2 * (count + 4 * ws.size))
+        return prepare
+
+    def accumulate(count, dtype, op):
         wc, ws = quantize_fp8_blockwise(data(count), f, block)
-        want = dequantize_fp8_blockwise(wc, ws, f, block)
-        c, s, y = cupy.asarray(wc), cupy.asarray(ws), cupy.empty(count, np.float32)
-        return Case(run=lambda: kfp8.dequantize_device(c, s, y, f, block),
-                    wrong=lambda: _mismatches(cupy.asnumpy(y), want) // 4,
-                    sync=sync, stream=stream, nbytes=count + 4 * ws.size + 4 * count)
-
-    def hop(count, dtype, op):
-        hl = data(count, 3)
-        pc, ps = quantize_fp8_blockwise(data(count, 4), f, block)
-        wc, ws = dequant_add_requant_reference(hl, pc, ps, f, block)
-        loc, c, s = cupy.asarray(hl), cupy.asarray(pc), cupy.asarray(ps)
-        nc, ns = cupy.empty_like(c), cupy.empty_like(s)
-        return Case(run=lambda: kfp8.dequant_add_requant_device(loc, c, s, nc, ns, f, block),
-                    wrong=lambda: _mismatches(cupy.asnumpy(nc), wc) + _mismatches(cupy.asnumpy(ns), ws) // 4,
-                    sync=sync, stream=stream, nbytes=4 * count + 2 * (count + 4 * ws.size))
+        acc0 = data(count, 5)
+        want = dequant_accumulate_reference(acc0.copy(), wc, ws, f, block)    # bench checks after one run
+        c, s, acc = cupy.asarray(wc), cupy.asarray(ws), cupy.asarray(acc0)
+        return Case(run=lambda: kfp8.dequant_accumulate_device(acc, c, s, f, block),
+                    wrong=lambda: _mismatches(cupy.asnumpy(acc), want),
+                    sync=sync, stream=stream, nbytes=count + 4 * ws.size + 8 * count)
 
     def torch_case(scaled, with_amax=False):
         def prepare(count, dtype, op):
@@ -129,9 +147,10 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
     return [Variant("device copy", copy, "sendrecv"),
             Variant("reduce f32 sum", reduce_case("f32"), "sendrecv"),
             Variant("reduce bf16 sum", reduce_case("bf16"), "sendrecv"),
-            Variant(f"quantize {f.name}", quantize, "sendrecv"),
-            Variant(f"dequantize {f.name}", dequantize, "sendrecv"),
-            Variant(f"hop {f.name} fused", hop, "sendrecv"),
+            *[Variant(f"quantize {f.name} {v}", quantize(v), "sendrecv") for v in kfp8.VARIANTS],
+            *[Variant(f"dequantize {f.name} {v}", dequantize(v), "sendrecv") for v in kfp8.VARIANTS],
+            *[Variant(f"hop {f.name} {v}", hop(v), "sendrecv") for v in kfp8.VARIANTS],
+            Variant(f"accumulate {f.name}", accumulate, "sendrecv"),
             Variant("torch cast", torch_case(False), "sendrecv"),
             Variant("torch scale+cast", torch_case(True), "sendrecv"),
             Variant("torch amax+scale+cast", torch_case(True, True), "sendrecv")]
