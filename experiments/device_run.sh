@@ -17,6 +17,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit 
   timeout "$secs" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$summary"
+  tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null   # after every step: a killed run still returns its logs
   tail -n "${TAIL:-6}" "$RES/$name.log"
 }
 nvidia-smi -L | tee -a "$summary"
@@ -45,16 +46,16 @@ bench)
     --label "H100, 8 ranks sharing one GPU" --json "$RES/sweep_gpu_shared_8ranks.json" --plot-prefix "$RES/bw_gpu_shared_8ranks"
   ;;
 final)   # the last call of a session: FP8 on the GPU plus the benchmarks whose files were lost
-  step kernels_check 150 python3 experiments/device_kernels_check.py
-  step fp8_pytest 90 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
-  step fp8 120 mpirun -n 8 python3 experiments/fp8_compression.py --json "$RES/fp8_gpu.json"
-  step datapath_n8 70 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
+  step kernels_check 140 python3 experiments/device_kernels_check.py
+  step fp8_pytest 70 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step fp8 100 mpirun -n 8 python3 experiments/fp8_compression.py --json "$RES/fp8_gpu.json"
+  step datapath_n8 65 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 --slices 1,4 \
     --staged-max 64M --json "$RES/gpu_n8.json"
-  step small_n8 45 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 30 \
+  step small_n8 40 mpirun -n 8 python3 experiments/gpu_datapath.py --sizes 8,1K,8K,64K,256K,1M,16M --iters 30 \
     --variants ipc-shared,ipc,oneshot,twoshot,mpi-staged,staged,nccl --slices 1 --baseline ipc-shared --json "$RES/small_n8.json"
-  step overlap 70 mpirun -n 8 python3 experiments/overlap.py --backend cupy --hidden 2048 --layers 16 --batch 8192 \
+  step overlap 65 mpirun -n 8 python3 experiments/overlap.py --backend cupy --hidden 2048 --layers 16 --batch 8192 \
     --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 3 --json "$RES/overlap_gpu.json" --plot "$RES/overlap_gpu.png"
-  step bw_vs_n 70 mpirun -n 8 python3 experiments/bandwidth_vs_n.py -b 1K -e 16M -f 16 --iters 10 --warmup 3 --backend cupy \
+  step bw_vs_n 60 mpirun -n 8 python3 experiments/bandwidth_vs_n.py -b 1K -e 16M -f 16 --iters 10 --warmup 3 --backend cupy \
     --label "H100, ranks sharing one GPU" --json "$RES/sweep_gpu_shared_8ranks.json" --plot-prefix "$RES/bw_gpu_shared_8ranks"
   ;;
 fp8)
