@@ -25,6 +25,7 @@ from mpi4py import MPI  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from collectives.device import select_transport  # noqa: E402
 from collectives.arrays import use_local_gpu  # noqa: E402
 from collectives.bench import (Case, Variant, busbw_factor, count_wrong, format_table, measure,  # noqa: E402
                                run_metadata)
@@ -200,7 +201,8 @@ def main(argv=None):
         gpu = use_local_gpu(comm)
         import cupy as xp
         stream = xp.cuda.get_current_stream()
-        sync, where = stream.synchronize, f"GPU (CuPy; rank 0 on GPU {gpu}; comm staged through pinned host memory)"
+        transport, _, why = select_transport(comm)
+        sync, where = stream.synchronize, f"GPU (CuPy; rank 0 on GPU {gpu}; comm transport {transport}: {why})"
     else:
         xp, stream, sync = np, None, (lambda: None)
         where = f"CPU (NumPy; {comm.size} ranks on {os.cpu_count()} cores{': oversubscribed' if comm.size > (os.cpu_count() or 1) else ''})"
