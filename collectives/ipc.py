@@ -190,6 +190,15 @@ class IpcRing:
         _check(d.cuStreamWaitValue32(d.CUstream(self.stream.ptr), d.CUdeviceptr(addr), value & 0xFFFFFFFF,
                                      d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ), "cuStreamWaitValue32")
 
+    def _after_caller(self):
+        """Order our stream after the caller's current stream (its input is final there); return it."""
+        import cupy
+        caller = cupy.cuda.get_current_stream()
+        ready = cupy.cuda.Event(disable_timing=True)
+        ready.record(caller)
+        self.stream.wait_event(ready)
+        return caller
+
     def _step_done(self, value):
         if self.sync == "stream":
             self._write(self.counter, value)
@@ -202,10 +211,7 @@ class IpcRing:
         """out = reduction of every rank's ``src`` (flat, contiguous, same size and dtype everywhere)."""
         import cupy
         comm, n, r, K = self.comm, self.comm.size, self.comm.rank, self.slices
-        caller = cupy.cuda.get_current_stream()
-        ready = cupy.cuda.Event(disable_timing=True)
-        ready.record(caller)
-        self.stream.wait_event(ready)
+        caller = self._after_caller()
         if src.size == 0:
             return True
         if n == 1:
@@ -312,10 +318,7 @@ class SharedGpuRing(IpcRing):
         comm, n, r = self.comm, self.comm.size, self.comm.rank
         if n == 1:
             return IpcRing.allreduce(self, src, out, op)
-        caller = cupy.cuda.get_current_stream()
-        ready = cupy.cuda.Event(disable_timing=True)
-        ready.record(caller)
-        self.stream.wait_event(ready)
+        caller = self._after_caller()
         if src.size == 0:
             return True
         t_host = time.perf_counter()

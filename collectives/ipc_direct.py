@@ -100,10 +100,7 @@ class IpcDirect(IpcRing):
         comm, n, r = self.comm, self.comm.size, self.comm.rank
         if n == 1 or src.size == 0:
             return IpcRing.allreduce(self, src, out, op)
-        caller = cupy.cuda.get_current_stream()
-        ready = cupy.cuda.Event(disable_timing=True)
-        ready.record(caller)
-        self.stream.wait_event(ready)
+        caller = self._after_caller()
         everyone = comm.allgather((self._export(src), self._export(out)))
         srcs = [src if k == r else self._peer_view(everyone[k][0], src) for k in range(n)]
         outs = [out if k == r else self._peer_view(everyone[k][1], src) for k in range(n)]
