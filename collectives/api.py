@@ -114,38 +114,42 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     route = algo if transport is None else f"{algo} via {transport}"   # ranks must agree on both
     res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks,
                        timeout)
-    if algo in DEVICE_ALGORITHMS:
-        from .ipc import ipc_usable
-        from .ipc_direct import get_ipc_direct
-        import cupy
-        usable, why = ipc_usable(comm)
-        if not usable:
-            raise ValueError(f"algo {algo!r} needs CUDA IPC between all ranks, which is unusable here: {why}")
-        src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
-        get_ipc_direct(comm).allreduce(src, res.reshape(-1), op, algo=algo)
+    if is_device_array(a) and _device_allreduce(a, res, op, algo, comm, timeout, transport):
         return res
-    if is_device_array(a) and algo == "ring":
-        name, slices, _ = select_transport(comm, transport)
-        if name in ("ipc", "ipc-host", "ipc-shared") and a.dtype.name in IPC_DTYPES:
-            from .ipc import get_ipc_ring
-            import cupy
-            src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
-            ring = get_ipc_ring(comm, slices, {"ipc": "stream", "ipc-host": "host", "ipc-shared": "shared"}[name])
-            if timeout is not None:
-                ring.timeout = timeout
-            ring.allreduce(src, res.reshape(-1), op)
-            return res
-        if name == "mpi":
-            if res is not a:
-                res[...] = a
-            tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
-            ring_allreduce_inplace(res.reshape(-1), tr, op, cache=_cache("ring-device"))
-            return res
     if res is not a:
         res[...] = a
     tr, cache = _transport(comm, timeout), _cache(algo)
     stage_through_host(res.reshape(-1), lambda host: ALLREDUCE_ALGORITHMS[algo](host, tr, op, cache))
     return res
+
+
+def _device_allreduce(a, res, op, algo, comm, timeout, transport):
+    """Run a device-native all-reduce of ``a`` into ``res``; False leaves it to host staging."""
+    import cupy
+    src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
+    if algo in DEVICE_ALGORITHMS:
+        from .ipc import ipc_usable
+        from .ipc_direct import get_ipc_direct
+        usable, why = ipc_usable(comm)
+        if not usable:
+            raise ValueError(f"algo {algo!r} needs CUDA IPC between all ranks, which is unusable here: {why}")
+        get_ipc_direct(comm).allreduce(src, res.reshape(-1), op, algo=algo, timeout=timeout)
+        return True
+    if algo != "ring":
+        return False
+    name, slices, _ = select_transport(comm, transport)
+    if name in ("ipc", "ipc-host", "ipc-shared") and a.dtype.name in IPC_DTYPES:
+        from .ipc import get_ipc_ring
+        ring = get_ipc_ring(comm, slices, {"ipc": "stream", "ipc-host": "host", "ipc-shared": "shared"}[name])
+        ring.allreduce(src, res.reshape(-1), op, timeout=timeout)
+        return True
+    if name == "mpi":
+        if res is not a:
+            res[...] = a
+        tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
+        ring_allreduce_inplace(res.reshape(-1), tr, op, cache=_cache("ring-device"))
+        return True
+    return False
 
 
 def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True):

@@ -26,7 +26,7 @@ from collections import OrderedDict
 import numpy as np
 from mpi4py import MPI
 
-from .errors import CollectiveTimeout, default_timeout
+from .errors import CollectiveTimeout, resolve_timeout
 from .faults import abort_job, handle_timeout
 from .cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
 from .commstate import comm_state
@@ -104,7 +104,8 @@ class IpcRing:
 
     def __init__(self, comm, slices=1, sync="stream", timeout=None):
         import cupy
-        self.comm, self.slices, self.timeout = comm, int(slices), timeout if timeout is not None else default_timeout()
+        self.comm, self.slices = comm, int(slices)
+        self.timeout = resolve_timeout(timeout)     # per call: allreduce(..., timeout=) overrides it
         if self.slices < 1:
             raise ValueError(f"slices must be >= 1, got {slices}")
         self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -207,9 +208,11 @@ class IpcRing:
             self.comm.Barrier()
 
     # -- the collective ---------------------------------------------------------------------------
-    def allreduce(self, src, out, op="sum"):
-        """out = reduction of every rank's ``src`` (flat, contiguous, same size and dtype everywhere)."""
+    def allreduce(self, src, out, op="sum", timeout=None):
+        """out = reduction of every rank's ``src`` (flat, contiguous, same size and dtype everywhere);
+        the host waits at most ``timeout`` s (default: the executor's) for completion."""
         import cupy
+        self._call_timeout = self.timeout if timeout is None else resolve_timeout(timeout)
         comm, n, r, K = self.comm, self.comm.size, self.comm.rank, self.slices
         caller = self._after_caller()
         if src.size == 0:
@@ -264,11 +267,12 @@ class IpcRing:
         done.record(self.stream)
         caller.wait_event(done)
         if not done.done:
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            limit = getattr(self, "_call_timeout", self.timeout)
+            deadline = None if limit is None else time.monotonic() + limit
             while not done.done:
                 if deadline is not None and time.monotonic() > deadline:
                     exc = CollectiveTimeout(f"rank {self.comm.rank}: IPC collective made no progress within "
-                                            f"{self.timeout:g} s (neighbours: rank {self.left} and {self.right})",
+                                            f"{limit:g} s (neighbours: rank {self.left} and {self.right})",
                                             rank=self.comm.rank)
                     handle_timeout(exc)     # abort the job by default (collectives/faults.py)
                     raise exc
@@ -313,11 +317,12 @@ class SharedGpuRing(IpcRing):
         else:
             self.leader_counter = self._open(self.counter_handles[0], pin=True)  # cached if a neighbour
 
-    def allreduce(self, src, out, op="sum"):
+    def allreduce(self, src, out, op="sum", timeout=None):
         import cupy
         comm, n, r = self.comm, self.comm.size, self.comm.rank
         if n == 1:
-            return IpcRing.allreduce(self, src, out, op)
+            return IpcRing.allreduce(self, src, out, op, timeout)
+        self._call_timeout = self.timeout if timeout is None else resolve_timeout(timeout)
         caller = self._after_caller()
         if src.size == 0:
             return True

@@ -15,6 +15,7 @@ every peer has finished reading this rank's buffers.
 import numpy as np
 
 from .cuda_reduce import OP_CODES
+from .errors import resolve_timeout
 from .ipc import IpcRing, cached_executor
 from .schedule import chunk_bounds
 
@@ -95,11 +96,12 @@ class IpcDirect(IpcRing):
             if k != self.comm.rank:
                 self._wait(addr, value)
 
-    def allreduce(self, src, out, op="sum", algo="oneshot"):
+    def allreduce(self, src, out, op="sum", algo="oneshot", timeout=None):
         import cupy
         comm, n, r = self.comm, self.comm.size, self.comm.rank
         if n == 1 or src.size == 0:
-            return IpcRing.allreduce(self, src, out, op)
+            return IpcRing.allreduce(self, src, out, op, timeout)
+        self._call_timeout = self.timeout if timeout is None else resolve_timeout(timeout)
         caller = self._after_caller()
         everyone = comm.allgather((self._export(src), self._export(out)))
         srcs = [src if k == r else self._peer_view(everyone[k][0], src) for k in range(n)]
