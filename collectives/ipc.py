@@ -106,6 +106,7 @@ class IpcRing:
         import cupy
         self.comm, self.slices = comm, int(slices)
         self.timeout = resolve_timeout(timeout)     # per call: allreduce(..., timeout=) overrides it
+        self._call_timeout = self.timeout
         if self.slices < 1:
             raise ValueError(f"slices must be >= 1, got {slices}")
         self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -267,7 +268,7 @@ class IpcRing:
         done.record(self.stream)
         caller.wait_event(done)
         if not done.done:
-            limit = getattr(self, "_call_timeout", self.timeout)
+            limit = self._call_timeout
             deadline = None if limit is None else time.monotonic() + limit
             while not done.done:
                 if deadline is not None and time.monotonic() > deadline:
