@@ -22,6 +22,7 @@ import atexit
 import os
 import time
 from collections import OrderedDict
+from functools import lru_cache
 
 import numpy as np
 from mpi4py import MPI
@@ -30,9 +31,9 @@ from .errors import CollectiveTimeout, resolve_timeout
 from .faults import abort_job, handle_timeout
 from .cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
 from .commstate import comm_state
-from .schedule import chunk_bounds
+from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
-__all__ = ["IpcRing", "SharedGpuRing", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "cached_executor", "open_ipc_handles", "close_all"]
+__all__ = ["IpcRing", "SharedGpuRing", "ring_pull_plan", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "cached_executor", "open_ipc_handles", "close_all"]
 
 _EXPR = {
     "sum": "out = a + b",
@@ -77,6 +78,22 @@ def _wrap(ptr, count, dtype, owner):
     mem = cupy.cuda.UnownedMemory(int(ptr), max(count * np.dtype(dtype).itemsize, 1), owner,
                                   cupy.cuda.Device().id)
     return cupy.ndarray((count,), dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+
+@lru_cache(maxsize=64)
+def ring_pull_plan(nranks, count):
+    """The ring of schedule.py as pulls: ``plan[step][rank] = (lo, hi, reduce, from_input)``.
+
+    At each step a rank receives the schedule's ``recv_chunk`` from its left neighbour; pulling it,
+    the rank reads the neighbour's *input* at the first reduce-scatter step (nothing is reduced
+    yet) and its *output* afterwards, and reduces (reduce-scatter) or copies (all-gather).
+    """
+    bounds = chunk_bounds(count, nranks)
+    rs = [ring_reduce_scatter_schedule(k, nranks) for k in range(nranks)]
+    ag = [ring_allgather_schedule(k, nranks) for k in range(nranks)]
+    plan = [tuple((*bounds[rs[k][s].recv_chunk], True, s == 0) for k in range(nranks)) for s in range(nranks - 1)]
+    plan += [tuple((*bounds[ag[k][s].recv_chunk], False, False) for k in range(nranks)) for s in range(nranks - 1)]
+    return tuple(plan)
 
 
 def ipc_usable(comm):
@@ -225,7 +242,7 @@ class IpcRing:
         # Control plane: one allgather of (src, out) handles; mappings are cached across calls.
         theirs = comm.allgather((self._export(src), self._export(out)))[self.left]
         left_src, left_out = self._peer_view(theirs[0], src), self._peer_view(theirs[1], src)
-        bounds = chunk_bounds(src.size, n)
+        plan = ring_pull_plan(n, src.size)
         base = self.progress
         item = src.dtype.itemsize
         with self.stream:
@@ -233,13 +250,11 @@ class IpcRing:
                 self._wait(self.right_counter, base)      # right finished reading our buffers last call
             self._step_done(base + K)                      # step 0: "my input is ready"
             for j in range(1, 2 * n - 1):
-                rs = j <= n - 1
+                lo, hi, rs, from_input = plan[j - 1][r]
                 s = j - 1 if rs else j - n
-                c = (r - s - 1) % n if rs else (r - s) % n
                 if not rs and self.sync == "stream":
                     self._wait(self.right_counter, base + (s + 2) * K)
-                lo, hi = bounds[c]
-                peer = left_src if (rs and s == 0) else left_out
+                peer = left_src if from_input else left_out
                 for k, (a, b) in enumerate(chunk_bounds(hi - lo, K)):
                     a, b = lo + a, lo + b
                     if self.sync == "stream":
@@ -366,38 +381,32 @@ class SharedGpuRing(IpcRing):
     def _batched_steps(self, srcs, outs, op, n):
         """Every rank's part of a ring step in one launch: 2(N-1) launches instead of 2N(N-1)."""
         import cupy
-        bounds = chunk_bounds(srcs[0].size, n)
-        table = np.zeros((2 * (n - 1), n), dtype=TASK_DTYPE)
-        for s in range(n - 1):
-            for k in range(n):
-                lo, hi = bounds[(k - s - 1) % n]                       # reduce-scatter, as the ring
-                peer = srcs[k - 1] if s == 0 else outs[k - 1]
-                table[s, k] = (srcs[k].data.ptr, peer.data.ptr, outs[k].data.ptr, lo, hi)
-                lo, hi = bounds[(k - s) % n]                           # all-gather
-                table[n - 1 + s, k] = (0, outs[k - 1].data.ptr, outs[k].data.ptr, lo, hi)
+        plan = ring_pull_plan(n, srcs[0].size)
+        table = np.zeros((len(plan), n), dtype=TASK_DTYPE)
+        for j, step in enumerate(plan):
+            for k, (lo, hi, reduce, from_input) in enumerate(step):
+                peer = srcs[k - 1] if from_input else outs[k - 1]
+                table[j, k] = (srcs[k].data.ptr if reduce else 0, peer.data.ptr, outs[k].data.ptr, lo, hi)
         self._table = cupy.asarray(table)                              # alive until the next call
-        longest = bounds[0][1] - bounds[0][0]
-        for j in range(2 * (n - 1)):
-            rs = j < n - 1
-            step_op = "avg_last" if (rs and op == "avg" and j == n - 2) else op
+        longest = max((hi - lo for lo, hi, *_ in plan[0]), default=0)
+        for j, step in enumerate(plan):
+            reduce = step[0][2]
+            step_op = "avg_last" if (reduce and op == "avg" and j == n - 2) else op
             step_kernel(self._table.data.ptr + j * n * TASK_DTYPE.itemsize, n, srcs[0].dtype, step_op, n,
-                        copy=0 if rs else 1, longest=longest)
+                        copy=0 if reduce else 1, longest=longest)
 
     def _steps_one_by_one(self, srcs, outs, op, n):
         import cupy
-        bounds = chunk_bounds(srcs[0].size, n)
         item = srcs[0].dtype.itemsize
-        for s in range(n - 1):                        # reduce-scatter: same table as the ring
-            for k in range(n):
-                lo, hi = bounds[(k - s - 1) % n]
-                peer = srcs[k - 1] if s == 0 else outs[k - 1]
-                if hi > lo:
-                    self._reduce_step(op, srcs[k][lo:hi], peer[lo:hi], outs[k][lo:hi], n, last=s == n - 2)
-        for s in range(n - 1):                        # all-gather
-            for k in range(n):
-                lo, hi = bounds[(k - s) % n]
-                if hi > lo:
-                    cupy.cuda.runtime.memcpyAsync(outs[k].data.ptr + lo * item, outs[k - 1].data.ptr + lo * item,
+        for j, step in enumerate(ring_pull_plan(n, srcs[0].size)):
+            for k, (lo, hi, reduce, from_input) in enumerate(step):
+                peer = srcs[k - 1] if from_input else outs[k - 1]
+                if hi <= lo:
+                    continue
+                if reduce:
+                    self._reduce_step(op, srcs[k][lo:hi], peer[lo:hi], outs[k][lo:hi], n, last=j == n - 2)
+                else:
+                    cupy.cuda.runtime.memcpyAsync(outs[k].data.ptr + lo * item, peer.data.ptr + lo * item,
                                                   (hi - lo) * item, 4, self.stream.ptr)
 
 
