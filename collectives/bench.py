@@ -5,6 +5,7 @@ independent float64 reference (#wrong), warm up, time ``iters`` barrier-aligned 
 (device events on GPU), keep the slowest rank per iteration, report the median with
 algbw = S/t and busbw = algbw * factor(N), plus the ratio to a baseline variant.
 """
+import argparse
 import json
 import math
 import platform
@@ -19,7 +20,7 @@ from mpi4py import MPI
 
 __all__ = ["Case", "Unavailable", "Variant", "Row", "measure", "format_table", "busbw_factor",
            "pattern", "reference", "count_wrong", "tolerance", "write_json", "run_metadata", "sizes_from_range",
-           "parse_size"]
+           "parse_size", "size_arg"]
 
 BUSBW_FACTORS = {
     "allreduce": lambda n: 2 * (n - 1) / n if n > 1 else 1.0,
@@ -234,6 +235,14 @@ def parse_size(text):
     if value < 0:
         raise ValueError("sizes must be >= 0")
     return value
+
+
+def size_arg(text):
+    """``parse_size`` as an argparse ``type=``: a bad size becomes a usage error with the reason."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def sizes_from_range(begin, end, factor, itemsize):

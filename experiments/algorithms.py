@@ -18,18 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collectives  # noqa: E402,F401  registers the algorithms
 from collectives.api import register_allreduce  # noqa: E402
-from collectives.bench import format_table, measure, run_metadata, write_json  # noqa: E402
+from collectives.bench import format_table, measure, parse_size, run_metadata, write_json  # noqa: E402
 from collectives.hierarchical import make_hierarchical  # noqa: E402
 from collectives.tuner import load_tuning, tuning_path  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
 
 SMALL_LIMIT = 64 * 1024
-
-
-def parse_size(text):
-    text = text.strip().upper().rstrip("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if text[-1:] in "KMG" else text) * mult)
 
 
 def parse_args(argv=None):
@@ -47,7 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", help="time vs size, one line per variant")
     args = p.parse_args(argv)
-    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    try:
+        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        p.error(str(exc))
     args.algos = [a for a in args.algos.split(",") if a]
     return args
 

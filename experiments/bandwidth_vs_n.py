@@ -22,29 +22,16 @@ from collectives import variants as variant_library  # noqa: E402
 from collectives.alphabeta import (fit_alpha_beta, format_fit_report, ring_step_variant, samples_from_rows,  # noqa: E402
                                    write_fits)
 from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
-from collectives.bench import (Unavailable, Variant, format_table, measure, run_metadata, sizes_from_range,  # noqa: E402
-                               write_json)
+from collectives.bench import (Unavailable, Variant, format_table, measure, parse_size, run_metadata,  # noqa: E402
+                               size_arg, sizes_from_range, write_json)
 
 VARIANT_NAMES = ("ring", "mpi-native", "nccl")
 
 
-def parse_size(text):
-    """'64M' -> 67108864 bytes (K, M, G are powers of 1024), as nccl-tests' -b/-e."""
-    text = text.strip().upper().rstrip("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    try:
-        value = int(float(text[:-1] if text[-1:] in "KMG" else text) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 4K, 1M, 64M") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("sizes must be >= 0")
-    return value
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("1K"), help="smallest size; default 1K")
-    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("1M"), help="largest size; default 1M")
+    p.add_argument("-b", "--minbytes", type=size_arg, default=parse_size("1K"), help="smallest size; default 1K")
+    p.add_argument("-e", "--maxbytes", type=size_arg, default=parse_size("1M"), help="largest size; default 1M")
     p.add_argument("-f", "--stepfactor", type=float, default=4, help="size multiplier; default %(default)s")
     p.add_argument("--nranks", default="", help="comma-separated N to sweep (each <= the job size); default 2..NMAX")
     p.add_argument("--variants", default=",".join(VARIANT_NAMES),
