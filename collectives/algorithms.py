@@ -27,6 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .ops import reduce_into
+from .ring import divide_inplace, scratch_buffer
 from .schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_schedule, ring_reduce_scatter_schedule
 from .transport import MpiTransport, wait_all
 
@@ -70,13 +71,8 @@ def _nonblocking(transport):
 
 
 def _scratch(cache, key, count, dtype):
-    """Reusable receive buffer of ``count`` elements of ``dtype`` (grown on demand)."""
-    nbytes = count * np.dtype(dtype).itemsize
-    buf = cache.get(key)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
-        cache[key] = buf
-    return buf[:nbytes].view(dtype)
+    """Reusable receive buffer of ``count`` elements of ``dtype`` (ring.scratch_buffer, in elements)."""
+    return scratch_buffer(cache, key, count * np.dtype(dtype).itemsize, dtype)
 
 
 def _combine(mine, theirs, op, mine_is_lower):
@@ -86,10 +82,6 @@ def _combine(mine, theirs, op, mine_is_lower):
         f(mine, theirs, out=mine)
     else:
         f(theirs, mine, out=mine)
-
-
-def _divide(chunk, n):
-    np.divide(chunk, n, out=chunk, casting="unsafe")
 
 
 def fold_layout(nranks):
@@ -156,7 +148,7 @@ def recursive_doubling_allreduce_inplace(buf, transport, op="sum", cache=None):
             _combine(buf, recv, op, mine_is_lower=v < pv)
             mask <<= 1
         if op == "avg":
-            _divide(buf, n)   # identical bytes on every rank, divided once each: still identical
+            divide_inplace(buf, n)   # identical bytes on every rank, divided once each: still identical
     _unfold(buf, tr, rem)
 
 
@@ -196,7 +188,7 @@ def rabenseifner_allreduce_inplace(buf, transport, op="sum", cache=None):
             d //= 2
         if op == "avg":
             lo, hi = bounds[v]
-            _divide(buf[lo:hi], n)   # the owner divides once; everyone else receives its bytes
+            divide_inplace(buf[lo:hi], n)   # the owner divides once; everyone else receives its bytes
         d = 1
         while d < p:
             pv, peer = v ^ d, _real_rank(v ^ d, rem)
@@ -236,7 +228,7 @@ def ring_bidir_allreduce_inplace(buf, transport, op="sum", cache=None):
     if op == "avg":
         for (data, v, _), b in zip(rings, bounds):
             lo, hi = b[reduce_scatter_owner(v, n)]
-            _divide(data[lo:hi], n)
+            divide_inplace(data[lo:hi], n)
     ag = [ring_allgather_schedule(v, n) for _, v, _ in rings]
     for s in range(n - 1):
         sends, recvs = [], []
@@ -260,7 +252,7 @@ def direct_allreduce_inplace(buf, transport, op="sum", cache=None):
     n, r = tr.comm.size, tr.comm.rank
     if n == 1:
         if op == "avg":
-            _divide(buf, 1)
+            divide_inplace(buf, 1)
         return
     slots = _scratch(cache, "slots", n * buf.size, buf.dtype).reshape(n, buf.size)
     others = [k for k in range(n) if k != r]
@@ -271,7 +263,7 @@ def direct_allreduce_inplace(buf, transport, op="sum", cache=None):
     for k in range(1, n):
         reduce_into(buf, slots[k], op)
     if op == "avg":
-        _divide(buf, n)
+        divide_inplace(buf, n)
 
 
 HOST_ALGORITHMS = {

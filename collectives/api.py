@@ -12,7 +12,7 @@ from mpi4py import MPI
 from .arrays import as_array, is_device_array
 from .ops import check_op_dtype
 from .device import select_transport
-from .ring import ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from .ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
 from .schedule import chunk_bounds
 from .transport import CudaAwareMpiTransport, MpiTransport
 from .validate import checked_call
@@ -172,7 +172,7 @@ def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True
         # rotate=-1 relabels chunks so that rank r ends owning chunk r (see schedule.py).
         ring_reduce_scatter_inplace(host, tr, op, rotate=-1, cache=cache)
         if op == "avg":
-            np.divide(host[lo:hi], n, out=host[lo:hi], casting="unsafe")
+            divide_inplace(host[lo:hi], n)
     stage_through_host(work, run)
     res[...] = work[lo:hi]
     return res

@@ -17,12 +17,10 @@ layout raises a clear error on every rank rather than reducing misaligned data.
 """
 import os
 
-import numpy as np
 from mpi4py import MPI
 
 from .commstate import comm_state
-
-from .ring import ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from .ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
 from .schedule import chunk_bounds
 from .transport import MpiTransport
 
@@ -113,7 +111,7 @@ def hierarchical_allreduce_inplace(buf, transport, op="sum", cache=None, ranks_p
         inter_algo = inter_algo or _ring
         inter_algo(shard, inter, acc_op, cache.setdefault("inter", {}))
     if op == "avg":
-        np.divide(shard, comm.size, out=shard, casting="unsafe")
+        divide_inplace(shard, comm.size)
     ring_allgather_inplace(buf, intra, rotate=-1)
 
 

@@ -26,17 +26,22 @@ from . import faults
 from .ops import reduce_into
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
-__all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace"]
+__all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace", "scratch_buffer",
+           "divide_inplace"]
 
 
-def _scratch(cache, nbytes_needed, dtype, xp=np):
-    """A reusable receive buffer of at least ``nbytes_needed`` bytes, viewed as ``dtype``."""
-    key = "recv" if xp is np else "recv-device"
+def scratch_buffer(cache, key, nbytes, dtype, xp=np):
+    """A reusable buffer ``cache[key]`` of at least ``nbytes`` bytes (grown on demand), as ``dtype``."""
     buf = cache.get(key)
-    if buf is None or buf.nbytes < nbytes_needed:
-        buf = xp.empty(max(nbytes_needed, 1), dtype=xp.uint8)
+    if buf is None or buf.nbytes < nbytes:
+        buf = xp.empty(max(nbytes, 1), dtype=xp.uint8)
         cache[key] = buf
-    return buf[: nbytes_needed].view(dtype)
+    return buf[:nbytes].view(dtype)
+
+
+def divide_inplace(chunk, n):
+    """chunk /= n in the chunk's own dtype: avg's single division at the chunk's owner."""
+    array_module(chunk).divide(chunk, n, out=chunk, casting="unsafe")
 
 
 def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, cache=None):
@@ -52,7 +57,8 @@ def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, 
     bounds = chunk_bounds(buf.size, n)
     largest = bounds[0][1] - bounds[0][0]
     xp = array_module(buf)
-    recv_all = _scratch(cache if cache is not None else {}, largest * buf.itemsize, buf.dtype, xp)
+    recv_all = scratch_buffer(cache if cache is not None else {}, "recv" if xp is np else "recv-device",
+                              largest * buf.itemsize, buf.dtype, xp)
     fault = faults.ring_step_hook(r)  # None unless a test planned a fault (RINGLAB_FAULT) for this rank
     for st in ring_reduce_scatter_schedule(r, n, rotate):
         if fault is not None:
@@ -97,9 +103,5 @@ def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
     if op == "avg":
         from .schedule import reduce_scatter_owner
         lo, hi = chunk_bounds(buf.size, n)[reduce_scatter_owner(transport.comm.rank, n)]
-        _divide(buf[lo:hi], n)
+        divide_inplace(buf[lo:hi], n)
     ring_allgather_inplace(buf, transport, trace=trace)
-
-
-def _divide(chunk, n):
-    array_module(chunk).divide(chunk, n, out=chunk, casting="unsafe")
