@@ -97,7 +97,17 @@ def ring_pull_plan(nranks, count):
 
 
 def ipc_usable(comm):
-    """(True, why) when every rank has a GPU and all ranks share one node; same answer everywhere."""
+    """(True, why) when every rank has a GPU and all ranks share one node; same answer everywhere.
+
+    Collective on the first call for ``comm``; the answer is cached on the communicator, so the
+    one-shot/two-shot hot path pays no Split_type and no allreduce per call."""
+    state = comm_state(comm)
+    if "ipc-usable" not in state:
+        state["ipc-usable"] = _ipc_usable(comm)
+    return state["ipc-usable"]
+
+
+def _ipc_usable(comm):
     from .arrays import cupy_or_none
     ok, why = 1, "all ranks on one node with GPUs"
     if cupy_or_none() is None:

@@ -51,3 +51,16 @@ def test_no_gpu_means_host_staging_with_a_reason(monkeypatch):
 
 def test_requested_transport_is_taken_as_is():
     assert select_transport(MPI.COMM_SELF, "ipc:2") == ("ipc", 2, "requested")
+
+
+def test_ipc_usability_is_decided_once_per_communicator(monkeypatch):
+    from collectives import ipc
+    calls = []
+    monkeypatch.setattr(ipc, "_ipc_usable", lambda comm: calls.append(comm) or (False, "no GPU"))
+    comm = MPI.COMM_SELF.Dup()
+    try:
+        assert ipc.ipc_usable(comm) == (False, "no GPU")
+        assert ipc.ipc_usable(comm) == (False, "no GPU")
+        assert len(calls) == 1
+    finally:
+        comm.Free()
