@@ -20,7 +20,7 @@ from mpi4py import MPI
 
 __all__ = ["Case", "Unavailable", "Variant", "Row", "measure", "format_table", "busbw_factor",
            "pattern", "reference", "count_wrong", "tolerance", "write_json", "run_metadata", "sizes_from_range",
-           "parse_size", "size_arg"]
+           "parse_size", "size_arg", "size_list_arg"]
 
 BUSBW_FACTORS = {
     "allreduce": lambda n: 2 * (n - 1) / n if n > 1 else 1.0,
@@ -243,6 +243,11 @@ def size_arg(text):
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def size_list_arg(text):
+    """'4K,1M,16M' -> [4096, 1048576, 16777216], as an argparse ``type=`` (usage error if bad)."""
+    return [size_arg(s) for s in text.split(",") if s.strip()]
 
 
 def sizes_from_range(begin, end, factor, itemsize):

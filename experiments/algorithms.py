@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collectives  # noqa: E402,F401  registers the algorithms
 from collectives.api import register_allreduce  # noqa: E402
-from collectives.bench import format_table, measure, parse_size, run_metadata, write_json  # noqa: E402
+from collectives.bench import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
 from collectives.hierarchical import make_hierarchical  # noqa: E402
 from collectives.tuner import load_tuning, tuning_path  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
@@ -28,7 +28,7 @@ SMALL_LIMIT = 64 * 1024
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="8,64,512,4K,16K,64K,256K,1M,4M",
+    p.add_argument("--sizes", type=size_list_arg, default="8,64,512,4K,16K,64K,256K,1M,4M",
                    help="message sizes in bytes (K/M suffixes); default %(default)s")
     p.add_argument("--algos", default="ring,recursive_doubling,rabenseifner,ring_bidir,direct,hierarchical,auto",
                    help="ringlab algorithms to compare; default %(default)s")
@@ -41,10 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", help="time vs size, one line per variant")
     args = p.parse_args(argv)
-    try:
-        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError as exc:
-        p.error(str(exc))
     args.algos = [a for a in args.algos.split(",") if a]
     return args
 

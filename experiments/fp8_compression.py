@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from collectives import allreduce, allreduce_fp8  # noqa: E402
 from collectives.arrays import gpu_available  # noqa: E402
-from collectives.bench import Case, Variant, count_wrong, format_table, measure, pattern, reference, run_metadata  # noqa: E402
+from collectives.bench import (Case, Variant, count_wrong, format_table, measure, parse_size, pattern,  # noqa: E402
+                               reference, run_metadata, size_list_arg)
 from collectives.fp8 import fp8_allreduce_error_bound  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
-from collectives.bench import parse_size  # noqa: E402
 
 DISTS = ("normal", "t2")
 
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--fmts", default="e4m3,e5m2")
     p.add_argument("--blocks", default="32,128")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", default="1M,16M", help="collective speed: fp32 bytes per rank; default %(default)s")
+    p.add_argument("--sizes", type=size_list_arg, default="1M,16M", help="collective speed: fp32 bytes per rank; default %(default)s")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--kernel-size", default="256M", help="GPU kernel speed: fp32 input bytes; default %(default)s")
@@ -53,7 +53,6 @@ def parse_args(argv=None):
     a.ns = sorted({int(v) for v in a.ns.split(",") if v.strip()})
     a.fmts = [v.strip() for v in a.fmts.split(",") if v.strip()]
     a.blocks = [int(v) for v in a.blocks.split(",") if v.strip()]
-    a.sizes = [parse_size(s) for s in a.sizes.split(",") if s.strip()]
     a.kernel_size = parse_size(a.kernel_size)
     return a
 

@@ -19,7 +19,7 @@ from collectives.arrays import use_local_gpu  # noqa: E402
 from collectives.bench import format_table, measure, run_metadata, write_json  # noqa: E402
 from collectives.device import select_transport  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
-from collectives.bench import parse_size  # noqa: E402
+from collectives.bench import size_arg, size_list_arg  # noqa: E402
 
 
 def copy_bandwidth(nbytes=1 << 30, reps=20):
@@ -42,12 +42,12 @@ def copy_bandwidth(nbytes=1 << 30, reps=20):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="64M,256M")
+    p.add_argument("--sizes", type=size_list_arg, default="64M,256M")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--slices", default="1,4,16", help="IPC pipeline slice counts to compare")
-    p.add_argument("--staged-max", default="64M", help="skip host staging above this size (it is slow)")
+    p.add_argument("--staged-max", type=size_arg, default="64M", help="skip host staging above this size (it is slow)")
     p.add_argument("--variants", default="ipc-shared,ipc,ipc-host,staged,mpi-staged,nccl",
                    help="comma list of: ipc-shared, ipc (one row per --slices), ipc-host, staged, mpi-staged, nccl, "
                         "oneshot, twoshot")
@@ -66,8 +66,7 @@ def main():
     bw = comm.bcast(bw, root=0)
     say(f"device copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
     itemsize = np.dtype(args.dtype).itemsize
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    staged_max = parse_size(args.staged_max)
+    sizes, staged_max = args.sizes, args.staged_max
     wanted = args.variants.split(",")
     rows = []
     for size in sizes:

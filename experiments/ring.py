@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from collectives import allreduce  # noqa: E402
 from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
-from collectives.bench import format_table, measure, parse_size, run_metadata, write_json  # noqa: E402
+from collectives.bench import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
 from collectives.ops import OPS, SUPPORTED_DTYPES  # noqa: E402
 from collectives.device import select_transport  # noqa: E402
 from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
@@ -25,7 +25,7 @@ from collectives.walkthrough import format_walkthrough, record_ring_allreduce  #
 def parse_args(argv=None):
     dtypes = sorted(np.dtype(d).name for d in SUPPORTED_DTYPES)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="4K,1M,16M", help="comma-separated message sizes in bytes (K/M/G suffixes); default %(default)s")
+    p.add_argument("--sizes", type=size_list_arg, default="4K,1M,16M", help="comma-separated message sizes in bytes (K/M/G suffixes); default %(default)s")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per size (median reported); default %(default)s")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first; default %(default)s")
     p.add_argument("--dtype", default="float32", choices=dtypes, help="element type; default %(default)s")
@@ -40,10 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write the benchmark rows and run metadata as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the verification line and the table")
     args = p.parse_args(argv)
-    try:
-        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError as exc:
-        p.error(str(exc))
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
     return args
