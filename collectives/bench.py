@@ -44,13 +44,16 @@ class Unavailable(Exception):
 class Case:
     """Prepared buffers for one (variant, size): ``run`` does one collective, ``wrong`` counts bad
     elements of its result on this rank, ``sync`` waits for device work. ``stream`` (a CuPy
-    stream) switches timing to CUDA events."""
+    stream) switches timing to CUDA events. ``queued`` (single-process device cases): time ``queued``
+    back-to-back runs queued behind a spin kernel and divide, so the time is the device's alone, not
+    the host's launch overhead (what a run costs inside a busy stream)."""
     run: Callable[[], None]
     wrong: Callable[[], int]
     sync: Callable[[], None] = lambda: None
     stream: object = None
     nbytes: Optional[int] = None
     close: Callable[[], None] = lambda: None
+    queued: int = 0
 
 
 @dataclass
@@ -82,8 +85,55 @@ def _now():
     return MPI.Wtime()
 
 
+_SPIN = {}
+
+
+def _spin(stream, seconds):
+    """Enqueue a one-thread kernel that busy-waits ``seconds`` on the GPU's global timer; returns an
+    event recorded after it (not done yet = the host finished enqueueing while the GPU still spun)."""
+    import cupy
+    if "k" not in _SPIN:
+        _SPIN["k"] = cupy.RawKernel(r"""
+extern "C" __global__ void ringlab_spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}""", "ringlab_spin")
+    _SPIN["k"]((1,), (1,), (np.uint64(seconds * 1e9),), stream=stream)
+    ev = cupy.cuda.Event(disable_timing=True)
+    ev.record(stream)
+    return ev
+
+
+def _time_queued(case):
+    """Device time of one run: ``case.queued`` runs enqueued behind a spin kernel (see Case)."""
+    import cupy
+    k = case.queued
+    t0 = time.perf_counter()
+    for _ in range(k):
+        case.run()
+    host = time.perf_counter() - t0
+    case.sync()
+    for _ in range(4):
+        spun = _spin(case.stream, max(2e-3, 3 * host))
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(case.stream)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            case.run()
+        host = time.perf_counter() - t0
+        end.record(case.stream)
+        still_spinning = not spun.done
+        end.synchronize()
+        if still_spinning:
+            return cupy.cuda.get_elapsed_time(start, end) * 1e-3 / k
+    raise RuntimeError("the host could not enqueue the timed runs while the GPU was busy; timing is not valid")
+
+
 def _time_once(case, comm):
     comm.Barrier()
+    if case.stream is not None and case.queued:
+        return _time_queued(case)
     if case.stream is not None:
         import cupy
         start, end = cupy.cuda.Event(), cupy.cuda.Event()

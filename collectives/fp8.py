@@ -19,13 +19,15 @@ Bytes sent per rank are the same: 2(N-1) messages of about S/N elements each.
 import numpy as np
 from mpi4py import MPI
 
-from kernels.codec import codec_for
+from kernels.codec import DeviceFp8Codec, codec_for
 from kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
 from .api import prepare_out, register_allreduce
-from .arrays import as_array
+from .arrays import as_array, is_device_array
+from .commstate import comm_state
+from .device import cuda_aware_mpi, select_transport
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
-from .transport import MpiTransport
+from .transport import CudaAwareMpiTransport, MpiTransport
 from .validate import checked_call
 
 __all__ = ["allreduce_fp8", "fp8_ring_allreduce", "fp8_direct_allreduce", "direct_exchange_schedule",
@@ -33,6 +35,7 @@ __all__ = ["allreduce_fp8", "fp8_ring_allreduce", "fp8_direct_allreduce", "direc
 
 FP8_ALGOS = ("ring", "direct")
 FP8_OPS = ("sum", "avg")
+FP8_TRANSPORTS = ("auto", "ipc", "mpi", "staged")
 
 
 def direct_exchange_schedule(rank, nranks):
@@ -120,13 +123,16 @@ _EXECUTORS = {"ring": fp8_ring_allreduce, "direct": fp8_direct_allreduce}
 
 
 def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", comm=None, timeout=None,
-                  validate=True):
+                  validate=True, transport=None):
     """All-reduce ``x`` with FP8 (``fmt`` "e4m3" or "e5m2") payloads and one fp32 scale per ``block``.
 
     ``algo``: "ring" (error grows with N) or "direct" (N-independent error, same bytes). ``op``:
     sum or avg. Input float32, float16 or bfloat16 (NumPy, or CuPy via the numba kernels); the
     result has the input's dtype and is bitwise identical on every rank. ``out=x`` works in place.
     Inf/NaN inputs follow docs/fp8.md: NaN stays NaN, inf stays inf in E5M2 and becomes NaN in E4M3.
+    ``transport`` (CuPy only): None/"auto" (IPC for the ring when usable, else CUDA-aware MPI, else
+    staging), "ipc" (ring only: collectives/fp8_ipc.py), "mpi" (CUDA-aware), "staged" (pinned host).
+    The result is bitwise the same on every transport.
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
     a = as_array(x)
@@ -139,14 +145,51 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(FP8_ALGOS)}")
         if op not in FP8_OPS:
             raise ValueError(f"FP8 all-reduce supports op {' or '.join(FP8_OPS)}, got {op!r}")
+        if transport is not None and transport not in FP8_TRANSPORTS:
+            raise ValueError(f"unknown FP8 transport {transport!r}; expected one of {', '.join(FP8_TRANSPORTS)}")
+        if transport not in (None, "auto") and not is_device_array(a):
+            raise ValueError(f"transport {transport!r} applies to CuPy arrays; NumPy arrays go over MPI")
+        if transport == "ipc" and algo != "ring":
+            raise ValueError("transport 'ipc' carries the FP8 ring only; use transport 'staged' or 'mpi' for "
+                             f"algo {algo!r}")
         return prepare_out(a, out, a.shape, "allreduce_fp8")
     res = checked_call(comm, validate, ("allreduce_fp8", a.size, str(a.dtype), op, f"{algo}/{fmt}/{block}",
-                                        out is x), local_checks)
+                                        out is x, str(transport)), local_checks)
     if not a.flags.c_contiguous:
         a = a.copy()
-    tr = MpiTransport(comm) if timeout is None else MpiTransport(comm, timeout=timeout)
-    _EXECUTORS[algo](a.reshape(-1), res.reshape(-1), tr, codec_for(a, fmt, block), op)
+    flat, flat_out = a.reshape(-1), res.reshape(-1)
+    route = _device_route(comm, algo, transport) if is_device_array(a) else "host"
+    if route == "ipc":
+        from .fp8_ipc import get_fp8_ipc_ring
+        get_fp8_ipc_ring(comm).allreduce(flat, flat_out, _device_codec(comm, fmt, block, True), op, timeout)
+        return res
+    if route == "mpi":
+        tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
+        codec = _device_codec(comm, fmt, block, staged=False)
+    else:
+        tr = MpiTransport(comm) if timeout is None else MpiTransport(comm, timeout=timeout)
+        codec = codec_for(a, fmt, block) if route == "host" else _device_codec(comm, fmt, block, staged=True)
+    _EXECUTORS[algo](flat, flat_out, tr, codec, op)
     return res
+
+
+def _device_route(comm, algo, transport):
+    """'ipc', 'mpi' or 'staged' for CuPy buffers (the same answer on every rank)."""
+    if transport in ("ipc", "mpi", "staged"):
+        return transport
+    name, _, _ = select_transport(comm, None)
+    if name in ("ipc", "ipc-shared", "ipc-host"):
+        return "ipc" if algo == "ring" else ("mpi" if cuda_aware_mpi(comm) else "staged")
+    return "mpi" if name == "mpi" else "staged"
+
+
+def _device_codec(comm, fmt, block, staged):
+    """One DeviceFp8Codec per communicator and (fmt, block, staged): its pinned buffers are reused."""
+    state = comm_state(comm)
+    key = ("fp8-codec", fp8_format(fmt).name, int(block), staged)
+    if key not in state:
+        state[key] = DeviceFp8Codec(fmt, block, staged=staged)
+    return state[key]
 
 
 def _registered(algo):

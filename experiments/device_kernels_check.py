@@ -27,7 +27,7 @@ import kernels  # noqa: E402  (restores np.row_stack for numba-cuda on NumPy 2.5
 from collectives import allreduce_fp8  # noqa: E402
 from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
 from collectives.bench import format_table, measure  # noqa: E402
-from collectives.bench import parse_size  # noqa: E402
+from collectives.bench import parse_size, run_metadata, write_json  # noqa: E402
 
 
 def _bits(a):
@@ -122,15 +122,27 @@ def check_misaligned(fmt, block, x, wc, ws, report, tag):
 
 
 def check_allreduce(comm, report):
+    """allreduce_fp8 on CuPy buffers, every device transport, equals the NumPy (MPI) path bit for bit."""
     import cupy
-    for algo in ("ring", "direct"):
-        for fmt in ("e4m3", "e5m2"):
+    cases = [(algo, tr) for algo, trs in (("ring", ("ipc", "staged")), ("direct", ("staged",))) for tr in trs]
+    for algo, tr in cases:
+        for fmt, op in (("e4m3", "sum"), ("e5m2", "avg")):
             for dt in (np.float32, np.float16):
-                x = (np.random.default_rng(comm.rank).standard_normal(100_003) * 10).astype(dt)
-                want = allreduce_fp8(x, fmt=fmt, algo=algo, comm=comm)
-                got = cupy.asnumpy(allreduce_fp8(cupy.asarray(x), fmt=fmt, algo=algo, comm=comm))
-                ok = comm.allreduce(int(_same(got, want)), op=MPI.MIN) == 1
-                report(f"allreduce_fp8 CuPy == NumPy: {algo:>6s} {fmt} {np.dtype(dt).name} N={comm.size}", ok)
+                for count in (100_003, 1_000_003, 7):        # growing, then shrinking: IPC slots are reused
+                    x = (np.random.default_rng([comm.rank, count]).standard_normal(count) * 10).astype(dt)
+                    want = allreduce_fp8(x, fmt=fmt, algo=algo, op=op, comm=comm)
+                    d = cupy.asarray(x)
+                    got = cupy.asnumpy(allreduce_fp8(d, fmt=fmt, algo=algo, op=op, comm=comm, transport=tr))
+                    allreduce_fp8(d, out=d, fmt=fmt, algo=algo, op=op, comm=comm, transport=tr)   # in place
+                    ok = _same(got, want) and _same(cupy.asnumpy(d), want)
+                    ok = comm.allreduce(int(ok), op=MPI.MIN) == 1
+                    report(f"allreduce_fp8 CuPy == NumPy: {algo:>6s} via {tr:>6s} {fmt} {op} "
+                           f"{np.dtype(dt).name} n={count} N={comm.size} (+ in place)", ok)
+
+
+def _device_name():
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
 
 
 def summarize_speed(rows, failures):
@@ -145,7 +157,7 @@ def summarize_speed(rows, failures):
     torch_scaled = bw.get("torch scale+cast")
     print("\n# best launch variant per kernel (goal: >= 90% of the device copy)")
     for kernel in ("quantize", "dequantize", "hop", "accumulate"):
-        mine = {v: b for v, b in bw.items() if v.startswith(kernel + " ")}
+        mine = {v: b for v, b in bw.items() if v.startswith(kernel + " ") and "(one call)" not in v}
         if not mine:
             continue
         best = max(mine, key=mine.get)
@@ -161,6 +173,8 @@ def main():
     p.add_argument("--size", default="256M", help="fp32 input bytes for the speed table")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the bit-exactness sweep (the speed rows still check)")
+    p.add_argument("--json", help="write the speed rows here")
     args = p.parse_args()
     comm = MPI.COMM_WORLD
     say = print if comm.rank == 0 else (lambda *a, **k: None)
@@ -174,7 +188,7 @@ def main():
         if not ok:
             failures.append(name)
         say(f"{'PASS' if ok else 'FAIL'}  {name}", flush=True)
-    if comm.rank == 0:
+    if comm.rank == 0 and not args.no_check:
         check_kernels(args.n, report)
     comm.Barrier()
     if comm.size > 1:
@@ -185,6 +199,9 @@ def main():
         rows = measure(MPI.COMM_SELF, kernel_speed_variants(), [count], "float32", "sum", iters=args.iters, warmup=3)
         print(format_table(rows, f"kernel speed, {count} elements; GB/s = (bytes read + written) / time"))
         summarize_speed(rows, failures)
+        if args.json:
+            write_json(args.json, rows, run_metadata(MPI.COMM_SELF, device=_device_name(),
+                                                   timing="device time of 10 queued launches (bench.Case.queued)"))
     comm.Barrier()
     failures = comm.allreduce(failures)
     say(f"\n{'ALL PASS' if not failures else 'FAILED: ' + '; '.join(sorted(set(failures)))}")

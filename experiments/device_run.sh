@@ -4,6 +4,7 @@
 #   bash experiments/device_run.sh check   # correctness on the GPU: tests, kernel checks, async, leaks
 #   bash experiments/device_run.sh bench   # the GPU benchmarks quoted in docs/
 #   bash experiments/device_run.sh fp8     # FP8 kernels: bit-exactness, speed, the FP8 experiment
+#   bash experiments/device_run.sh kernels # FP8 kernel speed (device time) + a quick IPC ring re-check
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -57,6 +58,15 @@ final)   # the last call of a session: FP8 on the GPU plus the benchmarks whose 
     --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 3 --json "$RES/overlap_gpu.json" --plot "$RES/overlap_gpu.png"
   step bw_vs_n 60 mpirun -n 8 python3 experiments/bandwidth_vs_n.py -b 1K -e 16M -f 16 --iters 10 --warmup 3 --backend cupy \
     --label "H100, ranks sharing one GPU" --json "$RES/sweep_gpu_shared_8ranks.json" --plot-prefix "$RES/bw_gpu_shared_8ranks"
+  ;;
+kernels)  # FP8 kernel speed (device time, queued launches) + a quick re-check of the IPC rings
+  step kernels_check 240 python3 experiments/device_kernels_check.py --n 65539 --iters 10 --json "$RES/kernels_speed.json"
+  step ipc_check 120 mpirun -n 4 python3 tests/mpi/gpu_check.py ipc-shared,ipc,oneshot,twoshot 0,2,1009,100003
+  ;;
+fp8ipc)   # the FP8 ring over IPC: bit-exact vs the NumPy path, then GPU collective speed
+  step fp8_ipc_check 200 mpirun -n 4 python3 experiments/device_kernels_check.py --no-check --no-speed
+  step fp8_speed 330 mpirun -n 8 python3 experiments/fp8_compression.py --backend cupy --no-accuracy --no-kernels \
+    --sizes 64M,256M --iters 5 --warmup 2 --json "$RES/fp8_gpu_speed.json"
   ;;
 fp8)
   step kernels_check 150 python3 experiments/device_kernels_check.py

@@ -44,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--kernel-size", default="256M", help="GPU kernel speed: fp32 input bytes; default %(default)s")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="collective speed on host (NumPy) or device (CuPy) buffers; default %(default)s")
+    p.add_argument("--transports", default="ipc,staged",
+                   help="device transports for --backend cupy (ipc, mpi, staged); default %(default)s")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-kernels", action="store_true")
@@ -54,6 +58,10 @@ def parse_args(argv=None):
     a.fmts = [v.strip() for v in a.fmts.split(",") if v.strip()]
     a.blocks = [int(v) for v in a.blocks.split(",") if v.strip()]
     a.kernel_size = parse_size(a.kernel_size)
+    a.transports = [v.strip() for v in a.transports.split(",") if v.strip()]
+    bad = [t for t in a.transports if t not in ("ipc", "mpi", "staged")]
+    if bad:
+        p.error(f"unknown transport(s) {', '.join(bad)}; expected ipc, mpi or staged")
     return a
 
 
@@ -108,17 +116,41 @@ def format_accuracy(rows):
     return "\n".join(lines)
 
 
-def fp8_variant(comm, algo, fmt="e4m3", block=128):
-    """FP8 all-reduce on bench.pattern data (|x| <= 4); #wrong = elements outside the worst-case bound."""
+def _xp(device):
+    if device:
+        import cupy
+        return cupy, cupy.cuda.get_current_stream()
+    return np, None
+
+
+def fp8_variant(comm, algo, fmt="e4m3", block=128, transport=None):
+    """FP8 all-reduce on bench.pattern data (|x| <= 4); #wrong = elements outside the worst-case bound.
+    ``transport`` set: CuPy buffers over that device transport."""
     def prepare(count, dtype, op):
-        x = pattern(count, "float32", comm.rank, op)
-        y = np.empty_like(x)
-        ref = reference(count, comm.size, op)
+        xp, stream = _xp(transport is not None)
+        x = pattern(count, "float32", comm.rank, op, xp)
+        y = xp.empty_like(x)
+        ref = reference(count, comm.size, op, xp)
         bound = fp8_allreduce_error_bound(fmt, comm.size, 4.0, algo, op)
         return Case(run=lambda: allreduce_fp8(x, out=y, fmt=fmt, block=block, algo=algo, op=op, comm=comm,
-                                              validate=False),
-                    wrong=lambda: int(np.count_nonzero(~(np.abs(y.astype(np.float64) - ref) <= bound))))
-    return Variant(f"fp8 {fmt} {algo}", prepare)
+                                              validate=False, transport=transport),
+                    wrong=lambda: int((~(xp.abs(y.astype(xp.float64) - ref) <= bound)).sum()),
+                    sync=stream.synchronize if stream else (lambda: None), stream=stream)
+    return Variant(f"fp8 {fmt} {algo}" + (f" {transport}" if transport else ""), prepare)
+
+
+def device_ring_variant(comm, dtype, transport):
+    """ringlab's plain ring on CuPy ``dtype`` buffers over ``transport``; algbw counts 4 B per element."""
+    def prepare(count, _dtype, op):
+        xp, stream = _xp(True)
+        x = pattern(count, dtype, comm.rank, op, xp)
+        y = xp.empty_like(x)
+        ref = reference(count, comm.size, op, xp)
+        return Case(run=lambda: allreduce(x, out=y, op=op, comm=comm, validate=False, transport=transport),
+                    wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp), sync=stream.synchronize,
+                    stream=stream, nbytes=4 * count)
+    short = {"float32": "fp32", "float16": "fp16"}[dtype]
+    return Variant(f"{short} ring {transport}", prepare)
 
 
 def bf16_variant(comm):
@@ -134,6 +166,8 @@ def bf16_variant(comm):
 
 
 def collective_speed(comm, args, say):
+    if args.backend == "cupy":
+        return device_collective_speed(comm, args, say)
     variants = [allreduce_variant(comm, "fp32 ring"), bf16_variant(comm), fp8_variant(comm, "ring"),
                 fp8_variant(comm, "direct"), mpi_native_variant(comm, "mpi-native fp32")]
     rows = measure(comm, variants, [s // 4 for s in args.sizes], "float32", "sum", iters=args.iters,
@@ -143,6 +177,34 @@ def collective_speed(comm, args, say):
             r.type = "bfloat16"
     say(format_table(rows, f"allreduce, N = {comm.size}, NumPy buffers; algbw = 4 B x count / time for every row; "
                            "ratio = fp32-ring time / row time (> 1: faster)"))
+    return rows
+
+
+def device_collective_speed(comm, args, say):
+    """GPU rows: the FP8 ring vs the fp32 and 2-byte rings on each device transport of --transports.
+
+    CuPy has no bfloat16 arrays, so the 2-byte ring runs on float16: the same bytes on the wire and
+    the same kernels' cost as bf16. The first transport's fp32 ring is the ratio baseline."""
+    from collectives.arrays import use_local_gpu
+    use_local_gpu(comm)
+    variants = []
+    for tr in args.transports:
+        variants += [device_ring_variant(comm, "float32", tr), device_ring_variant(comm, "float16", tr),
+                     fp8_variant(comm, "ring", transport=tr)]
+    if "staged" in args.transports:
+        variants.append(fp8_variant(comm, "direct", transport="staged"))
+    if "ipc" in args.transports:
+        from collectives.ipc import all_ranks_share_one_gpu
+        if all_ranks_share_one_gpu(comm):   # the fastest fp32 ring on one shared GPU, for scale
+            variants.append(device_ring_variant(comm, "float32", "ipc-shared"))
+    base = f"fp32 ring {args.transports[0]}"
+    rows = measure(comm, variants, [s // 4 for s in args.sizes], "float32", "sum", iters=args.iters,
+                   warmup=args.warmup, baseline=base, progress=lambda t: print("  ..", t, flush=True))
+    for r in rows:
+        if r.variant.startswith("fp16"):
+            r.type = "float16"
+    say(format_table(rows, f"allreduce, N = {comm.size}, CuPy buffers; algbw = 4 B x count / time for every row; "
+                           f"ratio = {base} time / row time (> 1: faster)"))
     return rows
 
 
@@ -197,13 +259,16 @@ def main(argv=None):
     comm = MPI.COMM_WORLD
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     say(f"ringlab FP8 all-reduce: N = {comm.size} ranks, MPI: {MPI.Get_library_version().splitlines()[0].strip()}")
-    result = {"meta": run_metadata(comm, backend="numpy"), "accuracy": [], "speed": [], "kernels": []}
+    result = {"meta": run_metadata(comm, backend=args.backend), "accuracy": [], "speed": [], "kernels": []}
     if not args.no_accuracy and comm.size == 1:
         say("\n== 1. accuracy: skipped (needs N >= 2 ranks: one rank sends nothing and returns its input) ==")
     elif not args.no_accuracy:
         say(f"\n== 1. accuracy: {args.count} elements per rank ==")
         result["accuracy"] = accuracy(comm, args)
         say(format_accuracy(result["accuracy"]))
+    if args.backend == "cupy" and not gpu_available():
+        say("error: --backend cupy needs CuPy and a CUDA GPU on every rank")
+        return 2
     if not args.no_speed and comm.size > 1:
         say(f"\n== 2. collective speed ({args.iters} iters, median of the slowest rank) ==")
         result["speed"] = [asdict(r) for r in collective_speed(comm, args, say)]

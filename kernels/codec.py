@@ -64,10 +64,12 @@ class HostFp8Codec:
 
 
 class DeviceFp8Codec(HostFp8Codec):
-    """numba-CUDA kernels on CuPy buffers; each exchange copies the messages through pinned host memory."""
+    """numba-CUDA kernels on CuPy buffers; each exchange copies the messages through pinned host memory,
+    or (``staged=False``, for a CUDA-aware MPI) hands the device messages to MPI directly."""
 
-    def __init__(self, fmt="e4m3", block=128):
+    def __init__(self, fmt="e4m3", block=128, staged=True):
         super().__init__(fmt, block)
+        self.staged = staged
         import cupy
         import cupyx
         from . import fp8 as kernels_fp8
@@ -107,6 +109,10 @@ class DeviceFp8Codec(HostFp8Codec):
 
     def exchange(self, transport, send_msg, send_count, dest, recv_msg, recv_count, source, what=""):
         ns, nr = self.nbytes(send_count), self.nbytes(recv_count)
+        if not self.staged:
+            self.xp.cuda.get_current_stream().synchronize()     # the kernel that wrote send_msg is done
+            transport.sendrecv(send_msg[:ns], dest, recv_msg[:nr], source, what=what)
+            return
         host_send, host_recv = self._pinned("send", ns), self._pinned("recv", nr)
         send_msg[:ns].get(out=host_send)      # blocking copy: the kernel that wrote the message is done
         transport.sendrecv(host_send, dest, host_recv, source, what=what)

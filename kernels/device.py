@@ -5,6 +5,9 @@ on the GPU and through NumPy views in the CUDA simulator, where libdevice is onl
 ``fmul_rn`` is a multiply the compiler may not fuse into an FMA: NVVM contracts mul+add by default,
 and a fused ``local + decoded * scale`` would round once instead of twice and stop matching NumPy.
 """
+import os
+import threading
+
 import numpy as np
 
 from . import patch_numpy_for_numba
@@ -13,8 +16,13 @@ patch_numpy_for_numba()
 
 from numba import config, cuda  # noqa: E402
 
+try:                                   # numba-cuda keeps its own config module; numba's is the fallback
+    from numba.cuda.core import config as _cuda_config
+except ImportError:  # pragma: no cover - older numba
+    _cuda_config = config
+
 __all__ = ["cuda", "SIMULATED", "f32_bits", "bits_f32", "fmul_rn", "shfl_xor_max", "device_fn", "launch_blocks",
-           "kernel_view", "data_address", "sm_count", "TPB", "ITEMS"]
+           "launch", "kernel_view", "data_address", "sm_count", "TPB", "ITEMS"]
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 TPB = 256          # threads per CUDA block
@@ -69,6 +77,92 @@ else:
         """max(v, v of lane ^ offset) over the full warp (values are finite and >= 0)."""
         other = cuda.shfl_xor_sync(0xFFFFFFFF, v, offset)
         return other if other > v else v
+
+
+_streams = {}
+_launch_lock = threading.Lock()
+
+
+def _current_stream():
+    """numba's handle for CuPy's current stream (0, the legacy default stream, without CuPy)."""
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    ptr = cupy.cuda.get_current_stream().ptr
+    if not ptr:
+        return 0
+    if ptr not in _streams:
+        if len(_streams) > 64:
+            _streams.clear()
+        _streams[ptr] = cuda.external_stream(ptr)
+    return _streams[ptr]
+
+
+def launch(kern, grid, tpb, *args):
+    """``kern[grid, tpb](*args)`` on CuPy's current stream, the stream the arrays were produced on.
+
+    numba synchronizes the stream named in every CuPy argument's ``__cuda_array_interface__`` before
+    a launch (NUMBA_CUDA_ARRAY_INTERFACE_SYNC, on by default): with ten array arguments that is ten
+    host waits per launch, the GPU idles while Python dispatches, and back-to-back launches cannot
+    queue up. Launching on the producers' stream gives the same ordering without any host wait, so
+    that sync is switched off for our launches only (under a lock; restored afterwards). Repeated
+    launches with the same argument types skip numba's per-call typing (``_fast_launch``).
+    """
+    if SIMULATED:
+        return kern[grid, tpb](*args)
+    stream = _current_stream()
+    with _launch_lock:
+        saved = _cuda_config.CUDA_ARRAY_INTERFACE_SYNC
+        _cuda_config.CUDA_ARRAY_INTERFACE_SYNC = False
+        try:
+            if not _fast_launch(kern, grid, tpb, stream, args):
+                kern[grid, tpb, stream](*args)
+        finally:
+            _cuda_config.CUDA_ARRAY_INTERFACE_SYNC = saved
+
+
+_overloads = {}
+_FAST = os.environ.get("RINGLAB_NUMBA_FAST_LAUNCH", "1") != "0"
+
+
+def _type_key(a):
+    """What numba's typing of ``a`` depends on, cheaply: dtype, ndim and contiguity, or the scalar type."""
+    dt = getattr(a, "dtype", None)
+    if dt is not None and hasattr(a, "shape"):
+        return (dt.str, len(a.shape), bool(a.flags.c_contiguous))
+    return (type(a), dt.str if dt is not None else None)
+
+
+def _fast_launch(kern, grid, tpb, stream, args):
+    """Launch the compiled overload numba picked for the same argument types last time, without the
+    dispatcher's typing (numba's per-argument typeof is most of a launch's host cost). False when
+    the caller should use the normal dispatcher: the first launch of a type combination is made
+    here through it, and any numba without these internals turns the fast path off."""
+    if not _FAST:
+        return False
+    key = (id(kern), tuple(_type_key(a) for a in args))
+    compiled = _overloads.get(key)
+    if compiled is False:
+        return False
+    if compiled is None:
+        kern[grid, tpb, stream](*args)
+        try:
+            from numba.cuda.cudadrv.driver import _to_core_stream
+            from numba.cuda.errors import normalize_kernel_dimensions
+            sig = tuple(kern.typeof_pyval(a) for a in args)
+            _overloads[key] = (kern.overloads[sig], _to_core_stream, normalize_kernel_dimensions)
+        except (AttributeError, ImportError, KeyError, TypeError):   # another numba: use the dispatcher
+            _overloads[key] = False
+        return True
+    overload, to_core_stream, normalize = compiled
+    g, b = normalize(grid, tpb)
+    try:
+        overload.launch(args, g, b, to_core_stream(stream), 0)
+    except TypeError:             # an internal signature changed: nothing was launched, fall back for good
+        _overloads[key] = False
+        return False
+    return True
 
 
 def data_address(a):

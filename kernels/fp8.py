@@ -24,8 +24,8 @@ fuse them into an FMA (one rounding instead of NumPy's two).
 import numpy as np
 from numba import float32
 
-from .device import (SIMULATED, cuda, data_address, device_fn, fmul_rn, kernel_view, shfl_xor_max, sm_count, bits_f32,
-                     f32_bits)
+from .device import (SIMULATED, cuda, data_address, device_fn, fmul_rn, kernel_view, launch, shfl_xor_max, sm_count,
+                     bits_f32, f32_bits)
 from .formats import check_block, fp8_format
 from .fp8_access import code_pair_loader, code_pair_storer, pair_loader, pair_storer, word_dtype
 from .fp8_bits import make_fp8_value_codec
@@ -37,8 +37,9 @@ __all__ = ["quantize_device", "dequantize_device", "dequant_add_requant_device",
 # Launch shape; device_kernels_check.py times every entry of VARIANTS and the lead keeps the fastest.
 # blocks_per_sm 0 = one tile per warp (a grid as large as the data, no grid-stride loop).
 TUNING = {"tpb": 256, "steps": 4, "blocks_per_sm": 8}
-VARIANTS = {"s4-b8": dict(steps=4, blocks_per_sm=8), "s2-b16": dict(steps=2, blocks_per_sm=16),
-            "s8-b4": dict(steps=8, blocks_per_sm=4), "s4-full": dict(steps=4, blocks_per_sm=0)}
+VARIANTS = {"s1-full": dict(steps=1, blocks_per_sm=0), "s2-full": dict(steps=2, blocks_per_sm=0),
+            "s4-full": dict(steps=4, blocks_per_sm=0), "s2-b16": dict(steps=2, blocks_per_sm=16),
+            "s4-b8": dict(steps=4, blocks_per_sm=8), "s8-b4": dict(steps=8, blocks_per_sm=4)}
 _kernels = {}
 
 
@@ -248,8 +249,8 @@ def quantize_device(x, codes, scales, fmt="e4m3", block=128, variant=None):
         xw, wx = _words(xv, kind, n)
         cw, wc = _words(codes, "u8", n)
         kern, tile = _kernel("quantize", f.name, block, kind, wx, kind, wx, wc, wc, t["steps"], t["tpb"])
-        kern[_grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"]](    # no peer, no out: empty placeholders
-            xv, xw, codes[:0], cw[:0], scales[:0], codes, cw, scales, xv[:0], xw[:0], n, np.float32(1), 0, False)
+        launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],    # no peer, no out: empty placeholders
+               xv, xw, codes[:0], cw[:0], scales[:0], codes, cw, scales, xv[:0], xw[:0], n, np.float32(1), 0, False)
     return codes, scales
 
 
@@ -280,8 +281,8 @@ def dequant_add_requant_device(local, peer_codes, peer_scales, codes, scales, fm
         cw, wc = _words(codes, "u8", n)
         mode, d = _divide_mode(divide_by)
         kern, tile = _kernel("hop", f.name, block, kind, wl, kind_out, wo, wc, wp, t["steps"], t["tpb"])
-        kern[_grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"]](
-            lv, lw, peer_codes, pw, peer_scales, codes, cw, scales, ov, ow, n, d, mode, out is not None)
+        launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],
+               lv, lw, peer_codes, pw, peer_scales, codes, cw, scales, ov, ow, n, d, mode, out is not None)
     return codes, scales
 
 
@@ -303,7 +304,7 @@ def _elementwise(name, codes, scales, out, fmt, block, variant):
         ow, wo = _words(ov, kind, n)
         cw, wc = _words(codes, "u8", n)
         kern, steps = _kernel(name, f.name, block, kind, wo, wc, t["steps"])
-        kern[_grid(-(-n // 2), t["tpb"] * steps, t), t["tpb"]](codes, cw, scales, ov, ow, n)
+        launch(kern, _grid(-(-n // 2), t["tpb"] * steps, t), t["tpb"], codes, cw, scales, ov, ow, n)
     return out
 
 

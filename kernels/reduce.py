@@ -8,7 +8,7 @@ max/min propagate NaN like NumPy's maximum/minimum. Integers wrap like NumPy.
 """
 import numpy as np
 
-from .device import ITEMS, TPB, bits_f32, cuda, device_fn, f32_bits, kernel_view, launch_blocks
+from .device import ITEMS, TPB, bits_f32, cuda, device_fn, f32_bits, kernel_view, launch, launch_blocks
 from .fp8_bits import bf16_bits_from_f32_bits
 
 __all__ = ["reduce_device", "REDUCE_OPS", "REDUCE_KINDS"]
@@ -108,5 +108,5 @@ def reduce_device(a, b, op="sum", out=None):
     packed = kind == "bf16" and n % 2 == 0 and _word_aligned(av, bv, ov)
     if packed:
         av, bv, ov, n = av.view(np.uint32), bv.view(np.uint32), ov.view(np.uint32), n // 2
-    _kernel(op, kind, packed)[launch_blocks(n), TPB](ov, av, bv, n)
+    launch(_kernel(op, kind, packed), launch_blocks(n), TPB, ov, av, bv, n)
     return out

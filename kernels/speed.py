@@ -4,6 +4,8 @@ device copy, and torch's FP8 casts as peers. Needs CuPy and a GPU; torch is opti
 Every case is checked before it is timed: #wrong counts elements that differ from the NumPy
 reference (bit for bit for our kernels; against ml_dtypes' cast for torch's, which does not saturate).
 """
+from dataclasses import replace
+
 import numpy as np
 
 from collectives.bench import Case, Unavailable, Variant
@@ -35,8 +37,12 @@ def _mismatches(got, want):
     return int(np.count_nonzero(got.view(bits) != want.view(bits)))
 
 
-def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
-    """bench Variants (collective 'sendrecv': busbw = algbw) for count fp32 elements each."""
+def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
+    """bench Variants (collective 'sendrecv': busbw = algbw) for count fp32 elements each.
+
+    Kernels are timed as ``queued`` back-to-back launches behind a spin kernel (bench.Case), i.e.
+    device time without Python's launch overhead; the "(one call)" rows time a single call with
+    events around it, launch overhead included."""
     import cupy
 
     from . import fp8 as kfp8
@@ -52,7 +58,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
     def copy(count, dtype, op):
         x = cupy.asarray(data(count))
         y = cupy.empty_like(x)
-        return Case(run=lambda: cupy.copyto(y, x), wrong=lambda: int((y != x).sum()), sync=sync, stream=stream,
+        return Case(run=lambda: cupy.copyto(y, x), wrong=lambda: int((y != x).sum()), sync=sync, stream=stream, queued=queued,
                     nbytes=8 * count)
 
     def reduce_case(kind):
@@ -67,7 +73,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
             c = cupy.empty_like(a)
             return Case(run=lambda: reduce_device(a, b, "sum", out=c),
                         wrong=lambda: _mismatches(cupy.asnumpy(c), view(want)),
-                        sync=sync, stream=stream, nbytes=3 * ha.itemsize * count)
+                        sync=sync, stream=stream, queued=queued, nbytes=3 * ha.itemsize * count)
         return prepare
 
     def quantize(variant):
@@ -78,7 +84,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
             c, s = cupy.empty(count, np.uint8), cupy.empty(ws.size, np.float32)
             return Case(run=lambda: kfp8.quantize_device(x, c, s, f, block, variant=variant),
                         wrong=lambda: _mismatches(cupy.asnumpy(c), wc) + _mismatches(cupy.asnumpy(s), ws),
-                        sync=sync, stream=stream, nbytes=4 * count + count + 4 * ws.size)
+                        sync=sync, stream=stream, queued=queued, nbytes=4 * count + count + 4 * ws.size)
         return prepare
 
     def dequantize(variant):
@@ -88,7 +94,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
             c, s, y = cupy.asarray(wc), cupy.asarray(ws), cupy.empty(count, np.float32)
             return Case(run=lambda: kfp8.dequantize_device(c, s, y, f, block, variant=variant),
                         wrong=lambda: _mismatches(cupy.asnumpy(y), want),
-                        sync=sync, stream=stream, nbytes=count + 4 * ws.size + 4 * count)
+                        sync=sync, stream=stream, queued=queued, nbytes=count + 4 * ws.size + 4 * count)
         return prepare
 
     def hop(variant):
@@ -100,7 +106,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
             nc, ns = cupy.empty_like(c), cupy.empty_like(s)
             return Case(run=lambda: kfp8.dequant_add_requant_device(loc, c, s, nc, ns, f, block, variant=variant),
                         wrong=lambda: _mismatches(cupy.asnumpy(nc), wc) + _mismatches(cupy.asnumpy(ns), ws),
-                        sync=sync, stream=stream, nbytes=4 * count + 2 * (count + 4 * ws.size))
+                        sync=sync, stream=stream, queued=queued, nbytes=4 * count + 2 * (count + 4 * ws.size))
         return prepare
 
     def accumulate(count, dtype, op):
@@ -110,7 +116,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
         c, s, acc = cupy.asarray(wc), cupy.asarray(ws), cupy.asarray(acc0)
         return Case(run=lambda: kfp8.dequant_accumulate_device(acc, c, s, f, block),
                     wrong=lambda: _mismatches(cupy.asnumpy(acc), want),
-                    sync=sync, stream=stream, nbytes=count + 4 * ws.size + 8 * count)
+                    sync=sync, stream=stream, queued=queued, nbytes=count + 4 * ws.size + 8 * count)
 
     def torch_case(scaled, with_amax=False):
         def prepare(count, dtype, op):
@@ -140,9 +146,12 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
                     out["y"] = x.to(torch.float8_e4m3fn)
                 want = hx.astype(fp8_format("e4m3").ml_dtype)
             return Case(run=run, wrong=lambda: _mismatches(out["y"].view(torch.uint8).cpu().numpy(), want),
-                        sync=torch.cuda.synchronize, stream=stream,
+                        sync=torch.cuda.synchronize, stream=stream, queued=queued,
                         nbytes=4 * count + count + (4 * nb if scaled else 0))
         return prepare
+
+    def one_call(prepare):
+        return lambda *args: replace(prepare(*args), queued=0)
 
     return [Variant("device copy", copy, "sendrecv"),
             Variant("reduce f32 sum", reduce_case("f32"), "sendrecv"),
@@ -151,6 +160,8 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0):
             *[Variant(f"dequantize {f.name} {v}", dequantize(v), "sendrecv") for v in kfp8.VARIANTS],
             *[Variant(f"hop {f.name} {v}", hop(v), "sendrecv") for v in kfp8.VARIANTS],
             Variant(f"accumulate {f.name}", accumulate, "sendrecv"),
+            Variant(f"quantize {f.name} (one call)", one_call(quantize(None)), "sendrecv"),
+            Variant(f"hop {f.name} (one call)", one_call(hop(None)), "sendrecv"),
             Variant("torch cast", torch_case(False), "sendrecv"),
             Variant("torch scale+cast", torch_case(True), "sendrecv"),
             Variant("torch amax+scale+cast", torch_case(True, True), "sendrecv")]

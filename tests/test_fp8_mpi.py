@@ -27,3 +27,10 @@ def test_experiment_smoke(run_mpi, tmp_path):
     assert all(r["wrong"] == 0 for r in data["speed"] if not r["note"])
     assert png.exists() and png.stat().st_size > 1000
     assert "kernel speed: skipped" in res.stdout
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 8])
+def test_fp8_ipc_message_plan(run_mpi, nprocs):
+    """The IPC FP8 ring's slot plan gives the MPI FP8 ring's bytes (executed with NumPy on CPU)."""
+    res = run_mpi(nprocs, "tests/mpi/fp8_ipc_plan_check.py", timeout=180)
+    assert res.stdout.startswith("OK") and f"on {nprocs} ranks" in res.stdout
