@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older numba
     _cuda_config = config
 
 __all__ = ["cuda", "SIMULATED", "f32_bits", "bits_f32", "fmul_rn", "shfl_xor_max", "device_fn", "launch_blocks",
-           "launch", "kernel_view", "data_address", "sm_count", "TPB", "ITEMS"]
+           "launch", "kernel_view", "data_address", "sm_count", "hardware_fp8", "fp8x2_converter", "fp8x2_decoder", "TPB", "ITEMS"]
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 TPB = 256          # threads per CUDA block
@@ -65,8 +65,7 @@ else:
 
     @cuda.jit(device=True)
     def bits_f32(b):
-        s = b - 0x100000000 if b >= 0x80000000 else b
-        return libdevice.int_as_float(np.int32(s))
+        return libdevice.int_as_float(np.int32(b))    # int64 -> int32 truncates: the low 32 bits
 
     @cuda.jit(device=True)
     def fmul_rn(a, b):
@@ -163,6 +162,79 @@ def _fast_launch(kern, grid, tpb, stream, args):
         _overloads[key] = False
         return False
     return True
+
+
+def hardware_fp8():
+    """True when the GPU converts fp32 -> FP8 in hardware (PTX cvt ... e4m3x2/e5m2x2: sm_89 and newer)
+    and RINGLAB_FP8_HW is not 0. The simulator never does."""
+    if SIMULATED or os.environ.get("RINGLAB_FP8_HW", "1") == "0":
+        return False
+    if not _hw:
+        _hw.append(tuple(cuda.get_current_device().compute_capability) >= (8, 9))
+    return _hw[0]
+
+
+_hw = []
+
+
+_cvt = {}
+
+
+def fp8x2_converter(fmt_name):
+    """Device function ``cvt(lo, hi) -> uint16``: two fp32 values rounded to nearest even into FP8
+    codes (``lo`` in the low byte), saturating finite values at +-fmax, in one PTX instruction
+    (``cvt.rn.satfinite.e4m3x2.f32``). Inputs must be finite: NaN/inf follow the project's policy
+    in the caller. Same bits as the software encoder (the device check compares both to ml_dtypes)."""
+    if fmt_name not in _cvt:
+        from llvmlite import ir
+        from numba import types
+        from numba.cuda.extending import intrinsic
+        ptx = f"cvt.rn.satfinite.{fmt_name}x2.f32 $0, $1, $2;"     # $1 -> high byte, $2 -> low byte
+
+        @intrinsic
+        def cvt_x2(typingctx, hi, lo):
+            def codegen(context, builder, sig, args):
+                fnty = ir.FunctionType(ir.IntType(16), [ir.FloatType(), ir.FloatType()])
+                return builder.call(ir.InlineAsm(fnty, ptx, "=h,f,f"), args)
+            return types.uint16(types.float32, types.float32), codegen
+
+        def cvt(lo, hi):
+            return cvt_x2(np.float32(hi), np.float32(lo))
+        _cvt[fmt_name] = device_fn(cvt)
+    return _cvt[fmt_name]
+
+
+_dec = {}
+
+
+def fp8x2_decoder(fmt_name):
+    """Device function ``dec(lo, hi) -> (fp32, fp32)``: two FP8 codes to their exact values through
+    the GPU's FP8 -> f16x2 conversion (``cvt.rn.f16x2.e4m3x2``) and f16 -> f32 (both exact). NaN codes
+    give a NaN of unspecified sign and payload (the policy's NaN handling does not look at either)."""
+    if fmt_name not in _dec:
+        from llvmlite import ir
+        from numba import types
+        from numba.cuda.extending import intrinsic
+        ptx = ("{ .reg .b32 h2; .reg .b16 lo, hi;\n"
+               f" cvt.rn.f16x2.{fmt_name}x2 h2, $2;\n"
+               " mov.b32 {lo, hi}, h2;\n cvt.f32.f16 $0, lo;\n cvt.f32.f16 $1, hi; }")
+
+        @intrinsic
+        def dec_x2(typingctx, word):
+            ret = types.UniTuple(types.float32, 2)
+
+            def codegen(context, builder, sig, args):
+                f32 = ir.FloatType()
+                fnty = ir.FunctionType(ir.LiteralStructType([f32, f32]), [ir.IntType(16)])
+                pair = builder.call(ir.InlineAsm(fnty, ptx, "=f,=f,h"), [args[0]])
+                return context.make_tuple(builder, ret, [builder.extract_value(pair, 0),
+                                                         builder.extract_value(pair, 1)])
+            return ret(types.uint16), codegen
+
+        def dec(lo, hi):
+            return dec_x2(np.uint16((hi << 8) | lo))
+        _dec[fmt_name] = device_fn(dec)
+    return _dec[fmt_name]
 
 
 def data_address(a):

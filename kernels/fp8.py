@@ -24,8 +24,8 @@ fuse them into an FMA (one rounding instead of NumPy's two).
 import numpy as np
 from numba import float32
 
-from .device import (SIMULATED, cuda, data_address, device_fn, fmul_rn, kernel_view, launch, shfl_xor_max, sm_count,
-                     bits_f32, f32_bits)
+from .device import (SIMULATED, cuda, data_address, device_fn, fmul_rn, fp8x2_converter, fp8x2_decoder, hardware_fp8,
+                     kernel_view, launch, shfl_xor_max, sm_count, bits_f32, f32_bits)
 from .formats import check_block, fp8_format
 from .fp8_access import code_pair_loader, code_pair_storer, pair_loader, pair_storer, word_dtype
 from .fp8_bits import make_fp8_value_codec
@@ -36,22 +36,33 @@ __all__ = ["quantize_device", "dequantize_device", "dequant_add_requant_device",
 
 # Launch shape; device_kernels_check.py times every entry of VARIANTS and the lead keeps the fastest.
 # blocks_per_sm 0 = one tile per warp (a grid as large as the data, no grid-stride loop).
-TUNING = {"tpb": 256, "steps": 4, "blocks_per_sm": 8}
-VARIANTS = {"s1-full": dict(steps=1, blocks_per_sm=0), "s2-full": dict(steps=2, blocks_per_sm=0),
-            "s4-full": dict(steps=4, blocks_per_sm=0), "s2-b16": dict(steps=2, blocks_per_sm=16),
-            "s4-b8": dict(steps=4, blocks_per_sm=8), "s8-b4": dict(steps=8, blocks_per_sm=4)}
+# Per kernel: the fastest VARIANTS entry measured on an H100 (docs/results/fp8/kernels_speed_gpu.json).
+TUNING = {"quantize": {"tpb": 256, "steps": 8, "blocks_per_sm": 4},
+          "hop": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
+          "dequantize": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
+          "accumulate": {"tpb": 256, "steps": 4, "blocks_per_sm": 8}}
+# "-sw": the software encoder even where the GPU has the FP8 conversion instruction (hardware_fp8()).
+VARIANTS = {"s4-b8-sw": dict(steps=4, blocks_per_sm=8, hw=False), "s4-full-sw": dict(steps=4, blocks_per_sm=0, hw=False),
+            "s2-full": dict(steps=2, blocks_per_sm=0), "s4-full": dict(steps=4, blocks_per_sm=0),
+            "s2-b16": dict(steps=2, blocks_per_sm=16), "s4-b8": dict(steps=4, blocks_per_sm=8),
+            "s8-b4": dict(steps=8, blocks_per_sm=4)}
 _kernels = {}
 
 
-def _codec(f):
-    """Device functions for one format: encode(v, inv), dequant(code, scale), scale_of(amax), finite_abs(v)."""
+def _codec(f, hw=False):
+    """Device functions for one format: encode_pair(a, b, inv), dequant_pair(c0, c1, scale), scale_of(amax),
+    finite_abs(v). ``hw``: finite values are encoded by the GPU's fp32 -> FP8 conversion instruction
+    (device.fp8x2_converter), NaN/inf by the policy, and codes decoded by FP8 -> f16x2 -> f32
+    (device.fp8x2_decoder); else the software codec (fp8_bits.py) does both."""
     encode, decode_value = make_fp8_value_codec(f, f32_bits, bits_f32, fmul_rn)
     encode, decode_value = device_fn(encode), device_fn(decode_value)
     rcp_fmax, one, inf = f.rcp_fmax32, np.float32(1.0), np.float32(np.inf)
     zero = np.float32(0.0)
+    has_inf, inf_code, nan_code = f.has_inf, f.inf_code, f.nan_code
 
     def dequant(code, scale):
         return fmul_rn(decode_value(code), scale)
+    dequant = device_fn(dequant)
 
     def scale_of(amax):
         s = fmul_rn(amax, rcp_fmax)
@@ -60,16 +71,51 @@ def _codec(f):
     def finite_abs(v):
         a = abs(v)
         return a if a < inf else zero           # NaN and inf: left out of amax
-    return encode, device_fn(dequant), device_fn(scale_of), device_fn(finite_abs)
+
+    if hw:
+        cvt = fp8x2_converter(f.name)
+
+        def special(v):
+            """Code of a NaN or inf input (docs/fp8.md policy); -1 for a finite value."""
+            b = f32_bits(v)
+            if (b & 0x7F800000) != 0x7F800000:
+                return -1
+            if has_inf and (b & 0x7FFFFF) == 0:
+                return ((b >> 24) & 0x80) | inf_code
+            return nan_code
+        special = device_fn(special)
+
+        def encode_pair(a, b, inv):
+            w = np.int64(cvt(fmul_rn(a, inv), fmul_rn(b, inv)))
+            c0, c1 = w & 0xFF, w >> 8
+            sa, sb = special(a), special(b)
+            if sa >= 0:
+                c0 = sa
+            if sb >= 0:
+                c1 = sb
+            return c0, c1
+
+        dec = fp8x2_decoder(f.name)
+
+        def dequant_pair(c0, c1, scale):
+            a, b = dec(c0, c1)
+            return fmul_rn(a, scale), fmul_rn(b, scale)
+    else:
+        def encode_pair(a, b, inv):
+            return encode(a, inv), encode(b, inv)
+
+        def dequant_pair(c0, c1, scale):
+            return dequant(c0, scale), dequant(c1, scale)
+    return device_fn(encode_pair), device_fn(dequant_pair), device_fn(scale_of), device_fn(finite_abs)
 
 
 def _log2(v):
     return int(v).bit_length() - 1
 
 
-def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, steps, tpb, hop):
+def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, steps, tpb, hw, hop):
     """quantize(x) when ``hop`` is False, else dequant-add-requant: the same warp tiles around a different value."""
-    encode, dequant, scale_of, finite_abs = _codec(fp8_format(fmt))
+    encode_pair, dequant_pair, scale_of, finite_abs = _codec(fp8_format(fmt), hw)
     load, store = pair_loader(kin, win), pair_storer(kout, wout)
     load_codes, store_codes = code_pair_loader(wpeer), code_pair_storer(wcodes)
     half_block = block // 2                      # pairs per FP8 block
@@ -92,17 +138,20 @@ def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, ste
         vb = cuda.local.array(nsteps, float32)
         am = cuda.local.array(nsteps, float32)
         for r in range(rounds):
-            p0 = (r * nwarps + warp) * tile_pairs + lane
+            tile = r * nwarps + warp
+            p0 = tile * tile_pairs + lane
+            full = (tile + 1) * tile_pairs <= (n >> 1)  # warp-uniform: the whole tile is in the word range
             for j in range(nsteps):
                 p = p0 + 32 * j
-                a, b = load(x, xw, p, n)
+                a, b = load(x, xw, p, n, full)
                 if hop:
-                    c0, c1 = load_codes(pc, pcw, p, n)
+                    c0, c1 = load_codes(pc, pcw, p, n, full)
                     sc = one
-                    if p < npairs:
+                    if full or p < npairs:
                         sc = ps[p >> hb_shift]
-                    a = a + dequant(c0, sc)
-                    b = b + dequant(c1, sc)
+                    da, db = dequant_pair(c0, c1, sc)
+                    a = a + da
+                    b = b + db
                     if div_mode == 1:
                         a = a / div
                         b = b / div
@@ -128,18 +177,19 @@ def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, ste
                 p = p0 + 32 * j
                 scale = scale_of(am[j])
                 inv = one / scale
-                c0, c1 = encode(va[j], inv), encode(vb[j], inv)
-                store_codes(codes, codes_w, p, n, c0, c1)
-                if p < npairs and (p & hb_mask) == 0:
+                c0, c1 = encode_pair(va[j], vb[j], inv)
+                store_codes(codes, codes_w, p, n, full, c0, c1)
+                if (p & hb_mask) == 0 and (full or p < npairs):
                     scales[p >> hb_shift] = scale
                 if write_out:
-                    store(out, out_w, p, n, dequant(c0, scale), dequant(c1, scale))
+                    oa, ob = dequant_pair(c0, c1, scale)
+                    store(out, out_w, p, n, full, oa, ob)
     return cuda.jit(kernel), tile_pairs
 
 
-def _make_elementwise_kernel(fmt, block, kout, wout, wcodes, steps, accumulate):
+def _make_elementwise_kernel(fmt, block, kout, wout, wcodes, steps, hw, accumulate):
     """dequantize into out (``accumulate`` False) or add the dequantized values into an fp32 accumulator."""
-    _, dequant, _, _ = _codec(fp8_format(fmt))
+    _, dequant_pair, _, _ = _codec(fp8_format(fmt), hw)
     load, store = pair_loader(kout, wout), pair_storer(kout, wout)
     load_codes = code_pair_loader(wcodes)
     hb_shift = _log2(block // 2)
@@ -155,26 +205,27 @@ def _make_elementwise_kernel(fmt, block, kout, wout, wcodes, steps, accumulate):
         vb = cuda.local.array(steps, float32)
         p0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         while p0 < npairs:
+            full = p0 + (steps - 1) * stride < (n >> 1)  # all of this lane's pairs are in the word range
             for j in range(steps):                       # all loads first: several in flight per lane
                 p = p0 + j * stride
-                c0, c1 = load_codes(codes, codes_w, p, n)
+                c0, c1 = load_codes(codes, codes_w, p, n, full)
                 ca[j] = c0
                 cb[j] = c1
                 s = one
-                if p < npairs:
+                if full or p < npairs:
                     s = scales[p >> hb_shift]
                 sc[j] = s
                 if accumulate:
-                    a, b = load(out, out_w, p, n)
+                    a, b = load(out, out_w, p, n, full)
                     va[j] = a
                     vb[j] = b
             for j in range(steps):
                 p = p0 + j * stride
-                a, b = dequant(ca[j], sc[j]), dequant(cb[j], sc[j])
+                a, b = dequant_pair(ca[j], cb[j], sc[j])
                 if accumulate:
                     a = va[j] + a
                     b = vb[j] + b
-                store(out, out_w, p, n, a, b)
+                store(out, out_w, p, n, full, a, b)
             p0 += steps * stride
     return cuda.jit(kernel), steps
 
@@ -189,10 +240,11 @@ def _kernel(name, *key):
     return _kernels[full]
 
 
-def _tuning(variant):
-    t = dict(TUNING)
+def _tuning(variant, kernel):
+    t = dict(TUNING[kernel])
     if variant is not None:
         t.update(VARIANTS[variant] if isinstance(variant, str) else variant)
+    t["hw"] = bool(t.get("hw", True)) and hardware_fp8()
     return t
 
 
@@ -245,10 +297,10 @@ def quantize_device(x, codes, scales, fmt="e4m3", block=128, variant=None):
     n = xv.size
     _check(codes, scales, n, block)
     if n:
-        t = _tuning(variant)
+        t = _tuning(variant, "quantize")
         xw, wx = _words(xv, kind, n)
         cw, wc = _words(codes, "u8", n)
-        kern, tile = _kernel("quantize", f.name, block, kind, wx, kind, wx, wc, wc, t["steps"], t["tpb"])
+        kern, tile = _kernel("quantize", f.name, block, kind, wx, kind, wx, wc, wc, t["steps"], t["tpb"], t["hw"])
         launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],    # no peer, no out: empty placeholders
                xv, xw, codes[:0], cw[:0], scales[:0], codes, cw, scales, xv[:0], xw[:0], n, np.float32(1), 0, False)
     return codes, scales
@@ -274,13 +326,13 @@ def dequant_add_requant_device(local, peer_codes, peer_scales, codes, scales, fm
     if out is not None and ov.size != n:
         raise ValueError(f"out has {ov.size} elements, local has {n}")
     if n:
-        t = _tuning(variant)
+        t = _tuning(variant, "hop")
         lw, wl = _words(lv, kind, n)
         ow, wo = _words(ov, kind_out, n)
         pw, wp = _words(peer_codes, "u8", n)
         cw, wc = _words(codes, "u8", n)
         mode, d = _divide_mode(divide_by)
-        kern, tile = _kernel("hop", f.name, block, kind, wl, kind_out, wo, wc, wp, t["steps"], t["tpb"])
+        kern, tile = _kernel("hop", f.name, block, kind, wl, kind_out, wo, wc, wp, t["steps"], t["tpb"], t["hw"])
         launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],
                lv, lw, peer_codes, pw, peer_scales, codes, cw, scales, ov, ow, n, d, mode, out is not None)
     return codes, scales
@@ -300,10 +352,10 @@ def _elementwise(name, codes, scales, out, fmt, block, variant):
     n = ov.size
     _check(codes, scales, n, block)
     if n:
-        t = _tuning(variant)
+        t = _tuning(variant, name)
         ow, wo = _words(ov, kind, n)
         cw, wc = _words(codes, "u8", n)
-        kern, steps = _kernel(name, f.name, block, kind, wo, wc, t["steps"])
+        kern, steps = _kernel(name, f.name, block, kind, wo, wc, t["steps"], t["hw"])
         launch(kern, _grid(-(-n // 2), t["tpb"] * steps, t), t["tpb"], codes, cw, scales, ov, ow, n)
     return out
 

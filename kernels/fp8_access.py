@@ -46,7 +46,8 @@ def _element_storer(kind):
 
 
 def pair_loader(kind, wide):
-    """load(elems, words, p, n) -> (fp32 of element 2p, of 2p+1), 0 beyond n."""
+    """load(elems, words, p, n, full) -> (fp32 of element 2p, of 2p+1), 0 beyond n. ``full``: the
+    caller knows pair p is inside the word range (a warp-uniform flag: no per-pair bounds check)."""
     load1 = _element_loader(kind)
     zero = np.float32(0.0)
 
@@ -59,26 +60,26 @@ def pair_loader(kind, wide):
         return a, b
 
     if wide and kind == "f32":
-        def load(e, w, p, n):
-            if p < (n >> 1):
+        def load(e, w, p, n, full):
+            if full or p < (n >> 1):
                 word = w[p]
                 return bits_f32(word & 0xFFFFFFFF), bits_f32((word >> 32) & 0xFFFFFFFF)
             return load_tail(e, p, n)
     elif wide and kind == "bf16":
-        def load(e, w, p, n):
-            if p < (n >> 1):
+        def load(e, w, p, n, full):
+            if full or p < (n >> 1):
                 word = np.int64(w[p])
                 return bits_f32((word & 0xFFFF) << 16), bits_f32(word & 0xFFFF0000)
             return load_tail(e, p, n)
     else:
-        def load(e, w, p, n):
+        def load(e, w, p, n, full):
             return load_tail(e, p, n)
     load_tail = device_fn(load_tail)
     return device_fn(load)
 
 
 def pair_storer(kind, wide):
-    """store(elems, words, p, n, a, b): elements 2p, 2p+1 (those below n) = a, b, rounded to the kind."""
+    """store(elems, words, p, n, full, a, b): elements 2p, 2p+1 (those below n) = a, b, rounded to the kind."""
     store1 = _element_storer(kind)
 
     def store_tail(e, p, n, a, b):
@@ -88,8 +89,8 @@ def pair_storer(kind, wide):
             store1(e, 2 * p + 1, b)
 
     if wide and kind == "f32":
-        def store(e, w, p, n, a, b):
-            if p < (n >> 1):
+        def store(e, w, p, n, full, a, b):
+            if full or p < (n >> 1):
                 hi = f32_bits(b)
                 if hi >= 0x80000000:         # keep the int64 word in range (the simulator checks)
                     hi -= 0x100000000
@@ -97,20 +98,20 @@ def pair_storer(kind, wide):
             else:
                 store_tail(e, p, n, a, b)
     elif wide and kind == "bf16":
-        def store(e, w, p, n, a, b):
-            if p < (n >> 1):
+        def store(e, w, p, n, full, a, b):
+            if full or p < (n >> 1):
                 w[p] = (_bf16_round(f32_bits(b)) << 16) | _bf16_round(f32_bits(a))
             else:
                 store_tail(e, p, n, a, b)
     else:
-        def store(e, w, p, n, a, b):
+        def store(e, w, p, n, full, a, b):
             store_tail(e, p, n, a, b)
     store_tail = device_fn(store_tail)
     return device_fn(store)
 
 
 def code_pair_loader(wide):
-    """load(codes, code_words, p, n) -> (code 2p, code 2p+1) as ints, 0 beyond n."""
+    """load(codes, code_words, p, n, full) -> (code 2p, code 2p+1) as ints, 0 beyond n."""
     def load_tail(e, p, n):
         a, b = np.int64(0), np.int64(0)
         if 2 * p < n:
@@ -120,20 +121,20 @@ def code_pair_loader(wide):
         return a, b
 
     if wide:
-        def load(e, w, p, n):
-            if p < (n >> 1):
+        def load(e, w, p, n, full):
+            if full or p < (n >> 1):
                 word = np.int64(w[p])
                 return word & 0xFF, word >> 8
             return load_tail(e, p, n)
     else:
-        def load(e, w, p, n):
+        def load(e, w, p, n, full):
             return load_tail(e, p, n)
     load_tail = device_fn(load_tail)
     return device_fn(load)
 
 
 def code_pair_storer(wide):
-    """store(codes, code_words, p, n, c0, c1): FP8 codes 2p, 2p+1 (those below n)."""
+    """store(codes, code_words, p, n, full, c0, c1): FP8 codes 2p, 2p+1 (those below n)."""
     def store_tail(e, p, n, a, b):
         if 2 * p < n:
             e[2 * p] = a
@@ -141,13 +142,13 @@ def code_pair_storer(wide):
             e[2 * p + 1] = b
 
     if wide:
-        def store(e, w, p, n, a, b):
-            if p < (n >> 1):
+        def store(e, w, p, n, full, a, b):
+            if full or p < (n >> 1):
                 w[p] = (b << 8) | a
             else:
                 store_tail(e, p, n, a, b)
     else:
-        def store(e, w, p, n, a, b):
+        def store(e, w, p, n, full, a, b):
             store_tail(e, p, n, a, b)
     store_tail = device_fn(store_tail)
     return device_fn(store)

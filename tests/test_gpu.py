@@ -18,3 +18,10 @@ def test_main_command_on_gpu(run_mpi):
     out = run_mpi(4, "experiments/ring.py", "--sizes", "1M", "--iters", "3", timeout=600).stdout
     assert "transport: ipc" in out and "FAIL" not in out
     assert "n/a: NCCL needs one GPU per rank" in out or " nccl " in out
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_fp8_allreduce_device_transports_match_numpy(run_mpi, k):
+    """allreduce_fp8 on CuPy buffers over IPC (the FP8 ring) and staging equals the NumPy path bit for bit."""
+    out = run_mpi(k, "experiments/device_kernels_check.py", "--no-check", "--no-speed", timeout=900).stdout
+    assert "ring via    ipc" in out and "ALL PASS" in out

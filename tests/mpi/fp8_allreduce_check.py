@@ -141,6 +141,10 @@ def main():
     done += expect_error(lambda: allreduce_fp8(np.ones(10, np.float32), op="max", comm=comm), ["max"])
     done += expect_error(lambda: allreduce_fp8(np.ones(10, np.float32), fmt="e3m4", comm=comm), ["e3m4"])
     done += expect_error(lambda: allreduce_fp8(np.ones(10, np.float32), block=100, comm=comm), ["block"])
+    done += expect_error(lambda: allreduce_fp8(np.ones(10, np.float32), transport="nvlink", comm=comm),
+                         ["nvlink", "ipc", "staged"])
+    done += expect_error(lambda: allreduce_fp8(np.ones(10, np.float32), transport="ipc", comm=comm),
+                         ["CuPy", "NumPy"])
     if N > 1:   # ranks disagreeing on the format: the same clear error on every rank, no hang
         done += expect_error(lambda: allreduce_fp8(np.ones(10, np.float32), fmt="e4m3" if R else "e5m2", comm=comm),
                              ["differs"])
