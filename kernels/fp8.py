@@ -37,15 +37,18 @@ __all__ = ["quantize_device", "dequantize_device", "dequant_add_requant_device",
 # Launch shape; device_kernels_check.py times every entry of VARIANTS and the lead keeps the fastest.
 # blocks_per_sm 0 = one tile per warp (a grid as large as the data, no grid-stride loop).
 # Per kernel: the fastest VARIANTS entry measured on an H100 (docs/results/fp8/kernels_speed_gpu.json).
-TUNING = {"quantize": {"tpb": 256, "steps": 8, "blocks_per_sm": 4},
+TUNING = {"quantize": {"tpb": 256, "steps": 8, "blocks_per_sm": 4, "words": False},
           "hop": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
           "dequantize": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
           "accumulate": {"tpb": 256, "steps": 4, "blocks_per_sm": 8}}
 # "-sw": the software encoder even where the GPU has the FP8 conversion instruction (hardware_fp8()).
+# "-el": fp32/bf16 values as single elements (4-byte accesses), not two-element words.
 VARIANTS = {"s4-b8-sw": dict(steps=4, blocks_per_sm=8, hw=False), "s4-full-sw": dict(steps=4, blocks_per_sm=0, hw=False),
             "s2-full": dict(steps=2, blocks_per_sm=0), "s4-full": dict(steps=4, blocks_per_sm=0),
             "s2-b16": dict(steps=2, blocks_per_sm=16), "s4-b8": dict(steps=4, blocks_per_sm=8),
-            "s8-b4": dict(steps=8, blocks_per_sm=4)}
+            "s8-b4": dict(steps=8, blocks_per_sm=4),
+            "s4-b8-el": dict(steps=4, blocks_per_sm=8, words=False), "s4-full-el": dict(steps=4, blocks_per_sm=0, words=False),
+            "s8-b4-el": dict(steps=8, blocks_per_sm=4, words=False)}
 _kernels = {}
 
 
@@ -245,6 +248,7 @@ def _tuning(variant, kernel):
     if variant is not None:
         t.update(VARIANTS[variant] if isinstance(variant, str) else variant)
     t["hw"] = bool(t.get("hw", True)) and hardware_fp8()
+    t["words"] = bool(t.get("words", True))
     return t
 
 
@@ -254,14 +258,14 @@ def _grid(units, per_block, t):
     return need if t["blocks_per_sm"] <= 0 else max(1, min(need, sm_count() * t["blocks_per_sm"]))
 
 
-def _words(a, kind, n):
+def _words(a, kind, n, use=True):
     """(word view of a's first n // 2 pairs, True) when a is aligned for words, else (a[:0], False).
 
     The unused view is an empty slice, not ``a`` itself: the simulator copies every argument back after
     the launch, and a second, unmodified copy of ``a`` would overwrite what the kernel wrote.
     """
     wdt = word_dtype(kind)
-    if wdt is None or n < 2 or data_address(a) % np.dtype(wdt).itemsize:
+    if not use or wdt is None or n < 2 or data_address(a) % np.dtype(wdt).itemsize:
         return a[:0], False
     return a[: n - (n & 1)].view(wdt), True
 
@@ -298,7 +302,7 @@ def quantize_device(x, codes, scales, fmt="e4m3", block=128, variant=None):
     _check(codes, scales, n, block)
     if n:
         t = _tuning(variant, "quantize")
-        xw, wx = _words(xv, kind, n)
+        xw, wx = _words(xv, kind, n, t["words"])
         cw, wc = _words(codes, "u8", n)
         kern, tile = _kernel("quantize", f.name, block, kind, wx, kind, wx, wc, wc, t["steps"], t["tpb"], t["hw"])
         launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],    # no peer, no out: empty placeholders
@@ -327,8 +331,8 @@ def dequant_add_requant_device(local, peer_codes, peer_scales, codes, scales, fm
         raise ValueError(f"out has {ov.size} elements, local has {n}")
     if n:
         t = _tuning(variant, "hop")
-        lw, wl = _words(lv, kind, n)
-        ow, wo = _words(ov, kind_out, n)
+        lw, wl = _words(lv, kind, n, t["words"])
+        ow, wo = _words(ov, kind_out, n, t["words"])
         pw, wp = _words(peer_codes, "u8", n)
         cw, wc = _words(codes, "u8", n)
         mode, d = _divide_mode(divide_by)
@@ -353,7 +357,7 @@ def _elementwise(name, codes, scales, out, fmt, block, variant):
     _check(codes, scales, n, block)
     if n:
         t = _tuning(variant, name)
-        ow, wo = _words(ov, kind, n)
+        ow, wo = _words(ov, kind, n, t["words"])
         cw, wc = _words(codes, "u8", n)
         kern, steps = _kernel(name, f.name, block, kind, wo, wc, t["steps"], t["hw"])
         launch(kern, _grid(-(-n // 2), t["tpb"] * steps, t), t["tpb"], codes, cw, scales, ov, ow, n)

@@ -73,6 +73,8 @@ def pair_loader(kind, wide):
             return load_tail(e, p, n)
     else:
         def load(e, w, p, n, full):
+            if full:
+                return load1(e, 2 * p), load1(e, 2 * p + 1)
             return load_tail(e, p, n)
     load_tail = device_fn(load_tail)
     return device_fn(load)
@@ -105,7 +107,11 @@ def pair_storer(kind, wide):
                 store_tail(e, p, n, a, b)
     else:
         def store(e, w, p, n, full, a, b):
-            store_tail(e, p, n, a, b)
+            if full:
+                store1(e, 2 * p, a)
+                store1(e, 2 * p + 1, b)
+            else:
+                store_tail(e, p, n, a, b)
     store_tail = device_fn(store_tail)
     return device_fn(store)
 
