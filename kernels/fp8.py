@@ -9,15 +9,17 @@ Memory-bound design (no shared memory, no __syncthreads on the GPU):
   block <= 64 elements = a segment of block/2 lanes of one step, 128/256 = 2/4 whole steps;
 - block amax: |x| of the lane's two finite elements, the max over the block's steps, then xor-shuffle
   max over the segment (log2 lanes steps); every lane of the segment then has the amax, computes
-  scale = amax * fp32(1/fmax) and inv = 1/scale (one division per lane per block, not per element),
-  and encodes its elements as RNE(clamp(x * inv)) with fp32 arithmetic plus a few integer ops
-  (``fp8_bits.make_fp8_value_codec``); two codes go out as one uint16 store;
+  scale = amax * fp32(1/fmax) and inv = 1/scale (once per lane per FP8 block, not per element),
+  and encodes its elements as RNE(clamp(x * inv)): on sm_89+ by the GPU's conversion instruction
+  (``cvt.rn.satfinite.e4m3x2.f32``, two values per instruction; NaN/inf by the policy), elsewhere and
+  in the simulator by fp32 arithmetic plus a few integer ops (``fp8_bits.make_fp8_value_codec``);
+  two codes go out as one uint16 store;
 - a grid-stride loop over tiles, ``blocks_per_sm`` CUDA blocks per SM (TUNING), loads of all steps
   issued before any store so several are in flight per lane.
 
 ``dequant_add_requant`` is one compressed reduce-scatter hop: it reads the peer's codes and scales
 and the local partial sum once, and writes the new codes and scales once (plus, at the last hop,
-the owner's dequantized result), so a later IPC executor can point it at peer memory directly.
+the owner's dequantized result); the IPC ring (collectives/fp8_ipc.py) points it at peer memory directly.
 Multiplies whose result is added (decode * scale in the hop) use ``fmul_rn``: NVVM would otherwise
 fuse them into an FMA (one rounding instead of NumPy's two).
 """
@@ -79,10 +81,8 @@ def _codec(f, hw=False):
         cvt = fp8x2_converter(f.name)
 
         def special(v):
-            """Code of a NaN or inf input (docs/fp8.md policy); -1 for a finite value."""
+            """Code of a NaN or inf input (docs/fp8.md policy)."""
             b = f32_bits(v)
-            if (b & 0x7F800000) != 0x7F800000:
-                return -1
             if has_inf and (b & 0x7FFFFF) == 0:
                 return ((b >> 24) & 0x80) | inf_code
             return nan_code
@@ -91,11 +91,10 @@ def _codec(f, hw=False):
         def encode_pair(a, b, inv):
             w = np.int64(cvt(fmul_rn(a, inv), fmul_rn(b, inv)))
             c0, c1 = w & 0xFF, w >> 8
-            sa, sb = special(a), special(b)
-            if sa >= 0:
-                c0 = sa
-            if sb >= 0:
-                c1 = sb
+            if not abs(a) < inf:                 # NaN or inf: one float compare on the common path
+                c0 = special(a)
+            if not abs(b) < inf:
+                c1 = special(b)
             return c0, c1
 
         dec = fp8x2_decoder(f.name)
@@ -139,7 +138,8 @@ def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, ste
         rounds = (ntiles + nwarps - 1) // nwarps         # the same for every thread: shuffles stay uniform
         va = cuda.local.array(nsteps, float32)
         vb = cuda.local.array(nsteps, float32)
-        am = cuda.local.array(nsteps, float32)
+        am = cuda.local.array(nsteps, float32)      # block amax, then the block's scale
+        iv = cuda.local.array(nsteps, float32)      # 1 / scale
         for r in range(rounds):
             tile = r * nwarps + warp
             p0 = tile * tile_pairs + lane
@@ -174,12 +174,14 @@ def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, ste
                 while off > 0:
                     m = shfl_xor_max(m, off)
                     off = off >> 1
+                scale = scale_of(m)
+                inv = one / scale                        # once per FP8 block and lane, not per step
                 for k in range(span):
-                    am[g * span + k] = m
+                    am[g * span + k] = scale
+                    iv[g * span + k] = inv
             for j in range(nsteps):
                 p = p0 + 32 * j
-                scale = scale_of(am[j])
-                inv = one / scale
+                scale, inv = am[j], iv[j]
                 c0, c1 = encode_pair(va[j], vb[j], inv)
                 store_codes(codes, codes_w, p, n, full, c0, c1)
                 if (p & hb_mask) == 0 and (full or p < npairs):
