@@ -64,6 +64,8 @@ def workloads(comm, xp, count, device):
     if device:  # every device transport of the ring: IPC rings (shared and per rank) and staging
         jobs += [(f"allreduce[ring via {t}]", (lambda t=t: api.allreduce(x, transport=t, comm=comm)))
                  for t in ("ipc-shared", "ipc", "ipc-host", "staged")]
+        jobs += [(f"allreduce_fp8[ring via {t}]", (lambda t=t: collectives.allreduce_fp8(x, transport=t, comm=comm)))
+                 for t in ("ipc", "staged")]
     jobs.append(("reduce_scatter", lambda: api.reduce_scatter(x, comm=comm)))
     jobs.append(("allgather", lambda: api.allgather(x[:13], comm=comm)))
     return x, jobs
