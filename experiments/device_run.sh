@@ -68,6 +68,11 @@ fp8ipc)   # the FP8 ring over IPC: bit-exact vs the NumPy path, then GPU collect
   step fp8_speed 330 mpirun -n 8 python3 experiments/fp8_compression.py --backend cupy --no-accuracy --no-kernels \
     --sizes 64M,256M --iters 5 --warmup 2 --json "$RES/fp8_gpu_speed.json"
   ;;
+fp8final)  # device-side tests of the final FP8 code: pytest on real kernels, FP8 IPC tests, leak check
+  step fp8_gpu_tests 200 python3 -m pytest -q -x tests/test_gpu.py -k fp8
+  step fp8_pytest 150 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step leak_check 100 mpirun -n 4 python3 experiments/leak_check.py --device --iters 200 --json "$RES/leak_gpu.json"
+  ;;
 fp8)
   step kernels_check 150 python3 experiments/device_kernels_check.py
   step kernels_check_mpi 90 mpirun -n 4 python3 experiments/device_kernels_check.py --no-speed
