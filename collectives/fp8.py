@@ -175,6 +175,11 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
 
 def _device_route(comm, algo, transport):
     """'ipc', 'mpi' or 'staged' for CuPy buffers (the same answer on every rank)."""
+    if transport == "ipc":
+        from .ipc import ipc_usable
+        usable, why = ipc_usable(comm)
+        if not usable:
+            raise ValueError(f"transport 'ipc' needs CUDA IPC between all ranks, which is unusable here: {why}")
     if transport in ("ipc", "mpi", "staged"):
         return transport
     name, _, _ = select_transport(comm, None)
