@@ -20,7 +20,7 @@ from mpi4py import MPI
 
 __all__ = ["Case", "Unavailable", "Variant", "Row", "measure", "format_table", "busbw_factor",
            "pattern", "reference", "count_wrong", "tolerance", "write_json", "run_metadata", "sizes_from_range",
-           "parse_size", "size_arg", "size_list_arg"]
+           "parse_size", "size_arg", "size_list_arg", "rss_kib"]
 
 BUSBW_FACTORS = {
     "allreduce": lambda n: 2 * (n - 1) / n if n > 1 else 1.0,
@@ -83,6 +83,18 @@ class Row:
 
 def _now():
     return MPI.Wtime()
+
+
+def rss_kib():
+    """This process's resident set size in KiB (Linux /proc; 0 where that is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 _SPIN = {}

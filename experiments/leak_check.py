@@ -23,15 +23,7 @@ from mpi4py import MPI
 
 import collectives
 from collectives import api
-from collectives.bench import pattern, reference
-
-
-def rss_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from collectives.bench import pattern, reference, rss_kib
 
 
 def ipc_handle_count():

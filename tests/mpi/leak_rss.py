@@ -18,18 +18,10 @@ from mpi4py import MPI
 
 import collectives
 from collectives.api import ALLREDUCE_ALGORITHMS
-from collectives.bench import pattern, reference
+from collectives.bench import pattern, reference, rss_kib
 
 comm = MPI.COMM_WORLD
 rank, n = comm.rank, comm.size
-
-
-def rss_kib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def snapshot():
