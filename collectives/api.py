@@ -81,8 +81,9 @@ def stage_through_host(flat, run):
     flat.set(host)
 
 
-def _transport(comm, timeout):
-    return MpiTransport(comm) if timeout is None else MpiTransport(comm, timeout=timeout)
+def _transport(comm, timeout, kind=MpiTransport):
+    """A ``kind`` transport on ``comm`` with ``timeout`` (None: the transport's default)."""
+    return kind(comm) if timeout is None else kind(comm, timeout=timeout)
 
 
 def _check_algo(algo, a):
@@ -146,7 +147,7 @@ def _device_allreduce(a, res, op, algo, comm, timeout, transport):
     if name == "mpi":
         if res is not a:
             res[...] = a
-        tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
+        tr = _transport(comm, timeout, CudaAwareMpiTransport)
         ring_allreduce_inplace(res.reshape(-1), tr, op, cache=_cache("ring-device"))
         return True
     return False

@@ -22,12 +22,12 @@ from mpi4py import MPI
 from kernels.codec import DeviceFp8Codec, codec_for
 from kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
-from .api import prepare_out, register_allreduce
+from .api import _transport, prepare_out, register_allreduce
 from .arrays import as_array, is_device_array
 from .commstate import comm_state
 from .device import cuda_aware_mpi, select_transport
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
-from .transport import CudaAwareMpiTransport, MpiTransport
+from .transport import CudaAwareMpiTransport
 from .validate import checked_call
 
 __all__ = ["allreduce_fp8", "fp8_ring_allreduce", "fp8_direct_allreduce", "direct_exchange_schedule",
@@ -45,6 +45,13 @@ def direct_exchange_schedule(rank, nranks):
     permutation and all N-1 rounds together are an all-to-all without a hot spot.
     """
     return [((rank + k) % nranks, (rank + k) % nranks, (rank - k) % nranks) for k in range(1, nranks)]
+
+
+def _copy_through(x, out):
+    """One rank: nothing travels, the input is the result."""
+    if out is not x:
+        out[...] = x
+    return out
 
 
 def _message_pair(codec, bounds):
@@ -67,12 +74,9 @@ def _fp8_allgather(x_out, codec, transport, bounds, send, recv, rotate):
 
 def fp8_ring_allreduce(x, out, transport, codec, op="sum"):
     """Ring all-reduce of flat ``x`` into flat ``out`` (may be ``x``) with FP8 messages; see module doc."""
-    comm = transport.comm
-    n, r = comm.size, comm.rank
+    n, r = transport.comm.size, transport.comm.rank
     if n == 1:
-        if out is not x:
-            out[...] = x
-        return out
+        return _copy_through(x, out)
     bounds = chunk_bounds(x.size, n)
     send, recv = _message_pair(codec, bounds)
     steps = ring_reduce_scatter_schedule(r, n)
@@ -94,12 +98,9 @@ def fp8_ring_allreduce(x, out, transport, codec, op="sum"):
 
 def fp8_direct_allreduce(x, out, transport, codec, op="sum"):
     """Direct-exchange (qgZ) reduce-scatter + FP8 ring all-gather; rank r owns chunk r; see module doc."""
-    comm = transport.comm
-    n, r = comm.size, comm.rank
+    n, r = transport.comm.size, transport.comm.rank
     if n == 1:
-        if out is not x:
-            out[...] = x
-        return out
+        return _copy_through(x, out)
     bounds = chunk_bounds(x.size, n)
     send, recv = _message_pair(codec, bounds)
     lo, hi = bounds[r]
@@ -164,10 +165,10 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
         get_fp8_ipc_ring(comm).allreduce(flat, flat_out, _device_codec(comm, fmt, block, True), op, timeout)
         return res
     if route == "mpi":
-        tr = CudaAwareMpiTransport(comm) if timeout is None else CudaAwareMpiTransport(comm, timeout=timeout)
+        tr = _transport(comm, timeout, CudaAwareMpiTransport)
         codec = _device_codec(comm, fmt, block, staged=False)
     else:
-        tr = MpiTransport(comm) if timeout is None else MpiTransport(comm, timeout=timeout)
+        tr = _transport(comm, timeout)
         codec = codec_for(a, fmt, block) if route == "host" else _device_codec(comm, fmt, block, staged=True)
     _EXECUTORS[algo](flat, flat_out, tr, codec, op)
     return res

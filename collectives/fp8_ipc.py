@@ -21,8 +21,6 @@ the neighbour, one kernel per step.
 """
 import numpy as np
 
-from kernels.codec import DeviceFp8Codec
-
 from .errors import resolve_timeout
 from .ipc import IpcRing, _wrap, cached_executor
 from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
@@ -52,13 +50,6 @@ class Fp8IpcRing(IpcRing):
         self.slots = 0                 # device address of our 2N-1 message slots
         self.slot_bytes = 0
         self.left_slots = 0            # our mapping of the left neighbour's slots
-        self.codecs = {}
-
-    def _codec(self, fmt, block):
-        key = (fmt, block)
-        if key not in self.codecs:
-            self.codecs[key] = DeviceFp8Codec(fmt, block)
-        return self.codecs[key]
 
     def _ensure_slots(self, slot_bytes):
         """(Re)allocate the slots when a call needs larger ones; the same decision on every rank
@@ -86,7 +77,7 @@ class Fp8IpcRing(IpcRing):
         """out = FP8 ring all-reduce of every rank's flat ``src`` (``out`` may be ``src``)."""
         import cupy
         self._call_timeout = self.timeout if timeout is None else resolve_timeout(timeout)
-        comm, n, r = self.comm, self.comm.size, self.comm.rank
+        n, r = self.comm.size, self.comm.rank
         caller = self._after_caller()
         if src.size == 0:
             return out

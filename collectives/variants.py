@@ -9,7 +9,7 @@ from mpi4py import MPI
 from . import api
 from .bench import Case, Unavailable, Variant, count_wrong, pattern, reference
 
-__all__ = ["allreduce_variant", "mpi_native_variant", "nccl_variant", "array_module_for"]
+__all__ = ["allreduce_variant", "fp8_variant", "mpi_native_variant", "nccl_variant", "array_module_for"]
 
 _MPI_OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "prod": MPI.PROD, "max": MPI.MAX, "min": MPI.MIN}
 _MPI_TYPES = {"float32", "float64", "int32", "int64"}
@@ -45,15 +45,39 @@ def _stream(device):
     return None
 
 
-def allreduce_variant(comm, name="ring", algo="ring", device=False, **kwargs):
-    """ringlab's ``allreduce(x, out=y, algo=algo)``, out of place so the input stays fixed."""
+def allreduce_variant(comm, name="ring", algo="ring", device=False, dtype=None, bytes_per_element=None, **kwargs):
+    """ringlab's ``allreduce(x, out=y, algo=algo)``, out of place so the input stays fixed.
+
+    ``dtype`` fixes this variant's element type (else the benchmark's); ``bytes_per_element`` makes
+    algbw count that many bytes per element (e.g. 4 for a bf16 row beside fp32 rows), else the dtype's.
+    """
+    fixed = dtype
+
     def prepare(count, dtype, op):
+        dtype = fixed or dtype
         xp, x, ref = _inputs(comm, count, dtype, op, device)
         y = xp.empty_like(x)
         return Case(run=lambda: api.allreduce(x, out=y, op=op, algo=algo, comm=comm, validate=False, **kwargs),
                     wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp),
-                    sync=_sync(device), stream=_stream(device))
+                    sync=_sync(device), stream=_stream(device),
+                    nbytes=None if bytes_per_element is None else bytes_per_element * count)
     return Variant(name, prepare)
+
+
+def fp8_variant(comm, algo="ring", fmt="e4m3", block=128, device=False, transport=None):
+    """``allreduce_fp8`` on fp32 pattern data (|x| <= 4); #wrong counts elements outside
+    ``fp8_allreduce_error_bound``. ``transport`` (device only) picks the device transport."""
+    from .fp8 import allreduce_fp8, fp8_allreduce_error_bound
+
+    def prepare(count, dtype, op):
+        xp, x, ref = _inputs(comm, count, "float32", op, device)
+        y = xp.empty_like(x)
+        bound = fp8_allreduce_error_bound(fmt, comm.size, 4.0, algo, op)
+        return Case(run=lambda: allreduce_fp8(x, out=y, fmt=fmt, block=block, algo=algo, op=op, comm=comm,
+                                              validate=False, transport=transport),
+                    wrong=lambda: int((~(xp.abs(y.astype(xp.float64) - ref) <= bound)).sum()),
+                    sync=_sync(device), stream=_stream(device))
+    return Variant(f"fp8 {fmt} {algo}" + (f" {transport}" if transport else ""), prepare)
 
 
 def mpi_native_variant(comm, name="mpi-native", device=False):

@@ -25,10 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from collectives import allreduce, allreduce_fp8  # noqa: E402
 from collectives.arrays import gpu_available  # noqa: E402
-from collectives.bench import (Case, Variant, count_wrong, format_table, measure, parse_size, pattern,  # noqa: E402
-                               reference, run_metadata, size_list_arg)
-from collectives.fp8 import fp8_allreduce_error_bound  # noqa: E402
-from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
+from collectives.bench import format_table, measure, parse_size, run_metadata, size_list_arg  # noqa: E402
+from collectives.variants import allreduce_variant, fp8_variant, mpi_native_variant  # noqa: E402
 
 DISTS = ("normal", "t2")
 
@@ -116,60 +114,12 @@ def format_accuracy(rows):
     return "\n".join(lines)
 
 
-def _xp(device):
-    if device:
-        import cupy
-        return cupy, cupy.cuda.get_current_stream()
-    return np, None
-
-
-def fp8_variant(comm, algo, fmt="e4m3", block=128, transport=None):
-    """FP8 all-reduce on bench.pattern data (|x| <= 4); #wrong = elements outside the worst-case bound.
-    ``transport`` set: CuPy buffers over that device transport."""
-    def prepare(count, dtype, op):
-        xp, stream = _xp(transport is not None)
-        x = pattern(count, "float32", comm.rank, op, xp)
-        y = xp.empty_like(x)
-        ref = reference(count, comm.size, op, xp)
-        bound = fp8_allreduce_error_bound(fmt, comm.size, 4.0, algo, op)
-        return Case(run=lambda: allreduce_fp8(x, out=y, fmt=fmt, block=block, algo=algo, op=op, comm=comm,
-                                              validate=False, transport=transport),
-                    wrong=lambda: int((~(xp.abs(y.astype(xp.float64) - ref) <= bound)).sum()),
-                    sync=stream.synchronize if stream else (lambda: None), stream=stream)
-    return Variant(f"fp8 {fmt} {algo}" + (f" {transport}" if transport else ""), prepare)
-
-
-def device_ring_variant(comm, dtype, transport):
-    """ringlab's plain ring on CuPy ``dtype`` buffers over ``transport``; algbw counts 4 B per element."""
-    def prepare(count, _dtype, op):
-        xp, stream = _xp(True)
-        x = pattern(count, dtype, comm.rank, op, xp)
-        y = xp.empty_like(x)
-        ref = reference(count, comm.size, op, xp)
-        return Case(run=lambda: allreduce(x, out=y, op=op, comm=comm, validate=False, transport=transport),
-                    wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, xp), sync=stream.synchronize,
-                    stream=stream, nbytes=4 * count)
-    short = {"float32": "fp32", "float16": "fp16"}[dtype]
-    return Variant(f"{short} ring {transport}", prepare)
-
-
-def bf16_variant(comm):
-    """The plain ring on bfloat16 data; algbw still counts 4 B per element, like every row here."""
-    def prepare(count, dtype, op):
-        from ml_dtypes import bfloat16
-        x = pattern(count, "bfloat16", comm.rank, op)
-        y = np.empty_like(x)
-        ref = reference(count, comm.size, op)
-        return Case(run=lambda: allreduce(x, out=y, op=op, comm=comm, validate=False),
-                    wrong=lambda: count_wrong(y, ref, "bfloat16", op, comm.size), nbytes=4 * count)
-    return Variant("bf16 ring", prepare)
-
-
 def collective_speed(comm, args, say):
     if args.backend == "cupy":
         return device_collective_speed(comm, args, say)
-    variants = [allreduce_variant(comm, "fp32 ring"), bf16_variant(comm), fp8_variant(comm, "ring"),
-                fp8_variant(comm, "direct"), mpi_native_variant(comm, "mpi-native fp32")]
+    variants = [allreduce_variant(comm, "fp32 ring"),
+                allreduce_variant(comm, "bf16 ring", dtype="bfloat16", bytes_per_element=4),
+                fp8_variant(comm, "ring"), fp8_variant(comm, "direct"), mpi_native_variant(comm, "mpi-native fp32")]
     rows = measure(comm, variants, [s // 4 for s in args.sizes], "float32", "sum", iters=args.iters,
                    warmup=args.warmup, baseline="fp32 ring", progress=lambda t: print("  ..", t, flush=True))
     for r in rows:
@@ -187,16 +137,19 @@ def device_collective_speed(comm, args, say):
     the same kernels' cost as bf16. The first transport's fp32 ring is the ratio baseline."""
     from collectives.arrays import use_local_gpu
     use_local_gpu(comm)
+    def ring(short, dtype, tr):   # algbw counts 4 B per element on every row
+        return allreduce_variant(comm, f"{short} ring {tr}", device=True, dtype=dtype, bytes_per_element=4,
+                                 transport=tr)
     variants = []
     for tr in args.transports:
-        variants += [device_ring_variant(comm, "float32", tr), device_ring_variant(comm, "float16", tr),
-                     fp8_variant(comm, "ring", transport=tr)]
+        variants += [ring("fp32", "float32", tr), ring("fp16", "float16", tr),
+                     fp8_variant(comm, "ring", device=True, transport=tr)]
     if "staged" in args.transports:
-        variants.append(fp8_variant(comm, "direct", transport="staged"))
+        variants.append(fp8_variant(comm, "direct", device=True, transport="staged"))
     if "ipc" in args.transports:
         from collectives.ipc import all_ranks_share_one_gpu
         if all_ranks_share_one_gpu(comm):   # the fastest fp32 ring on one shared GPU, for scale
-            variants.append(device_ring_variant(comm, "float32", "ipc-shared"))
+            variants.append(ring("fp32", "float32", "ipc-shared"))
     base = f"fp32 ring {args.transports[0]}"
     rows = measure(comm, variants, [s // 4 for s in args.sizes], "float32", "sum", iters=args.iters,
                    warmup=args.warmup, baseline=base, progress=lambda t: print("  ..", t, flush=True))
