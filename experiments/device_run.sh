@@ -5,6 +5,10 @@
 #   bash experiments/device_run.sh bench   # the GPU benchmarks quoted in docs/
 #   bash experiments/device_run.sh fp8     # FP8 kernels: bit-exactness, speed, the FP8 experiment
 #   bash experiments/device_run.sh kernels # FP8 kernel speed (device time) + a quick IPC ring re-check
+#   bash experiments/device_run.sh fp8kernels  # FP8 kernels: quick bit-exact sweep, speed table, GPU tests
+#   bash experiments/device_run.sh multigpu    # several GPUs, one rank each: FP8/fp32 rings vs NCCL
+#   bash experiments/device_run.sh final4      # several GPUs: kernels, launch cost, GPU tests, FP8 rings
+#   bash experiments/device_run.sh verify1     # one GPU: full bit-exact sweep, GPU tests, leak check
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -71,6 +75,42 @@ fp8ipc)   # the FP8 ring over IPC: bit-exact vs the NumPy path, then GPU collect
 fp8final)  # device-side tests of the final FP8 code: pytest on real kernels, FP8 IPC tests, leak check
   step fp8_gpu_tests 200 python3 -m pytest -q -x tests/test_gpu.py -k fp8
   step fp8_pytest 150 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step leak_check 100 mpirun -n 4 python3 experiments/leak_check.py --device --iters 200 --json "$RES/leak_gpu.json"
+  ;;
+fp8kernels)  # FP8 kernels on one GPU: bit-exact sweep (hardware conversion) + speed table, then the GPU tests
+  step kernels_check 330 python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
+    --json "$RES/kernels_speed_gpu.json"
+  step fp8_pytest 100 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step fp8_gpu_tests 120 python3 -m pytest -q -x tests/test_gpu.py -k fp8
+  ;;
+multigpu)  # one rank per GPU: kernels on GPU 0, FP8 all-reduce bit-exact across GPUs, FP8 and fp32 rings vs NCCL
+  nvidia-smi topo -m > "$RES/topology.txt" 2>&1; cat "$RES/topology.txt"
+  ng=$(nvidia-smi -L | wc -l); export RINGLAB_TIMEOUT=90
+  step kernels_check 200 python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
+    --json "$RES/kernels_speed_gpu.json"
+  step fp8_check_multigpu 120 mpirun -n "$ng" python3 experiments/device_kernels_check.py --no-check --no-speed
+  step fp8_speed_multigpu 150 mpirun -n "$ng" python3 experiments/fp8_compression.py --backend cupy --no-accuracy \
+    --no-kernels --sizes 64M,256M --iters 10 --warmup 3 --json "$RES/fp8_speed_${ng}gpu.json"
+  step datapath_multigpu 90 mpirun -n "$ng" python3 experiments/gpu_datapath.py --sizes 64M,256M --iters 20 \
+    --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
+  step reduce_pytest 60 python3 -m pytest -q tests/test_kernels_reduce.py
+  ;;
+final4)  # the session's last call on several GPUs: kernels (one GPU), host cost per launch, GPU tests, FP8 rings
+  ng=$(nvidia-smi -L | wc -l); export RINGLAB_TIMEOUT=90
+  step kernels_check 200 python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
+    --json "$RES/kernels_speed_gpu.json"
+  step launch_overhead 60 python3 experiments/launch_overhead.py --json "$RES/launch_overhead.json"
+  step gpu_pytest 100 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step fp8_check_multigpu 120 mpirun -n "$ng" python3 experiments/device_kernels_check.py --no-check --no-speed
+  step fp8_speed_multigpu 100 mpirun -n "$ng" python3 experiments/fp8_compression.py --backend cupy --no-accuracy \
+    --no-kernels --sizes 64M,256M --iters 10 --warmup 3 --json "$RES/fp8_speed_${ng}gpu.json"
+  step fp8_speed_2gpu 60 mpirun -n 2 python3 experiments/fp8_compression.py --backend cupy --no-accuracy \
+    --no-kernels --sizes 64M,256M --iters 10 --warmup 3 --transports ipc --json "$RES/fp8_speed_2gpu.json"
+  ;;
+verify1)  # one GPU, after the last code change: the full bit-exact sweep, GPU tests, leak check
+  step kernels_full 200 python3 experiments/device_kernels_check.py --n 4099 --no-speed
+  step gpu_pytest 80 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
+  step gpu_fp8_launch 180 python3 -m pytest -q -x tests/test_gpu.py -k "fp8 or numba_launch"
   step leak_check 100 mpirun -n 4 python3 experiments/leak_check.py --device --iters 200 --json "$RES/leak_gpu.json"
   ;;
 fp8)

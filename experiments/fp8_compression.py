@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from collectives import allreduce, allreduce_fp8  # noqa: E402
 from collectives.arrays import gpu_available  # noqa: E402
 from collectives.bench import format_table, measure, parse_size, run_metadata, size_list_arg  # noqa: E402
-from collectives.variants import allreduce_variant, fp8_variant, mpi_native_variant  # noqa: E402
+from collectives.variants import allreduce_variant, fp8_variant, mpi_native_variant, nccl_variant  # noqa: E402
 
 DISTS = ("normal", "t2")
 
@@ -131,7 +131,8 @@ def collective_speed(comm, args, say):
 
 
 def device_collective_speed(comm, args, say):
-    """GPU rows: the FP8 ring vs the fp32 and 2-byte rings on each device transport of --transports.
+    """GPU rows: the FP8 ring vs the fp32 and 2-byte rings on each device transport of --transports, and
+    NCCL's fp32 all-reduce (one GPU per rank only).
 
     CuPy has no bfloat16 arrays, so the 2-byte ring runs on float16: the same bytes on the wire and
     the same kernels' cost as bf16. The first transport's fp32 ring is the ratio baseline."""
@@ -150,6 +151,7 @@ def device_collective_speed(comm, args, say):
         from collectives.ipc import all_ranks_share_one_gpu
         if all_ranks_share_one_gpu(comm):   # the fastest fp32 ring on one shared GPU, for scale
             variants.append(ring("fp32", "float32", "ipc-shared"))
+    variants.append(nccl_variant(comm, "nccl fp32"))    # n/a, with the reason, where ranks share a GPU
     base = f"fp32 ring {args.transports[0]}"
     rows = measure(comm, variants, [s // 4 for s in args.sizes], "float32", "sum", iters=args.iters,
                    warmup=args.warmup, baseline=base, progress=lambda t: print("  ..", t, flush=True))

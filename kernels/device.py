@@ -5,6 +5,7 @@ on the GPU and through NumPy views in the CUDA simulator, where libdevice is onl
 ``fmul_rn`` is a multiply the compiler may not fuse into an FMA: NVVM contracts mul+add by default,
 and a fused ``local + decoded * scale`` would round once instead of twice and stop matching NumPy.
 """
+import ctypes
 import os
 import threading
 
@@ -13,6 +14,8 @@ import numpy as np
 from . import patch_numpy_for_numba
 
 patch_numpy_for_numba()
+# Small launches are normal here (a ring's chunks, tails): numba's per-launch occupancy warning is noise.
+_QUIET_OCCUPANCY = "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ
 
 from numba import config, cuda  # noqa: E402
 
@@ -20,9 +23,11 @@ try:                                   # numba-cuda keeps its own config module;
     from numba.cuda.core import config as _cuda_config
 except ImportError:  # pragma: no cover - older numba
     _cuda_config = config
+if _QUIET_OCCUPANCY:            # also when numba was imported before us (the environment is read then)
+    _cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
-__all__ = ["cuda", "SIMULATED", "f32_bits", "bits_f32", "fmul_rn", "shfl_xor_max", "device_fn", "launch_blocks",
-           "launch", "kernel_view", "data_address", "sm_count", "hardware_fp8", "fp8x2_converter", "fp8x2_decoder", "TPB", "ITEMS"]
+__all__ = ["cuda", "SIMULATED", "f32_bits", "bits_f32", "fmul_rn", "device_fn", "launch_blocks",
+           "launch", "kernel_view", "data_address", "sm_count", "hardware_fp8", "TPB", "ITEMS"]
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 TPB = 256          # threads per CUDA block
@@ -36,18 +41,6 @@ def device_fn(pyfunc):
 
 
 if SIMULATED:
-    def _shfl_xor_max(v, offset):
-        # The simulator has no warp shuffles: exchange through shared memory. Every thread of the CUDA
-        # block must call this equally often (the FP8 kernels' loops are block-uniform for this reason).
-        sh = cuda.shared.array(1024, np.float32)
-        t = cuda.threadIdx.x
-        cuda.syncthreads()
-        sh[t] = v
-        cuda.syncthreads()
-        other = sh[t ^ offset]
-        return other if other > v else v
-    shfl_xor_max = cuda.jit(device=True)(_shfl_xor_max)
-
     def f32_bits(x):
         return int(np.float32(x).view(np.uint32))
 
@@ -70,12 +63,6 @@ else:
     @cuda.jit(device=True)
     def fmul_rn(a, b):
         return libdevice.fmul_rn(np.float32(a), np.float32(b))
-
-    @cuda.jit(device=True)
-    def shfl_xor_max(v, offset):
-        """max(v, v of lane ^ offset) over the full warp (values are finite and >= 0)."""
-        other = cuda.shfl_xor_sync(0xFFFFFFFF, v, offset)
-        return other if other > v else v
 
 
 _streams = {}
@@ -106,7 +93,8 @@ def launch(kern, grid, tpb, *args):
     host waits per launch, the GPU idles while Python dispatches, and back-to-back launches cannot
     queue up. Launching on the producers' stream gives the same ordering without any host wait, so
     that sync is switched off for our launches only (under a lock; restored afterwards). Repeated
-    launches with the same argument types skip numba's per-call typing (``_fast_launch``).
+    launches with the same argument types skip numba's per-call typing and, for CuPy arrays, its
+    per-argument device-array wrapping (``_fast_launch``, ``_LeanLauncher``).
     """
     if SIMULATED:
         return kern[grid, tpb](*args)
@@ -123,6 +111,7 @@ def launch(kern, grid, tpb, *args):
 
 _overloads = {}
 _FAST = os.environ.get("RINGLAB_NUMBA_FAST_LAUNCH", "1") != "0"
+_LEAN = _FAST                # the lean parameter packer on top of the cached overload (_LeanLauncher)
 
 
 def _type_key(a):
@@ -150,18 +139,102 @@ def _fast_launch(kern, grid, tpb, stream, args):
             from numba.cuda.cudadrv.driver import _to_core_stream
             from numba.cuda.errors import normalize_kernel_dimensions
             sig = tuple(kern.typeof_pyval(a) for a in args)
-            _overloads[key] = (kern.overloads[sig], _to_core_stream, normalize_kernel_dimensions)
+            _overloads[key] = [kern.overloads[sig], _to_core_stream, normalize_kernel_dimensions, None]
         except (AttributeError, ImportError, KeyError, TypeError):   # another numba: use the dispatcher
             _overloads[key] = False
         return True
-    overload, to_core_stream, normalize = compiled
+    overload, to_core_stream, normalize, lean = compiled
     g, b = normalize(grid, tpb)
+    core_stream = to_core_stream(stream)
+    if lean is None:                                 # second launch: check the packer against numba once
+        lean = compiled[3] = _LEAN and _LeanLauncher.checked(overload, core_stream, args)
     try:
-        overload.launch(args, g, b, to_core_stream(stream), 0)
+        if lean:
+            lean.launch(core_stream, g, b, args)
+        else:
+            overload.launch(args, g, b, core_stream, 0)
     except TypeError:             # an internal signature changed: nothing was launched, fall back for good
         _overloads[key] = False
         return False
     return True
+
+
+class _LeanLauncher:
+    """Kernel parameters packed straight from CuPy arrays, the launch made as numba makes it.
+
+    numba turns every array argument into a numba device array (from its ``__cuda_array_interface__``)
+    just to read its size, item size and pointer: most of the ~0.15 ms of host time a launch of the FP8
+    kernels costs, paid once per ring step. A 1-D C-contiguous array is 7 kernel parameters (meminfo,
+    parent, size, itemsize, data, shape, stride); ``checked`` builds them once both ways and keeps this
+    path only if they agree with numba's own ``_prepare_args``.
+    """
+
+    def __init__(self, overload, packers):
+        from numba.cuda import dispatcher
+        self.kernel = overload._codelibrary.get_cufunc().kernel
+        self.packers, self.configs, self._d = packers, {}, dispatcher
+
+    @staticmethod
+    def _packers(overload):
+        from numba.cuda import types as nt
+        packers = []
+        for ty in overload.argument_types:
+            if isinstance(ty, nt.Array) and ty.ndim == 1 and ty.layout == "C":
+                packers.append(None)
+            elif isinstance(ty, nt.Integer):
+                packers.append(getattr(ctypes, f"c_{ty}"))
+            elif ty in (nt.float32, nt.float64):
+                packers.append(ctypes.c_float if ty == nt.float32 else ctypes.c_double)
+            elif ty == nt.boolean:
+                packers.append(lambda v: v)          # as numba passes it
+            else:
+                return None
+        return packers
+
+    def params(self, args):
+        out = []
+        for pack, a in zip(self.packers, args):
+            if pack is None:
+                n, size = a.size, a.itemsize
+                out += (0, 0, n, size, a.data.ptr if n else 0, n, size)
+            else:
+                out.append(pack(a))
+        return out
+
+    def launch(self, core_stream, g, b, args):
+        config = self.configs.get((g, b))
+        if config is None:
+            if len(self.configs) > 256:              # one per grid size seen: keep it bounded
+                self.configs.clear()
+            kw = {"is_cooperative" if self._d.CUDA_CORE_GE_1_0 else "cooperative_launch": False}
+            config = self.configs[(g, b)] = self._d.LaunchConfig(grid=g, block=b, shmem_size=0, **kw)
+        self._d.launch(core_stream, config, self.kernel, *self.params(args))
+
+    @classmethod
+    def checked(cls, overload, core_stream, args):
+        """A launcher whose parameters equal numba's for ``args``, else False (use numba's launch)."""
+        try:
+            packers = cls._packers(overload)
+            if packers is None or not all(hasattr(a, "data") and hasattr(a.data, "ptr")
+                                          for p, a in zip(packers, args) if p is None):
+                return False
+            lean = cls(overload, packers)
+            theirs = []
+            for ty, a in zip(overload.argument_types, args):
+                overload._prepare_args(ty, a, core_stream, [], theirs)
+            value = lambda v: v.value if hasattr(v, "value") else v  # noqa: E731
+            mine, theirs = [value(v) for v in lean.params(args)], [value(v) for v in theirs]
+            empty_ptrs = set()                       # an empty array's pointer is never read
+            i = 0
+            for p, a in zip(packers, args):
+                if p is None and a.size == 0:
+                    empty_ptrs.add(i + 4)
+                i += 7 if p is None else 1
+            same = len(mine) == len(theirs) and all(m == t for k, (m, t) in enumerate(zip(mine, theirs))
+                                                    if k not in empty_ptrs)
+            return lean if same else False
+        except Exception:  # noqa: BLE001 - any surprise in numba's internals: keep numba's own launch
+            return False
 
 
 def hardware_fp8():
@@ -177,68 +250,11 @@ def hardware_fp8():
 _hw = []
 
 
-_cvt = {}
-
-
-def fp8x2_converter(fmt_name):
-    """Device function ``cvt(lo, hi) -> uint16``: two fp32 values rounded to nearest even into FP8
-    codes (``lo`` in the low byte), saturating finite values at +-fmax, in one PTX instruction
-    (``cvt.rn.satfinite.e4m3x2.f32``). Inputs must be finite: NaN/inf follow the project's policy
-    in the caller. Same bits as the software encoder (the device check compares both to ml_dtypes)."""
-    if fmt_name not in _cvt:
-        from llvmlite import ir
-        from numba import types
-        from numba.cuda.extending import intrinsic
-        ptx = f"cvt.rn.satfinite.{fmt_name}x2.f32 $0, $1, $2;"     # $1 -> high byte, $2 -> low byte
-
-        @intrinsic
-        def cvt_x2(typingctx, hi, lo):
-            def codegen(context, builder, sig, args):
-                fnty = ir.FunctionType(ir.IntType(16), [ir.FloatType(), ir.FloatType()])
-                return builder.call(ir.InlineAsm(fnty, ptx, "=h,f,f"), args)
-            return types.uint16(types.float32, types.float32), codegen
-
-        def cvt(lo, hi):
-            return cvt_x2(np.float32(hi), np.float32(lo))
-        _cvt[fmt_name] = device_fn(cvt)
-    return _cvt[fmt_name]
-
-
-_dec = {}
-
-
-def fp8x2_decoder(fmt_name):
-    """Device function ``dec(lo, hi) -> (fp32, fp32)``: two FP8 codes to their exact values through
-    the GPU's FP8 -> f16x2 conversion (``cvt.rn.f16x2.e4m3x2``) and f16 -> f32 (both exact). NaN codes
-    give a NaN of unspecified sign and payload (the policy's NaN handling does not look at either)."""
-    if fmt_name not in _dec:
-        from llvmlite import ir
-        from numba import types
-        from numba.cuda.extending import intrinsic
-        ptx = ("{ .reg .b32 h2; .reg .b16 lo, hi;\n"
-               f" cvt.rn.f16x2.{fmt_name}x2 h2, $2;\n"
-               " mov.b32 {lo, hi}, h2;\n cvt.f32.f16 $0, lo;\n cvt.f32.f16 $1, hi; }")
-
-        @intrinsic
-        def dec_x2(typingctx, word):
-            ret = types.UniTuple(types.float32, 2)
-
-            def codegen(context, builder, sig, args):
-                f32 = ir.FloatType()
-                fnty = ir.FunctionType(ir.LiteralStructType([f32, f32]), [ir.IntType(16)])
-                pair = builder.call(ir.InlineAsm(fnty, ptx, "=f,=f,h"), [args[0]])
-                return context.make_tuple(builder, ret, [builder.extract_value(pair, 0),
-                                                         builder.extract_value(pair, 1)])
-            return ret(types.uint16), codegen
-
-        def dec(lo, hi):
-            return dec_x2(np.uint16((hi << 8) | lo))
-        _dec[fmt_name] = device_fn(dec)
-    return _dec[fmt_name]
-
-
 def data_address(a):
     """Device (CuPy, numba) or host (NumPy, in the simulator) address of a's first element."""
+    ptr = getattr(getattr(a, "data", None), "ptr", None)      # CuPy, without building its interface dict
+    if ptr is not None:
+        return ptr
     iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
     return iface["data"][0]
 

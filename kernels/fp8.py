@@ -2,20 +2,23 @@
 
 Same policy and bit-for-bit the same results as kernels/reference.py (see its docstring).
 
-Memory-bound design (no shared memory, no __syncthreads on the GPU):
+Memory-bound design (no shared memory, no __syncthreads on the GPU): the budget at HBM speed is a few
+dozen instructions per element, so the kernels spend it on the data, not on indexing:
 
-- a warp owns a tile of ``32 * steps`` element pairs (``fp8_access``: one 8-byte fp32-pair load per lane
-  per step, coalesced); tiles start on FP8-block boundaries, so every FP8 block lies inside one warp:
-  block <= 64 elements = a segment of block/2 lanes of one step, 128/256 = 2/4 whole steps;
-- block amax: |x| of the lane's two finite elements, the max over the block's steps, then xor-shuffle
-  max over the segment (log2 lanes steps); every lane of the segment then has the amax, computes
-  scale = amax * fp32(1/fmax) and inv = 1/scale (once per lane per FP8 block, not per element),
-  and encodes its elements as RNE(clamp(x * inv)): on sm_89+ by the GPU's conversion instruction
-  (``cvt.rn.satfinite.e4m3x2.f32``, two values per instruction; NaN/inf by the policy), elsewhere and
-  in the simulator by fp32 arithmetic plus a few integer ops (``fp8_bits.make_fp8_value_codec``);
-  two codes go out as one uint16 store;
-- a grid-stride loop over tiles, ``blocks_per_sm`` CUDA blocks per SM (TUNING), loads of all steps
-  issued before any store so several are in flight per lane.
+- a lane moves a *quad* of four consecutive elements per step (``fp8_access``: one 16-byte fp32
+  vector load, one 4-byte store of four codes); a warp owns a tile of ``32 * steps`` quads starting on
+  an FP8-block boundary, so every FP8 block lies inside one warp: block 32/64 = 8/16 lanes of a step,
+  128 = one whole step, 256 = two steps;
+- block amax: ``max.f32`` over the quad's |values| (it skips NaN by itself), the max over the block's
+  steps, then xor shuffles over the block's lanes; inf is left out of amax by a second pass that runs
+  only when a warp vote finds one. Every lane of the block then has amax, computes scale and
+  inv = 1/scale once per block, and encodes its quad as RNE(clamp(x * inv)): on sm_89+ by the GPU's
+  conversion instruction (``cvt.rn.satfinite.e4m3x2.f32``, two values per instruction; NaN/inf patched
+  to the policy's codes in a branch taken only when the quad holds one), elsewhere and in the simulator
+  by fp32 arithmetic plus a few integer ops (``fp8_bits.make_fp8_value_codec``);
+- a grid-stride loop over tiles, ``blocks_per_sm`` CUDA blocks per SM (TUNING), all of a tile's loads
+  issued before its first store so several are in flight per lane; a tile wholly inside the array
+  takes the unchecked path (a warp-uniform flag), only the last partial tile checks bounds.
 
 ``dequant_add_requant`` is one compressed reduce-scatter hop: it reads the peer's codes and scales
 and the local partial sum once, and writes the new codes and scales once (plus, at the last hop,
@@ -26,212 +29,238 @@ fuse them into an FMA (one rounding instead of NumPy's two).
 import numpy as np
 from numba import float32
 
-from .device import (SIMULATED, cuda, data_address, device_fn, fmul_rn, fp8x2_converter, fp8x2_decoder, hardware_fp8,
-                     kernel_view, launch, shfl_xor_max, sm_count, bits_f32, f32_bits)
+from .device import cuda, device_fn, fmul_rn, hardware_fp8, kernel_view, launch, sm_count, f32_bits, bits_f32
 from .formats import check_block, fp8_format
-from .fp8_access import code_pair_loader, code_pair_storer, pair_loader, pair_storer, word_dtype
+from .fp8_access import code_quad_loader, code_quad_storer, quad_loader, quad_storer
 from .fp8_bits import make_fp8_value_codec
+from .intrinsics import aligned4, any_lane, fmax_nan_ignoring, fp8x4_decoder, fp8x4_encoder, shfl_xor_fmax
 from .reference import MIN_SCALE, split_fp8_message
 
 __all__ = ["quantize_device", "dequantize_device", "dequant_add_requant_device", "dequant_accumulate_device",
            "TUNING", "VARIANTS"]
 
 # Launch shape; device_kernels_check.py times every entry of VARIANTS and the lead keeps the fastest.
-# blocks_per_sm 0 = one tile per warp (a grid as large as the data, no grid-stride loop).
-# Per kernel: the fastest VARIANTS entry measured on an H100 (docs/results/fp8/kernels_speed_gpu.json).
-TUNING = {"quantize": {"tpb": 256, "steps": 8, "blocks_per_sm": 4, "words": False},
+# steps: quads per lane per tile; blocks_per_sm 0 = one tile per warp (a grid as large as the data).
+# Per kernel: the fastest VARIANTS entry on an H200 (docs/results/fp8/kernels_speed_h200.json).
+TUNING = {"quantize": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
           "hop": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
-          "dequantize": {"tpb": 256, "steps": 4, "blocks_per_sm": 0},
-          "accumulate": {"tpb": 256, "steps": 4, "blocks_per_sm": 8}}
+          "dequantize": {"tpb": 256, "steps": 2, "blocks_per_sm": 0},
+          "accumulate": {"tpb": 256, "steps": 1, "blocks_per_sm": 0}}
 # "-sw": the software encoder even where the GPU has the FP8 conversion instruction (hardware_fp8()).
-# "-el": fp32/bf16 values as single elements (4-byte accesses), not two-element words.
-VARIANTS = {"s4-b8-sw": dict(steps=4, blocks_per_sm=8, hw=False), "s4-full-sw": dict(steps=4, blocks_per_sm=0, hw=False),
-            "s2-full": dict(steps=2, blocks_per_sm=0), "s4-full": dict(steps=4, blocks_per_sm=0),
-            "s2-b16": dict(steps=2, blocks_per_sm=16), "s4-b8": dict(steps=4, blocks_per_sm=8),
-            "s8-b4": dict(steps=8, blocks_per_sm=4),
-            "s4-b8-el": dict(steps=4, blocks_per_sm=8, words=False), "s4-full-el": dict(steps=4, blocks_per_sm=0, words=False),
-            "s8-b4-el": dict(steps=8, blocks_per_sm=4, words=False)}
+# "-el": four scalar accesses per quad (the path of arrays not aligned for vectors), not one vector access.
+VARIANTS = {"s1-full": dict(steps=1, blocks_per_sm=0), "s2-full": dict(steps=2, blocks_per_sm=0),
+            "s4-full": dict(steps=4, blocks_per_sm=0), "s2-b8": dict(steps=2, blocks_per_sm=8),
+            "s4-b4": dict(steps=4, blocks_per_sm=4), "s4-b8": dict(steps=4, blocks_per_sm=8),
+            "s2-full-el": dict(steps=2, blocks_per_sm=0, vector=False),
+            "s2-full-sw": dict(steps=2, blocks_per_sm=0, hw=False)}
 _kernels = {}
+FULL_MASK = 0xFFFFFFFF
 
 
 def _codec(f, hw=False):
-    """Device functions for one format: encode_pair(a, b, inv), dequant_pair(c0, c1, scale), scale_of(amax),
-    finite_abs(v). ``hw``: finite values are encoded by the GPU's fp32 -> FP8 conversion instruction
-    (device.fp8x2_converter), NaN/inf by the policy, and codes decoded by FP8 -> f16x2 -> f32
-    (device.fp8x2_decoder); else the software codec (fp8_bits.py) does both."""
+    """Device functions for one format, four values at a time: encode4(a, b, c, d, inv) -> int64 word of
+    codes (a in the low byte), decode4(word, scale) -> 4 x fp32, scale_of(amax), finite_abs(v).
+    ``hw``: the GPU's FP8 conversion instructions (intrinsics.fp8x4_encoder/decoder), NaN/inf patched to
+    the policy's codes; else the software codec (fp8_bits.py) for each value."""
     encode, decode_value = make_fp8_value_codec(f, f32_bits, bits_f32, fmul_rn)
     encode, decode_value = device_fn(encode), device_fn(decode_value)
     rcp_fmax, one, inf = f.rcp_fmax32, np.float32(1.0), np.float32(np.inf)
     zero = np.float32(0.0)
-    has_inf, inf_code, nan_code = f.has_inf, f.inf_code, f.nan_code
-
-    def dequant(code, scale):
-        return fmul_rn(decode_value(code), scale)
-    dequant = device_fn(dequant)
 
     def scale_of(amax):
         s = fmul_rn(amax, rcp_fmax)
-        return one if s < MIN_SCALE else s
+        return s if s >= MIN_SCALE else one     # also a NaN amax (a block of NaN only): scale 1
 
     def finite_abs(v):
         a = abs(v)
         return a if a < inf else zero           # NaN and inf: left out of amax
 
     if hw:
-        cvt = fp8x2_converter(f.name)
+        cvt4, dec4 = fp8x4_encoder(f.name), fp8x4_decoder(f.name)
 
-        def special(v):
-            """Code of a NaN or inf input (docs/fp8.md policy)."""
-            b = f32_bits(v)
-            if has_inf and (b & 0x7FFFFF) == 0:
-                return ((b >> 24) & 0x80) | inf_code
-            return nan_code
-        special = device_fn(special)
+        def with_policy(w, k, v, inv):
+            """Word ``w`` with code k replaced by the policy's code for v (finite: unchanged)."""
+            if abs(v) < inf:
+                return w
+            shift = 8 * k
+            return (w & ~(np.int64(0xFF) << shift)) | (encode(v, inv) << shift)
+        with_policy = device_fn(with_policy)
 
-        def encode_pair(a, b, inv):
-            w = np.int64(cvt(fmul_rn(a, inv), fmul_rn(b, inv)))
-            c0, c1 = w & 0xFF, w >> 8
-            if not abs(a) < inf:                 # NaN or inf: one float compare on the common path
-                c0 = special(a)
-            if not abs(b) < inf:
-                c1 = special(b)
-            return c0, c1
+        def encode4(a, b, c, d, inv):
+            w = np.int64(cvt4(fmul_rn(a, inv), fmul_rn(b, inv), fmul_rn(c, inv), fmul_rn(d, inv)))
+            if not ((abs(a) < inf) & (abs(b) < inf) & (abs(c) < inf) & (abs(d) < inf)):   # rare: NaN/inf
+                w = with_policy(with_policy(with_policy(with_policy(w, 0, a, inv), 1, b, inv), 2, c, inv), 3, d, inv)
+            return w
 
-        dec = fp8x2_decoder(f.name)
-
-        def dequant_pair(c0, c1, scale):
-            a, b = dec(c0, c1)
-            return fmul_rn(a, scale), fmul_rn(b, scale)
+        def decode4(w, scale):
+            a, b, c, d = dec4(w)
+            return fmul_rn(a, scale), fmul_rn(b, scale), fmul_rn(c, scale), fmul_rn(d, scale)
     else:
-        def encode_pair(a, b, inv):
-            return encode(a, inv), encode(b, inv)
+        def encode4(a, b, c, d, inv):
+            return encode(a, inv) | (encode(b, inv) << 8) | (encode(c, inv) << 16) | (encode(d, inv) << 24)
 
-        def dequant_pair(c0, c1, scale):
-            return dequant(c0, scale), dequant(c1, scale)
-    return device_fn(encode_pair), device_fn(dequant_pair), device_fn(scale_of), device_fn(finite_abs)
+        def decode4(w, scale):
+            return (fmul_rn(decode_value(w & 0xFF), scale), fmul_rn(decode_value((w >> 8) & 0xFF), scale),
+                    fmul_rn(decode_value((w >> 16) & 0xFF), scale), fmul_rn(decode_value((w >> 24) & 0xFF), scale))
+    return device_fn(encode4), device_fn(decode4), device_fn(scale_of), device_fn(finite_abs)
 
 
 def _log2(v):
     return int(v).bit_length() - 1
 
 
-def _make_quantizing_kernel(fmt, block, kin, win, kout, wout, wcodes, wpeer, steps, tpb, hw, hop):
+def _make_quantizing_kernel(fmt, block, kin, kout, vector, steps, tpb, hw, hop):
     """quantize(x) when ``hop`` is False, else dequant-add-requant: the same warp tiles around a different value."""
-    encode_pair, dequant_pair, scale_of, finite_abs = _codec(fp8_format(fmt), hw)
-    load, store = pair_loader(kin, win), pair_storer(kout, wout)
-    load_codes, store_codes = code_pair_loader(wpeer), code_pair_storer(wcodes)
-    half_block = block // 2                      # pairs per FP8 block
-    hb_shift, hb_mask = _log2(half_block), half_block - 1
-    span = max(1, block // 64)                   # steps per FP8 block
+    encode4, decode4, scale_of, finite_abs = _codec(fp8_format(fmt), hw)
+    load, load_tail = quad_loader(kin, vector)
+    store, store_tail = quad_storer(kout, vector)
+    load_codes, load_codes_tail = code_quad_loader(vector)
+    store_codes, store_codes_tail = code_quad_storer(vector)
+    quads_per_block = block // 4
+    qb_shift, qb_mask = _log2(quads_per_block), quads_per_block - 1
+    span = max(1, quads_per_block // 32)         # steps per FP8 block
     nsteps = max(steps, span)
-    seg_top = min(half_block, 32) // 2           # first xor offset inside a step
-    tile_pairs = 32 * nsteps
+    seg_top = min(quads_per_block, 32) // 2      # first xor offset: the block's lanes within a step
+    tile_quads = 32 * nsteps
     warps_per_block = tpb // 32
-    one = np.float32(1.0)
+    one, inf = np.float32(1.0), np.float32(np.inf)
 
-    def kernel(x, xw, pc, pcw, ps, codes, codes_w, scales, out, out_w, n, div, div_mode, write_out):
+    def kernel(x, pc, ps, codes, scales, out, n, div, div_mode, write_out):
         lane = cuda.threadIdx.x & 31
         warp = cuda.blockIdx.x * warps_per_block + (cuda.threadIdx.x >> 5)
         nwarps = cuda.gridDim.x * warps_per_block
-        npairs = (n + 1) >> 1
-        ntiles = (npairs + tile_pairs - 1) // tile_pairs
+        ntiles = (n + 4 * tile_quads - 1) // (4 * tile_quads)
         rounds = (ntiles + nwarps - 1) // nwarps         # the same for every thread: shuffles stay uniform
         va = cuda.local.array(nsteps, float32)
         vb = cuda.local.array(nsteps, float32)
-        am = cuda.local.array(nsteps, float32)      # block amax, then the block's scale
+        vc = cuda.local.array(nsteps, float32)
+        vd = cuda.local.array(nsteps, float32)
+        am = cuda.local.array(nsteps, float32)      # peer scale, lane amax, then the block's scale
         iv = cuda.local.array(nsteps, float32)      # 1 / scale
+        wq = cuda.local.array(nsteps, np.int64)     # peer codes, then the new codes
         for r in range(rounds):
             tile = r * nwarps + warp
-            p0 = tile * tile_pairs + lane
-            full = (tile + 1) * tile_pairs <= (n >> 1)  # warp-uniform: the whole tile is in the word range
+            q0 = tile * tile_quads + lane
+            full = (tile + 1) * tile_quads * 4 <= n      # warp-uniform: no bounds checks in this tile
+            if full:                                     # every load of the tile before any use
+                for j in range(nsteps):
+                    q = q0 + 32 * j
+                    va[j], vb[j], vc[j], vd[j] = load(x, q)
+                    if hop:
+                        wq[j] = load_codes(pc, q)
+                        am[j] = ps[q >> qb_shift]
+            else:
+                for j in range(nsteps):
+                    q = q0 + 32 * j
+                    va[j], vb[j], vc[j], vd[j] = load_tail(x, q, n)
+                    if hop:
+                        wq[j] = load_codes_tail(pc, q, n)
+                        am[j] = ps[q >> qb_shift] if 4 * q < n else one
+            has_inf = False
             for j in range(nsteps):
-                p = p0 + 32 * j
-                a, b = load(x, xw, p, n, full)
+                a, b, c, d = va[j], vb[j], vc[j], vd[j]
                 if hop:
-                    c0, c1 = load_codes(pc, pcw, p, n, full)
-                    sc = one
-                    if full or p < npairs:
-                        sc = ps[p >> hb_shift]
-                    da, db = dequant_pair(c0, c1, sc)
-                    a = a + da
-                    b = b + db
+                    da, db, dc, dd = decode4(wq[j], am[j])
+                    a, b, c, d = a + da, b + db, c + dc, d + dd
                     if div_mode == 1:
-                        a = a / div
-                        b = b / div
+                        a, b, c, d = a / div, b / div, c / div, d / div
                     elif div_mode == 2:                  # power of two: the exact reciprocal, same bits
-                        a = fmul_rn(a, div)
-                        b = fmul_rn(b, div)
-                va[j] = a
-                vb[j] = b
-                fa, fb = finite_abs(a), finite_abs(b)
-                am[j] = fa if fa > fb else fb
+                        a, b, c, d = fmul_rn(a, div), fmul_rn(b, div), fmul_rn(c, div), fmul_rn(d, div)
+                    va[j], vb[j], vc[j], vd[j] = a, b, c, d
+                m = fmax_nan_ignoring(fmax_nan_ignoring(abs(a), abs(b)), fmax_nan_ignoring(abs(c), abs(d)))
+                has_inf = has_inf | (m == inf)
+                am[j] = m
+            if any_lane(has_inf):                        # rare: amax over the finite values only
+                for j in range(nsteps):
+                    am[j] = max(max(finite_abs(va[j]), finite_abs(vb[j])), max(finite_abs(vc[j]), finite_abs(vd[j])))
             for g in range(nsteps // span):              # amax of each FP8 block, on all its lanes
                 m = am[g * span]
                 for k in range(1, span):
-                    other = am[g * span + k]
-                    m = other if other > m else m
+                    m = fmax_nan_ignoring(m, am[g * span + k])
                 off = seg_top
                 while off > 0:
-                    m = shfl_xor_max(m, off)
+                    m = shfl_xor_fmax(m, off)
                     off = off >> 1
                 scale = scale_of(m)
-                inv = one / scale                        # once per FP8 block and lane, not per step
+                inv = one / scale                        # once per FP8 block and lane
                 for k in range(span):
                     am[g * span + k] = scale
                     iv[g * span + k] = inv
             for j in range(nsteps):
-                p = p0 + 32 * j
-                scale, inv = am[j], iv[j]
-                c0, c1 = encode_pair(va[j], vb[j], inv)
-                store_codes(codes, codes_w, p, n, full, c0, c1)
-                if (p & hb_mask) == 0 and (full or p < npairs):
-                    scales[p >> hb_shift] = scale
+                wq[j] = encode4(va[j], vb[j], vc[j], vd[j], iv[j])
                 if write_out:
-                    oa, ob = dequant_pair(c0, c1, scale)
-                    store(out, out_w, p, n, full, oa, ob)
-    return cuda.jit(kernel), tile_pairs
+                    va[j], vb[j], vc[j], vd[j] = decode4(wq[j], am[j])
+            if full:
+                for j in range(nsteps):
+                    q = q0 + 32 * j
+                    store_codes(codes, q, wq[j])
+                    if (q & qb_mask) == 0:
+                        scales[q >> qb_shift] = am[j]
+                    if write_out:
+                        store(out, q, va[j], vb[j], vc[j], vd[j])
+            else:
+                for j in range(nsteps):
+                    q = q0 + 32 * j
+                    store_codes_tail(codes, q, n, wq[j])
+                    if (q & qb_mask) == 0 and 4 * q < n:
+                        scales[q >> qb_shift] = am[j]
+                    if write_out:
+                        store_tail(out, q, n, va[j], vb[j], vc[j], vd[j])
+    return cuda.jit(kernel), tile_quads
 
 
-def _make_elementwise_kernel(fmt, block, kout, wout, wcodes, steps, hw, accumulate):
+def _make_elementwise_kernel(fmt, block, kout, vector, steps, hw, accumulate):
     """dequantize into out (``accumulate`` False) or add the dequantized values into an fp32 accumulator."""
-    _, dequant_pair, _, _ = _codec(fp8_format(fmt), hw)
-    load, store = pair_loader(kout, wout), pair_storer(kout, wout)
-    load_codes = code_pair_loader(wcodes)
-    hb_shift = _log2(block // 2)
-    one = np.float32(1.0)
+    _, decode4, _, _ = _codec(fp8_format(fmt), hw)
+    load, load_tail = quad_loader(kout, vector)
+    store, store_tail = quad_storer(kout, vector)
+    load_codes, load_codes_tail = code_quad_loader(vector)
+    qb_shift = _log2(block // 4)
+    one, zero = np.float32(1.0), np.float32(0.0)
 
-    def kernel(codes, codes_w, scales, out, out_w, n):
+    def kernel(codes, scales, out, n):
         stride = cuda.gridDim.x * cuda.blockDim.x
-        npairs = (n + 1) >> 1
-        ca = cuda.local.array(steps, np.int64)
-        cb = cuda.local.array(steps, np.int64)
+        nquads = (n + 3) >> 2
+        wq = cuda.local.array(steps, np.int64)
         sc = cuda.local.array(steps, float32)
         va = cuda.local.array(steps, float32)
         vb = cuda.local.array(steps, float32)
-        p0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        while p0 < npairs:
-            full = p0 + (steps - 1) * stride < (n >> 1)  # all of this lane's pairs are in the word range
-            for j in range(steps):                       # all loads first: several in flight per lane
-                p = p0 + j * stride
-                c0, c1 = load_codes(codes, codes_w, p, n, full)
-                ca[j] = c0
-                cb[j] = c1
-                s = one
-                if full or p < npairs:
-                    s = scales[p >> hb_shift]
-                sc[j] = s
-                if accumulate:
-                    a, b = load(out, out_w, p, n, full)
-                    va[j] = a
-                    vb[j] = b
+        vc = cuda.local.array(steps, float32)
+        vd = cuda.local.array(steps, float32)
+        q0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        while q0 < nquads:
+            full = 4 * (q0 + (steps - 1) * stride) + 4 <= n     # all of this lane's quads are whole
+            if full:                                     # all loads first: several in flight per lane
+                for j in range(steps):
+                    q = q0 + j * stride
+                    wq[j] = load_codes(codes, q)
+                    sc[j] = scales[q >> qb_shift]
+                    if accumulate:
+                        va[j], vb[j], vc[j], vd[j] = load(out, q)
+            else:
+                for j in range(steps):
+                    q = q0 + j * stride
+                    wq[j], sc[j] = np.int64(0), one
+                    va[j], vb[j], vc[j], vd[j] = zero, zero, zero, zero
+                    if 4 * q < n:
+                        wq[j] = load_codes_tail(codes, q, n)
+                        sc[j] = scales[q >> qb_shift]
+                        if accumulate:
+                            va[j], vb[j], vc[j], vd[j] = load_tail(out, q, n)
             for j in range(steps):
-                p = p0 + j * stride
-                a, b = dequant_pair(ca[j], cb[j], sc[j])
+                a, b, c, d = decode4(wq[j], sc[j])
                 if accumulate:
-                    a = va[j] + a
-                    b = vb[j] + b
-                store(out, out_w, p, n, full, a, b)
-            p0 += steps * stride
+                    a, b, c, d = va[j] + a, vb[j] + b, vc[j] + c, vd[j] + d
+                va[j], vb[j], vc[j], vd[j] = a, b, c, d
+            if full:
+                for j in range(steps):
+                    store(out, q0 + j * stride, va[j], vb[j], vc[j], vd[j])
+            else:
+                for j in range(steps):
+                    q = q0 + j * stride
+                    if 4 * q < n:
+                        store_tail(out, q, n, va[j], vb[j], vc[j], vd[j])
+            q0 += steps * stride
     return cuda.jit(kernel), steps
 
 
@@ -245,12 +274,14 @@ def _kernel(name, *key):
     return _kernels[full]
 
 
-def _tuning(variant, kernel):
+def _tuning(variant, kernel, *arrays):
+    """Launch shape for ``kernel`` (TUNING, overridden by a VARIANTS name or dict); ``vector`` only when
+    every array the kernel touches is aligned for quads."""
     t = dict(TUNING[kernel])
     if variant is not None:
         t.update(VARIANTS[variant] if isinstance(variant, str) else variant)
     t["hw"] = bool(t.get("hw", True)) and hardware_fp8()
-    t["words"] = bool(t.get("words", True))
+    t["vector"] = bool(t.get("vector", True)) and all(aligned4(a) for a in arrays if a.size)
     return t
 
 
@@ -258,18 +289,6 @@ def _grid(units, per_block, t):
     """CUDA blocks: cover ``units`` once, capped at blocks_per_sm per SM (0: no cap)."""
     need = max(1, -(-units // per_block))
     return need if t["blocks_per_sm"] <= 0 else max(1, min(need, sm_count() * t["blocks_per_sm"]))
-
-
-def _words(a, kind, n, use=True):
-    """(word view of a's first n // 2 pairs, True) when a is aligned for words, else (a[:0], False).
-
-    The unused view is an empty slice, not ``a`` itself: the simulator copies every argument back after
-    the launch, and a second, unmodified copy of ``a`` would overwrite what the kernel wrote.
-    """
-    wdt = word_dtype(kind)
-    if not use or wdt is None or n < 2 or data_address(a) % np.dtype(wdt).itemsize:
-        return a[:0], False
-    return a[: n - (n & 1)].view(wdt), True
 
 
 def _divide_mode(divide_by):
@@ -296,19 +315,26 @@ def _check(codes, scales, n, block):
                          f"got {codes.size} and {scales.size}")
 
 
+def _launch_quantizing(name, fmt, block, variant, x, kind, peer_codes, peer_scales, codes, scales, out, kind_out,
+                       divide_by):
+    """quantize / hop launch; unused arrays are empty slices (the simulator copies every argument back
+    after a launch, so a second, unmodified copy of a written array would overwrite what the kernel wrote)."""
+    n = x.size
+    t = _tuning(variant, name, x, peer_codes, codes, out)
+    kern, tile = _kernel(name, fmt.name, block, kind, kind_out, t["vector"], t["steps"], t["tpb"], t["hw"])
+    mode, d = _divide_mode(divide_by)
+    launch(kern, _grid(-(-n // 4), tile * t["tpb"] // 32, t), t["tpb"],
+           x, peer_codes, peer_scales, codes, scales, out, n, d, mode, out.size > 0)
+
+
 def quantize_device(x, codes, scales, fmt="e4m3", block=128, variant=None):
     """codes, scales = quantize(x) on the device (same bits as ``quantize_fp8_blockwise``)."""
     f, block = fp8_format(fmt), check_block(block)
     xv, kind = _fp8_kind(x, "quantize")
-    n = xv.size
-    _check(codes, scales, n, block)
-    if n:
-        t = _tuning(variant, "quantize")
-        xw, wx = _words(xv, kind, n, t["words"])
-        cw, wc = _words(codes, "u8", n)
-        kern, tile = _kernel("quantize", f.name, block, kind, wx, kind, wx, wc, wc, t["steps"], t["tpb"], t["hw"])
-        launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],    # no peer, no out: empty placeholders
-               xv, xw, codes[:0], cw[:0], scales[:0], codes, cw, scales, xv[:0], xw[:0], n, np.float32(1), 0, False)
+    _check(codes, scales, xv.size, block)
+    if xv.size:                                      # no peer, no out: empty placeholders
+        _launch_quantizing("quantize", f, block, variant, xv, kind, codes[:0], scales[:0], codes, scales, xv[:0],
+                           kind, 1)
     return codes, scales
 
 
@@ -332,15 +358,8 @@ def dequant_add_requant_device(local, peer_codes, peer_scales, codes, scales, fm
     if out is not None and ov.size != n:
         raise ValueError(f"out has {ov.size} elements, local has {n}")
     if n:
-        t = _tuning(variant, "hop")
-        lw, wl = _words(lv, kind, n, t["words"])
-        ow, wo = _words(ov, kind_out, n, t["words"])
-        pw, wp = _words(peer_codes, "u8", n)
-        cw, wc = _words(codes, "u8", n)
-        mode, d = _divide_mode(divide_by)
-        kern, tile = _kernel("hop", f.name, block, kind, wl, kind_out, wo, wc, wp, t["steps"], t["tpb"], t["hw"])
-        launch(kern, _grid(-(-n // 2), tile * t["tpb"] // 32, t), t["tpb"],
-               lv, lw, peer_codes, pw, peer_scales, codes, cw, scales, ov, ow, n, d, mode, out is not None)
+        _launch_quantizing("hop", f, block, variant, lv, kind, peer_codes, peer_scales, codes, scales, ov, kind_out,
+                           divide_by)
     return codes, scales
 
 
@@ -358,11 +377,9 @@ def _elementwise(name, codes, scales, out, fmt, block, variant):
     n = ov.size
     _check(codes, scales, n, block)
     if n:
-        t = _tuning(variant, name)
-        ow, wo = _words(ov, kind, n, t["words"])
-        cw, wc = _words(codes, "u8", n)
-        kern, steps = _kernel(name, f.name, block, kind, wo, wc, t["steps"], t["hw"])
-        launch(kern, _grid(-(-n // 2), t["tpb"] * steps, t), t["tpb"], codes, cw, scales, ov, ow, n)
+        t = _tuning(variant, name, ov, codes)
+        kern, steps = _kernel(name, f.name, block, kind, t["vector"], t["steps"], t["hw"])
+        launch(kern, _grid(-(-n // 4), t["tpb"] * steps, t), t["tpb"], codes, scales, ov, n)
     return out
 
 

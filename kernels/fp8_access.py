@@ -1,160 +1,122 @@
-"""Pair accessors for the FP8 kernels: every lane moves two consecutive elements per step.
+"""Quad accessors for the FP8 kernels: every lane moves four consecutive elements per step.
 
-A kernel array is passed twice: as elements and as "words" of two elements (fp32 pairs as int64,
-bf16 pairs as uint32, FP8 code pairs as uint16), so a warp step is one coalesced 8/4/2-byte access
-per lane. When an array is not aligned for words (a chunk at an odd element offset) or is fp16, the
-"wide" flag is off and the pair is two scalar accesses. Pair p holds elements 2p and 2p+1; the words
-cover the first n // 2 pairs, the odd last element (if any) goes through the element view.
-int64 (not uint64) words: numba types uint64 & int64 as float64.
+Quad q holds elements 4q..4q+3. Values come back as fp32 whatever the array holds (fp32, fp16, or
+bf16 as uint16 bits); FP8 codes come back as one int64 word, element 4q in the low byte.
+``vector=True``: one aligned vector access per quad (16 bytes of fp32, 8 of fp16/bf16, 4 of codes),
+for arrays whose address is a multiple of the quad (``intrinsics.aligned4``); else four scalar
+accesses (a chunk at an odd offset inside a user array). The ``*_tail`` forms take ``n`` and touch
+only elements below it (reading 0 beyond): they serve the one partial tile at the end of an array.
 """
 import numpy as np
 
-from .device import bits_f32, device_fn, f32_bits
-from .fp8_bits import bf16_bits_from_f32_bits
+from .device import bits_f32, device_fn
+from .intrinsics import bf16_rounder, load4, load_u8x4, scalar_load4, scalar_store4, store4, store_u8x4
 
-__all__ = ["pair_loader", "pair_storer", "code_pair_loader", "code_pair_storer", "word_dtype"]
+__all__ = ["quad_loader", "quad_storer", "code_quad_loader", "code_quad_storer"]
 
-_bf16_round = device_fn(bf16_bits_from_f32_bits)
-
-
-def word_dtype(kind):
-    """NumPy dtype of a two-element word for a value kind ('f32', 'bf16'), or 'u8' codes; None: no words."""
-    return {"f32": np.int64, "bf16": np.uint32, "u8": np.uint16}.get(kind)
-
-
-def _element_loader(kind):
+def _widen(kind):
     if kind == "bf16":
-        def load(a, i):
-            return bits_f32(np.int64(a[i]) << 16)
+        def widen(v):
+            return bits_f32(np.int64(v) << 16)
     else:
-        def load(a, i):
-            return np.float32(a[i])
-    return device_fn(load)
+        def widen(v):
+            return np.float32(v)
+    return device_fn(widen)
 
 
-def _element_storer(kind):
+def _narrow(kind):
     if kind == "bf16":
-        def store(a, i, v):
-            a[i] = _bf16_round(f32_bits(v))
+        round_bf16 = bf16_rounder()
+
+        def narrow(v):
+            return np.uint16(round_bf16(v))
     elif kind == "f16":
-        def store(a, i, v):
-            a[i] = np.float16(v)
+        def narrow(v):
+            return np.float16(v)
     else:
-        def store(a, i, v):
-            a[i] = v
-    return device_fn(store)
+        def narrow(v):
+            return np.float32(v)
+    return device_fn(narrow)
 
 
-def pair_loader(kind, wide):
-    """load(elems, words, p, n, full) -> (fp32 of element 2p, of 2p+1), 0 beyond n. ``full``: the
-    caller knows pair p is inside the word range (a warp-uniform flag: no per-pair bounds check)."""
-    load1 = _element_loader(kind)
+def quad_loader(kind, vector):
+    """(load(a, q) -> 4 x fp32, load_tail(a, q, n) -> 4 x fp32 with elements >= n read as 0)."""
+    widen = _widen(kind)
     zero = np.float32(0.0)
+    load4_any = load4 if vector else scalar_load4
 
-    def load_tail(e, p, n):
-        a, b = zero, zero
-        if 2 * p < n:
-            a = load1(e, 2 * p)
-        if 2 * p + 1 < n:
-            b = load1(e, 2 * p + 1)
-        return a, b
+    def load(a, q):
+        v0, v1, v2, v3 = load4_any(a, q)
+        return widen(v0), widen(v1), widen(v2), widen(v3)
 
-    if wide and kind == "f32":
-        def load(e, w, p, n, full):
-            if full or p < (n >> 1):
-                word = w[p]
-                return bits_f32(word & 0xFFFFFFFF), bits_f32((word >> 32) & 0xFFFFFFFF)
-            return load_tail(e, p, n)
-    elif wide and kind == "bf16":
-        def load(e, w, p, n, full):
-            if full or p < (n >> 1):
-                word = np.int64(w[p])
-                return bits_f32((word & 0xFFFF) << 16), bits_f32(word & 0xFFFF0000)
-            return load_tail(e, p, n)
+    def load_tail(a, q, n):
+        i = 4 * q
+        v0 = widen(a[i]) if i < n else zero
+        v1 = widen(a[i + 1]) if i + 1 < n else zero
+        v2 = widen(a[i + 2]) if i + 2 < n else zero
+        v3 = widen(a[i + 3]) if i + 3 < n else zero
+        return v0, v1, v2, v3
+    return device_fn(load), device_fn(load_tail)
+
+
+def quad_storer(kind, vector):
+    """(store(a, q, v0, v1, v2, v3), store_tail(a, q, n, v0, v1, v2, v3)): fp32 values rounded to the kind."""
+    narrow = _narrow(kind)
+    store4_any = store4 if vector else scalar_store4
+
+    def store(a, q, v0, v1, v2, v3):
+        store4_any(a, q, narrow(v0), narrow(v1), narrow(v2), narrow(v3))
+
+    def store_tail(a, q, n, v0, v1, v2, v3):
+        i = 4 * q
+        if i < n:
+            a[i] = narrow(v0)
+        if i + 1 < n:
+            a[i + 1] = narrow(v1)
+        if i + 2 < n:
+            a[i + 2] = narrow(v2)
+        if i + 3 < n:
+            a[i + 3] = narrow(v3)
+    return device_fn(store), device_fn(store_tail)
+
+
+def code_quad_loader(vector):
+    """(load(codes, q) -> int64 word of codes 4q..4q+3, load_tail(codes, q, n): codes >= n read as 0)."""
+    if vector:
+        def load(a, q):
+            return np.int64(load_u8x4(a, q))
     else:
-        def load(e, w, p, n, full):
-            if full:
-                return load1(e, 2 * p), load1(e, 2 * p + 1)
-            return load_tail(e, p, n)
-    load_tail = device_fn(load_tail)
-    return device_fn(load)
+        def load(a, q):
+            i = 4 * q
+            return (np.int64(a[i]) | (np.int64(a[i + 1]) << 8) | (np.int64(a[i + 2]) << 16)
+                    | (np.int64(a[i + 3]) << 24))
+
+    def load_tail(a, q, n):
+        i = 4 * q
+        w = np.int64(0)
+        for k in range(4):
+            if i + k < n:
+                w |= np.int64(a[i + k]) << (8 * k)
+        return w
+    return device_fn(load), device_fn(load_tail)
 
 
-def pair_storer(kind, wide):
-    """store(elems, words, p, n, full, a, b): elements 2p, 2p+1 (those below n) = a, b, rounded to the kind."""
-    store1 = _element_storer(kind)
-
-    def store_tail(e, p, n, a, b):
-        if 2 * p < n:
-            store1(e, 2 * p, a)
-        if 2 * p + 1 < n:
-            store1(e, 2 * p + 1, b)
-
-    if wide and kind == "f32":
-        def store(e, w, p, n, full, a, b):
-            if full or p < (n >> 1):
-                hi = f32_bits(b)
-                if hi >= 0x80000000:         # keep the int64 word in range (the simulator checks)
-                    hi -= 0x100000000
-                w[p] = (hi << 32) | f32_bits(a)
-            else:
-                store_tail(e, p, n, a, b)
-    elif wide and kind == "bf16":
-        def store(e, w, p, n, full, a, b):
-            if full or p < (n >> 1):
-                w[p] = (_bf16_round(f32_bits(b)) << 16) | _bf16_round(f32_bits(a))
-            else:
-                store_tail(e, p, n, a, b)
+def code_quad_storer(vector):
+    """(store(codes, q, word), store_tail(codes, q, n, word)): codes 4q..4q+3 from a word, low byte first."""
+    if vector:
+        def store(a, q, w):
+            store_u8x4(a, q, w)
     else:
-        def store(e, w, p, n, full, a, b):
-            if full:
-                store1(e, 2 * p, a)
-                store1(e, 2 * p + 1, b)
-            else:
-                store_tail(e, p, n, a, b)
-    store_tail = device_fn(store_tail)
-    return device_fn(store)
+        def store(a, q, w):
+            i = 4 * q
+            a[i] = w & 0xFF
+            a[i + 1] = (w >> 8) & 0xFF
+            a[i + 2] = (w >> 16) & 0xFF
+            a[i + 3] = (w >> 24) & 0xFF
 
-
-def code_pair_loader(wide):
-    """load(codes, code_words, p, n, full) -> (code 2p, code 2p+1) as ints, 0 beyond n."""
-    def load_tail(e, p, n):
-        a, b = np.int64(0), np.int64(0)
-        if 2 * p < n:
-            a = np.int64(e[2 * p])
-        if 2 * p + 1 < n:
-            b = np.int64(e[2 * p + 1])
-        return a, b
-
-    if wide:
-        def load(e, w, p, n, full):
-            if full or p < (n >> 1):
-                word = np.int64(w[p])
-                return word & 0xFF, word >> 8
-            return load_tail(e, p, n)
-    else:
-        def load(e, w, p, n, full):
-            return load_tail(e, p, n)
-    load_tail = device_fn(load_tail)
-    return device_fn(load)
-
-
-def code_pair_storer(wide):
-    """store(codes, code_words, p, n, full, c0, c1): FP8 codes 2p, 2p+1 (those below n)."""
-    def store_tail(e, p, n, a, b):
-        if 2 * p < n:
-            e[2 * p] = a
-        if 2 * p + 1 < n:
-            e[2 * p + 1] = b
-
-    if wide:
-        def store(e, w, p, n, full, a, b):
-            if full or p < (n >> 1):
-                w[p] = (b << 8) | a
-            else:
-                store_tail(e, p, n, a, b)
-    else:
-        def store(e, w, p, n, full, a, b):
-            store_tail(e, p, n, a, b)
-    store_tail = device_fn(store_tail)
-    return device_fn(store)
+    def store_tail(a, q, n, w):
+        i = 4 * q
+        for k in range(4):
+            if i + k < n:
+                a[i + k] = (w >> (8 * k)) & 0xFF
+    return device_fn(store), device_fn(store_tail)

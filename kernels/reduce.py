@@ -1,15 +1,16 @@
 """Elementwise reduce kernels, dst = a (op) b, for sum/prod/max/min in fp32, fp16, bf16, fp64, int32, int64.
 
-Grid-stride loops, ``ITEMS`` independent elements per thread per iteration. bfloat16 has no numba
-type: its uint16 bit patterns are widened to fp32 (bits << 16), combined in fp32 and rounded back
-to nearest even, which is correctly rounded for +, * (24 >= 2*8 + 2 bits) and matches ml_dtypes.
-When the buffers allow it, bf16 runs on packed uint32 words, two elements per 4-byte access.
-max/min propagate NaN like NumPy's maximum/minimum. Integers wrap like NumPy.
+Grid-stride loops over quads (four consecutive elements), ``ITEMS`` quads per thread per round, all
+loads of a round issued before its first store; aligned buffers move a quad in one vector access
+(``intrinsics.load4``: 16 bytes of fp32), others element by element; the last n % 4 elements go one
+per thread. bfloat16 has no numba type: its uint16 bit patterns are widened to fp32 (bits << 16),
+combined in fp32 and rounded back to nearest even, which is correctly rounded for +, * (24 >= 2*8 + 2
+bits) and matches ml_dtypes. max/min propagate NaN like NumPy's maximum/minimum. Integers wrap like NumPy.
 """
 import numpy as np
 
-from .device import ITEMS, TPB, bits_f32, cuda, device_fn, f32_bits, kernel_view, launch, launch_blocks
-from .fp8_bits import bf16_bits_from_f32_bits
+from .device import ITEMS, TPB, bits_f32, cuda, device_fn, kernel_view, launch, launch_blocks
+from .intrinsics import aligned4, bf16_rounder, load4, scalar_load4, scalar_store4, store4
 
 __all__ = ["reduce_device", "REDUCE_OPS", "REDUCE_KINDS"]
 
@@ -35,57 +36,59 @@ def _min(a, b):
 
 
 _COMBINE = {"sum": _sum, "prod": _prod, "max": _max, "min": _min}
-_bf16_round = device_fn(bf16_bits_from_f32_bits)
 
 
 def _make_bf16_combine(combine):
+    round_bf16 = bf16_rounder()
+
     def bf16_combine(x, y):
         # int64 first: in the simulator a NumPy uint16 would shift its bits out.
         r = combine(bits_f32(np.int64(x) << 16), bits_f32(np.int64(y) << 16))
-        return _bf16_round(f32_bits(r))
+        return round_bf16(r)
     return device_fn(bf16_combine)
 
 
-def _make_kernel(op, kind, packed):
+_ELEMENT_TYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "f64": np.float64, "i32": np.int32,
+                  "i64": np.int64}
+
+
+def _make_kernel(op, kind, vector):
     combine = device_fn(_COMBINE[op])
     if kind == "bf16":
         combine = _make_bf16_combine(combine)
-    if packed:                       # bf16 pairs in uint32 words: low half is the element at the lower address
-        pair = combine
-
-        def combine_word(x, y):
-            x, y = np.int64(x), np.int64(y)
-            lo = pair(x & 0xFFFF, y & 0xFFFF)
-            hi = pair((x >> 16) & 0xFFFF, (y >> 16) & 0xFFFF)
-            return (hi << 16) | lo
-        combine = device_fn(combine_word)
-    items = ITEMS
+    load, store = (load4, store4) if vector else (scalar_load4, scalar_store4)
+    items, slots, elem = ITEMS, 4 * ITEMS, _ELEMENT_TYPES[kind]
 
     def reduce_kernel(dst, a, b, n):
         stride = cuda.gridDim.x * cuda.blockDim.x
-        i0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        while i0 < n:
+        tid = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        nq = n >> 2
+        xa = cuda.local.array(slots, elem)
+        xb = cuda.local.array(slots, elem)
+        q0 = tid
+        while q0 < nq:
+            for k in range(items):            # loads first: dst may be a or b (in place)
+                q = q0 + k * stride
+                if q < nq:
+                    xa[4 * k], xa[4 * k + 1], xa[4 * k + 2], xa[4 * k + 3] = load(a, q)
+                    xb[4 * k], xb[4 * k + 1], xb[4 * k + 2], xb[4 * k + 3] = load(b, q)
             for k in range(items):
-                i = i0 + k * stride
-                if i < n:
-                    dst[i] = combine(a[i], b[i])
-            i0 += items * stride
+                q = q0 + k * stride
+                if q < nq:
+                    store(dst, q, combine(xa[4 * k], xb[4 * k]), combine(xa[4 * k + 1], xb[4 * k + 1]),
+                          combine(xa[4 * k + 2], xb[4 * k + 2]), combine(xa[4 * k + 3], xb[4 * k + 3]))
+            q0 += items * stride
+        i = 4 * nq + tid                      # the last n % 4 elements
+        if i < n:
+            dst[i] = combine(a[i], b[i])
     return cuda.jit(reduce_kernel)
 
 
-def _kernel(op, kind, packed):
-    key = (op, kind, packed)
+def _kernel(op, kind, vector):
+    key = (op, kind, vector)
     if key not in _kernels:
-        _kernels[key] = _make_kernel(op, kind, packed)
+        _kernels[key] = _make_kernel(op, kind, vector)
     return _kernels[key]
-
-
-def _word_aligned(*arrays):
-    for a in arrays:
-        ptr = a.__cuda_array_interface__["data"][0] if hasattr(a, "__cuda_array_interface__") else a.ctypes.data
-        if ptr % 4:
-            return False
-    return True
 
 
 def reduce_device(a, b, op="sum", out=None):
@@ -105,8 +108,6 @@ def reduce_device(a, b, op="sum", out=None):
     n = av.size
     if n == 0:
         return out
-    packed = kind == "bf16" and n % 2 == 0 and _word_aligned(av, bv, ov)
-    if packed:
-        av, bv, ov, n = av.view(np.uint32), bv.view(np.uint32), ov.view(np.uint32), n // 2
-    launch(_kernel(op, kind, packed), launch_blocks(n), TPB, ov, av, bv, n)
+    vector = aligned4(av) and aligned4(bv) and aligned4(ov)
+    launch(_kernel(op, kind, vector), launch_blocks(max(1, n // 4)), TPB, ov, av, bv, n)
     return out

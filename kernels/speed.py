@@ -4,6 +4,7 @@ device copy, and torch's FP8 casts as peers. Needs CuPy and a GPU; torch is opti
 Every case is checked before it is timed: #wrong counts elements that differ from the NumPy
 reference (bit for bit for our kernels; against ml_dtypes' cast for torch's, which does not saturate).
 """
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -55,6 +56,18 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
         rng = np.random.default_rng(seed + offset)
         return rng.standard_normal(count, dtype=np.float32)
 
+    @functools.lru_cache(maxsize=None)
+    def quantized(count, offset):
+        """(data, codes, scales) by the NumPy reference: computed once for all launch variants."""
+        x = data(count, offset)
+        return (x,) + quantize_fp8_blockwise(x, f, block)
+
+    @functools.lru_cache(maxsize=None)
+    def hop_reference(count):
+        hl = data(count, 3)
+        _, pc, ps = quantized(count, 4)
+        return (hl, pc, ps) + dequant_add_requant_reference(hl, pc, ps, f, block)
+
     def copy(count, dtype, op):
         x = cupy.asarray(data(count))
         y = cupy.empty_like(x)
@@ -78,8 +91,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
 
     def quantize(variant):
         def prepare(count, dtype, op):
-            hx = data(count)
-            wc, ws = quantize_fp8_blockwise(hx, f, block)
+            hx, wc, ws = quantized(count, 0)
             x = cupy.asarray(hx)
             c, s = cupy.empty(count, np.uint8), cupy.empty(ws.size, np.float32)
             return Case(run=lambda: kfp8.quantize_device(x, c, s, f, block, variant=variant),
@@ -89,7 +101,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
 
     def dequantize(variant):
         def prepare(count, dtype, op):
-            wc, ws = quantize_fp8_blockwise(data(count), f, block)
+            _, wc, ws = quantized(count, 0)
             want = dequantize_fp8_blockwise(wc, ws, f, block)
             c, s, y = cupy.asarray(wc), cupy.asarray(ws), cupy.empty(count, np.float32)
             return Case(run=lambda: kfp8.dequantize_device(c, s, y, f, block, variant=variant),
@@ -99,9 +111,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
 
     def hop(variant):
         def prepare(count, dtype, op):
-            hl = data(count, 3)
-            pc, ps = quantize_fp8_blockwise(data(count, 4), f, block)
-            wc, ws = dequant_add_requant_reference(hl, pc, ps, f, block)
+            hl, pc, ps, wc, ws = hop_reference(count)
             loc, c, s = cupy.asarray(hl), cupy.asarray(pc), cupy.asarray(ps)
             nc, ns = cupy.empty_like(c), cupy.empty_like(s)
             return Case(run=lambda: kfp8.dequant_add_requant_device(loc, c, s, nc, ns, f, block, variant=variant),
@@ -109,14 +119,16 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
                         sync=sync, stream=stream, queued=queued, nbytes=4 * count + 2 * (count + 4 * ws.size))
         return prepare
 
-    def accumulate(count, dtype, op):
-        wc, ws = quantize_fp8_blockwise(data(count), f, block)
-        acc0 = data(count, 5)
-        want = dequant_accumulate_reference(acc0.copy(), wc, ws, f, block)    # bench checks after one run
-        c, s, acc = cupy.asarray(wc), cupy.asarray(ws), cupy.asarray(acc0)
-        return Case(run=lambda: kfp8.dequant_accumulate_device(acc, c, s, f, block),
-                    wrong=lambda: _mismatches(cupy.asnumpy(acc), want),
-                    sync=sync, stream=stream, queued=queued, nbytes=count + 4 * ws.size + 8 * count)
+    def accumulate(variant):
+        def prepare(count, dtype, op):
+            _, wc, ws = quantized(count, 0)
+            acc0 = data(count, 5)
+            want = dequant_accumulate_reference(acc0.copy(), wc, ws, f, block)    # bench checks after one run
+            c, s, acc = cupy.asarray(wc), cupy.asarray(ws), cupy.asarray(acc0)
+            return Case(run=lambda: kfp8.dequant_accumulate_device(acc, c, s, f, block, variant=variant),
+                        wrong=lambda: _mismatches(cupy.asnumpy(acc), want),
+                        sync=sync, stream=stream, queued=queued, nbytes=count + 4 * ws.size + 8 * count)
+        return prepare
 
     def torch_case(scaled, with_amax=False):
         def prepare(count, dtype, op):
@@ -159,7 +171,7 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
             *[Variant(f"quantize {f.name} {v}", quantize(v), "sendrecv") for v in kfp8.VARIANTS],
             *[Variant(f"dequantize {f.name} {v}", dequantize(v), "sendrecv") for v in kfp8.VARIANTS],
             *[Variant(f"hop {f.name} {v}", hop(v), "sendrecv") for v in kfp8.VARIANTS],
-            Variant(f"accumulate {f.name}", accumulate, "sendrecv"),
+            *[Variant(f"accumulate {f.name} {v}", accumulate(v), "sendrecv") for v in kfp8.VARIANTS],
             Variant(f"quantize {f.name} (one call)", one_call(quantize(None)), "sendrecv"),
             Variant(f"hop {f.name} (one call)", one_call(hop(None)), "sendrecv"),
             Variant("torch cast", torch_case(False), "sendrecv"),

@@ -25,3 +25,9 @@ def test_fp8_allreduce_device_transports_match_numpy(run_mpi, k):
     """allreduce_fp8 on CuPy buffers over IPC (the FP8 ring) and staging equals the NumPy path bit for bit."""
     out = run_mpi(k, "experiments/device_kernels_check.py", "--no-check", "--no-speed", timeout=900).stdout
     assert "ring via    ipc" in out and "ALL PASS" in out
+
+
+def test_every_numba_launch_path_gives_the_reference_results(run_mpi):
+    """numba's dispatcher, the cached overload and the lean parameter packer: each kernel's result checked."""
+    out = run_mpi(1, "experiments/launch_overhead.py", "--calls", "5", timeout=600).stdout
+    assert "lean packer" in out and "ALL PASS" in out

@@ -56,7 +56,7 @@ def test_bf16_packed_and_unaligned_paths_agree(op):
     to_dev, to_host = _xp()
     a, b = _operands(bfloat16, 514, 1)
     want = reduce_reference(a, b, op)
-    got_packed = to_host(reduce_device(to_dev(a), to_dev(b), op), bfloat16)         # even, aligned: uint32 pairs
+    got_packed = to_host(reduce_device(to_dev(a), to_dev(b), op), bfloat16)         # aligned: 8-byte quads
     da, db = to_dev(a), to_dev(b)
     got_offset = to_host(reduce_device(da[1:], db[1:], op), bfloat16)               # 2-byte offset: scalar path
     assert np.array_equal(got_packed.view(np.uint16), want.view(np.uint16))
