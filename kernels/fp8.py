@@ -54,7 +54,6 @@ VARIANTS = {"s1-full": dict(steps=1, blocks_per_sm=0), "s2-full": dict(steps=2, 
             "s2-full-el": dict(steps=2, blocks_per_sm=0, vector=False),
             "s2-full-sw": dict(steps=2, blocks_per_sm=0, hw=False)}
 _kernels = {}
-FULL_MASK = 0xFFFFFFFF
 
 
 def _codec(f, hw=False):

@@ -10,7 +10,8 @@ only elements below it (reading 0 beyond): they serve the one partial tile at th
 import numpy as np
 
 from .device import bits_f32, device_fn
-from .intrinsics import bf16_rounder, load4, load_u8x4, scalar_load4, scalar_store4, store4, store_u8x4
+from .intrinsics import (bf16_rounder, load4, load_u8x4, scalar_load4, scalar_load_u8x4, scalar_store4,
+                         scalar_store_u8x4, store4, store_u8x4)
 
 __all__ = ["quad_loader", "quad_storer", "code_quad_loader", "code_quad_storer"]
 
@@ -82,14 +83,10 @@ def quad_storer(kind, vector):
 
 def code_quad_loader(vector):
     """(load(codes, q) -> int64 word of codes 4q..4q+3, load_tail(codes, q, n): codes >= n read as 0)."""
-    if vector:
-        def load(a, q):
-            return np.int64(load_u8x4(a, q))
-    else:
-        def load(a, q):
-            i = 4 * q
-            return (np.int64(a[i]) | (np.int64(a[i + 1]) << 8) | (np.int64(a[i + 2]) << 16)
-                    | (np.int64(a[i + 3]) << 24))
+    load_word = load_u8x4 if vector else scalar_load_u8x4
+
+    def load(a, q):
+        return np.int64(load_word(a, q))
 
     def load_tail(a, q, n):
         i = 4 * q
@@ -103,20 +100,11 @@ def code_quad_loader(vector):
 
 def code_quad_storer(vector):
     """(store(codes, q, word), store_tail(codes, q, n, word)): codes 4q..4q+3 from a word, low byte first."""
-    if vector:
-        def store(a, q, w):
-            store_u8x4(a, q, w)
-    else:
-        def store(a, q, w):
-            i = 4 * q
-            a[i] = w & 0xFF
-            a[i + 1] = (w >> 8) & 0xFF
-            a[i + 2] = (w >> 16) & 0xFF
-            a[i + 3] = (w >> 24) & 0xFF
+    store = store_u8x4 if vector else scalar_store_u8x4
 
     def store_tail(a, q, n, w):
         i = 4 * q
         for k in range(4):
             if i + k < n:
                 a[i + k] = (w >> (8 * k)) & 0xFF
-    return device_fn(store), device_fn(store_tail)
+    return store, device_fn(store_tail)

@@ -23,7 +23,7 @@ import numpy as np
 from .device import SIMULATED, cuda, data_address, device_fn, f32_bits
 from .fp8_bits import bf16_bits_from_f32_bits
 
-__all__ = ["load4", "store4", "scalar_load4", "scalar_store4", "load_u8x4", "store_u8x4", "fp8x4_encoder", "fp8x4_decoder", "bf16_rounder",
+__all__ = ["load4", "store4", "scalar_load4", "scalar_store4", "scalar_load_u8x4", "scalar_store_u8x4", "load_u8x4", "store_u8x4", "fp8x4_encoder", "fp8x4_decoder", "bf16_rounder",
            "fmax_nan_ignoring", "shfl_xor_fmax", "any_lane", "aligned4"]
 
 
@@ -42,19 +42,24 @@ def _scalar_store4(a, q, v0, v1, v2, v3):
     a[i], a[i + 1], a[i + 2], a[i + 3] = v0, v1, v2, v3
 
 
-# Elements 4q..4q+3 by four scalar accesses: any alignment (and the simulator's load4 / store4).
-scalar_load4, scalar_store4 = cuda.jit(device=True)(_scalar_load4), cuda.jit(device=True)(_scalar_store4)
+def _scalar_load_u8x4(a, q):
+    i = 4 * q
+    return np.int64(a[i]) | (np.int64(a[i + 1]) << 8) | (np.int64(a[i + 2]) << 16) | (np.int64(a[i + 3]) << 24)
+
+
+def _scalar_store_u8x4(a, q, w):
+    i = 4 * q
+    a[i] = w & 0xFF
+    a[i + 1] = (w >> 8) & 0xFF
+    a[i + 2] = (w >> 16) & 0xFF
+    a[i + 3] = (w >> 24) & 0xFF
+
+
+# The same accesses element by element: any alignment (and the simulator's load4, store4, ...).
+scalar_load4, scalar_store4, scalar_load_u8x4, scalar_store_u8x4 = (
+    cuda.jit(device=True)(f) for f in (_scalar_load4, _scalar_store4, _scalar_load_u8x4, _scalar_store_u8x4))
 
 if SIMULATED:
-    def _load_u8x4(a, q):
-        i = 4 * q
-        return int(a[i]) | (int(a[i + 1]) << 8) | (int(a[i + 2]) << 16) | (int(a[i + 3]) << 24)
-
-    def _store_u8x4(a, q, w):
-        i = 4 * q
-        w = int(w)
-        a[i], a[i + 1], a[i + 2], a[i + 3] = w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, (w >> 24) & 0xFF
-
     def _fmax(a, b):
         return np.fmax(np.float32(a), np.float32(b))
 
@@ -69,9 +74,9 @@ if SIMULATED:
     def _any_lane(p):
         return cuda.syncthreads_or(1 if p else 0) != 0
 
-    load4, store4 = scalar_load4, scalar_store4
-    load_u8x4, store_u8x4, fmax_nan_ignoring, shfl_xor_fmax, any_lane = (
-        cuda.jit(device=True)(f) for f in (_load_u8x4, _store_u8x4, _fmax, _shfl_xor_fmax, _any_lane))
+    load4, store4, load_u8x4, store_u8x4 = scalar_load4, scalar_store4, scalar_load_u8x4, scalar_store_u8x4
+    fmax_nan_ignoring, shfl_xor_fmax, any_lane = (
+        cuda.jit(device=True)(f) for f in (_fmax, _shfl_xor_fmax, _any_lane))
 else:
     from llvmlite import ir
     from numba import types
