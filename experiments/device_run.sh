@@ -25,6 +25,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit 
   tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null   # after every step: a killed run still returns its logs
   tail -n "${TAIL:-6}" "$RES/$name.log"
 }
+kernel_speed() {  # kernel_speed SECONDS: quick bit-exact sweep, then the kernel speed table on GPU 0
+  step kernels_check "$1" python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
+    --json "$RES/kernels_speed_gpu.json"
+}
 nvidia-smi -L | tee -a "$summary"
 case "${1:-check}" in
 check)
@@ -78,16 +82,14 @@ fp8final)  # device-side tests of the final FP8 code: pytest on real kernels, FP
   step leak_check 100 mpirun -n 4 python3 experiments/leak_check.py --device --iters 200 --json "$RES/leak_gpu.json"
   ;;
 fp8kernels)  # FP8 kernels on one GPU: bit-exact sweep (hardware conversion) + speed table, then the GPU tests
-  step kernels_check 330 python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
-    --json "$RES/kernels_speed_gpu.json"
+  kernel_speed 330
   step fp8_pytest 100 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
   step fp8_gpu_tests 120 python3 -m pytest -q -x tests/test_gpu.py -k fp8
   ;;
 multigpu)  # one rank per GPU: kernels on GPU 0, FP8 all-reduce bit-exact across GPUs, FP8 and fp32 rings vs NCCL
   nvidia-smi topo -m > "$RES/topology.txt" 2>&1; cat "$RES/topology.txt"
   ng=$(nvidia-smi -L | wc -l); export RINGLAB_TIMEOUT=90
-  step kernels_check 200 python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
-    --json "$RES/kernels_speed_gpu.json"
+  kernel_speed 200
   step fp8_check_multigpu 120 mpirun -n "$ng" python3 experiments/device_kernels_check.py --no-check --no-speed
   step fp8_speed_multigpu 150 mpirun -n "$ng" python3 experiments/fp8_compression.py --backend cupy --no-accuracy \
     --no-kernels --sizes 64M,256M --iters 10 --warmup 3 --json "$RES/fp8_speed_${ng}gpu.json"
@@ -97,8 +99,7 @@ multigpu)  # one rank per GPU: kernels on GPU 0, FP8 all-reduce bit-exact across
   ;;
 final4)  # the session's last call on several GPUs: kernels (one GPU), host cost per launch, GPU tests, FP8 rings
   ng=$(nvidia-smi -L | wc -l); export RINGLAB_TIMEOUT=90
-  step kernels_check 200 python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
-    --json "$RES/kernels_speed_gpu.json"
+  kernel_speed 200
   step launch_overhead 60 python3 experiments/launch_overhead.py --json "$RES/launch_overhead.json"
   step gpu_pytest 100 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
   step fp8_check_multigpu 120 mpirun -n "$ng" python3 experiments/device_kernels_check.py --no-check --no-speed
