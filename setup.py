@@ -3,12 +3,15 @@ from setuptools import setup
 
 setup(
     name="ringlab",
-    version="0.1.0",
+    version="0.2.0",
     description="Ring all-reduce and friends over mpi4py, with NumPy (CPU) and CuPy (GPU) buffers",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["collectives", "kernels"],
+    # Only `ringlab` lands in site-packages: the repo's collectives/ is the package itself, kernels/ its
+    # ringlab.kernels (the card's top-level folders stay; the import names are ringlab's alone).
+    packages=["ringlab", "ringlab.gpu", "ringlab.teach", "ringlab.bench", "ringlab.kernels"],
+    package_dir={"ringlab": "collectives", "ringlab.kernels": "kernels"},
     install_requires=[
         "numpy>=1.24",
         "mpi4py>=4.0",

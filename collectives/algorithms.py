@@ -26,13 +26,14 @@ element is reduced by exactly one owner and then copied as bytes, so the copies 
 import numpy as np
 from mpi4py import MPI
 
-from .ops import reduce_into
-from .ring import divide_inplace, scratch_buffer
-from .schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_schedule, ring_reduce_scatter_schedule
-from .transport import MpiTransport, wait_all
+from ringlab.ops import reduce_into
+from ringlab.ring import divide_inplace, scratch_buffer
+from ringlab.schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_schedule, ring_reduce_scatter_schedule
+from ringlab.schedule import fold_layout, real_rank, virtual_rank
+from ringlab.transport import MpiTransport, wait_all
 
 __all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "rabenseifner_allreduce_inplace",
-           "ring_bidir_allreduce_inplace", "direct_allreduce_inplace", "fold_layout", "register_all", "HOST_ALGORITHMS"]
+           "ring_bidir_allreduce_inplace", "direct_allreduce_inplace", "register_all", "HOST_ALGORITHMS"]
 
 _UFUNC = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
 
@@ -84,23 +85,6 @@ def _combine(mine, theirs, op, mine_is_lower):
         f(theirs, mine, out=mine)
 
 
-def fold_layout(nranks):
-    """(p, rem): the largest power of two p <= N and the rem = N - p ranks folded away."""
-    p = 1 << (nranks.bit_length() - 1)
-    return p, nranks - p
-
-
-def _virtual_rank(rank, rem):
-    """Rank within the power-of-two group, or -1 for a rank folded into its partner."""
-    if rank < 2 * rem:
-        return -1 if rank % 2 == 0 else rank // 2
-    return rank - rem
-
-
-def _real_rank(vrank, rem):
-    return 2 * vrank + 1 if vrank < rem else vrank + rem
-
-
 def _fold(buf, tr, op, rem, cache):
     """Ranks 0, 2, .., 2rem-2 hand their buffer to the next rank, which reduces it (lower rank first)."""
     r = tr.comm.rank
@@ -137,13 +121,13 @@ def recursive_doubling_allreduce_inplace(buf, transport, op="sum", cache=None):
     n, r = tr.comm.size, tr.comm.rank
     p, rem = fold_layout(n)
     _fold(buf, tr, op, rem, cache)
-    v = _virtual_rank(r, rem)
+    v = virtual_rank(r, rem)
     if v >= 0:
         recv = _scratch(cache, "recv", buf.size, buf.dtype)
         mask = 1
         while mask < p:
             pv = v ^ mask
-            tr.sendrecv(buf, _real_rank(pv, rem), recv, _real_rank(pv, rem),
+            tr.sendrecv(buf, real_rank(pv, rem), recv, real_rank(pv, rem),
                         what=f"recursive doubling, distance {mask}")
             _combine(buf, recv, op, mine_is_lower=v < pv)
             mask <<= 1
@@ -170,13 +154,13 @@ def rabenseifner_allreduce_inplace(buf, transport, op="sum", cache=None):
     n, r = tr.comm.size, tr.comm.rank
     p, rem = fold_layout(n)
     _fold(buf, tr, op, rem, cache)
-    v = _virtual_rank(r, rem)
+    v = virtual_rank(r, rem)
     if v >= 0:
         bounds = chunk_bounds(buf.size, p)
         recv_all = _scratch(cache, "recv", bounds[0][1] * (p // 2 if p > 1 else 1), buf.dtype)
         c0, c1, d = 0, p, p // 2
         while d >= 1:
-            pv, peer = v ^ d, _real_rank(v ^ d, rem)
+            pv, peer = v ^ d, real_rank(v ^ d, rem)
             mid = c0 + (c1 - c0) // 2
             keep, give = ((c0, mid), (mid, c1)) if v & d == 0 else ((mid, c1), (c0, mid))
             k0, k1 = _span(bounds, *keep)
@@ -191,7 +175,7 @@ def rabenseifner_allreduce_inplace(buf, transport, op="sum", cache=None):
             divide_inplace(buf[lo:hi], n)   # the owner divides once; everyone else receives its bytes
         d = 1
         while d < p:
-            pv, peer = v ^ d, _real_rank(v ^ d, rem)
+            pv, peer = v ^ d, real_rank(v ^ d, rem)
             m0, m1 = _span(bounds, (v // d) * d, (v // d) * d + d)
             t0, t1 = _span(bounds, (pv // d) * d, (pv // d) * d + d)
             tr.sendrecv(buf[m0:m1], peer, buf[t0:t1], peer, what=f"recursive doubling all-gather, distance {d}")
@@ -274,16 +258,8 @@ HOST_ALGORITHMS = {
 }
 
 
-def _auto(buf, transport, op="sum", cache=None):
-    """``algo="auto"``: tuner.py picks one of the above per size and N (imported on first use, so
-    ``python -m collectives.tuner`` does not find itself already imported)."""
-    from .tuner import auto_allreduce_inplace
-    auto_allreduce_inplace(buf, transport, op, cache)
-
-
 def register_all():
-    """Register this module's algorithms and ``auto`` with the public API (done on ``import collectives``)."""
-    from .api import register_allreduce
+    """Register this module's algorithms with the public API (done on ``import ringlab``)."""
+    from ringlab.api import register_allreduce
     for name, fn in HOST_ALGORITHMS.items():
         register_allreduce(name, fn)
-    register_allreduce("auto", _auto)

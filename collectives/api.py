@@ -9,13 +9,13 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
-from .arrays import as_array, is_device_array
-from .ops import check_op_dtype
-from .device import select_transport
-from .ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
-from .schedule import chunk_bounds
-from .transport import CudaAwareMpiTransport, MpiTransport
-from .validate import checked_call
+from ringlab.arrays import as_array, is_device_array
+from ringlab.ops import check_op_dtype
+from ringlab.gpu.device import select_transport
+from ringlab.ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from ringlab.schedule import chunk_bounds
+from ringlab.transport import CudaAwareMpiTransport, MpiTransport
+from ringlab.validate import checked_call
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "register_allreduce",
            "stage_through_host", "prepare_out", "IPC_DTYPES"]
@@ -24,7 +24,7 @@ __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "
 ALLREDUCE_ALGORITHMS = {"ring": lambda buf, tr, op, cache: ring_allreduce_inplace(buf, tr, op, cache=cache)}
 # dtypes the IPC ring's CuPy kernels reduce (bfloat16 device arrays are staged)
 IPC_DTYPES = ("float16", "float32", "float64", "int32", "int64")
-# device-only algorithms: every rank reads every peer's buffers over CUDA IPC (collectives/ipc_direct.py)
+# device-only algorithms: every rank reads every peer's buffers over CUDA IPC (collectives/gpu/ipc_direct.py)
 DEVICE_ALGORITHMS = ("oneshot", "twoshot")
 
 _scratch = threading.local()   # per-thread buffers: async collectives run on a progress thread
@@ -129,8 +129,8 @@ def _device_allreduce(a, res, op, algo, comm, timeout, transport):
     import cupy
     src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
     if algo in DEVICE_ALGORITHMS:
-        from .ipc import ipc_usable
-        from .ipc_direct import get_ipc_direct
+        from ringlab.gpu.ipc import ipc_usable
+        from ringlab.gpu.ipc_direct import get_ipc_direct
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"algo {algo!r} needs CUDA IPC between all ranks, which is unusable here: {why}")
@@ -140,7 +140,7 @@ def _device_allreduce(a, res, op, algo, comm, timeout, transport):
         return False
     name, slices, _ = select_transport(comm, transport)
     if name in ("ipc", "ipc-host", "ipc-shared") and a.dtype.name in IPC_DTYPES:
-        from .ipc import get_ipc_ring
+        from ringlab.gpu.ipc import get_ipc_ring
         ring = get_ipc_ring(comm, slices, {"ipc": "stream", "ipc-host": "host", "ipc-shared": "shared"}[name])
         ring.allreduce(src, res.reshape(-1), op, timeout=timeout)
         return True

@@ -1,16 +1,14 @@
-"""Errors a collective raises instead of hanging or corrupting data, and the settings that bound them.
+"""Errors a collective raises instead of hanging or corrupting data, and the timeout they are bounded by.
 
-Environment (read at each call, so it must be the same on every rank):
-    RINGLAB_TIMEOUT            seconds a blocking wait may take (default 300; 0 or 'none' = no limit)
-    RINGLAB_ABORT_ON_TIMEOUT   1 (default): a timeout prints the error and aborts MPI_COMM_WORLD with
-                               exit code ABORT_EXIT_CODE; 0: raise CollectiveTimeout to the caller
+$RINGLAB_TIMEOUT and $RINGLAB_ABORT_ON_TIMEOUT are read through settings.py (the same on every rank).
 """
 
 __all__ = ["CollectiveError", "CollectiveTimeout", "CollectiveMismatch", "default_timeout", "resolve_timeout",
-           "abort_on_timeout_enabled", "env_flag", "ABORT_EXIT_CODE", "DEFAULT_TIMEOUT_S"]
+           "abort_on_timeout_enabled", "ABORT_EXIT_CODE", "DEFAULT_TIMEOUT_S"]
 
 import math
-import os
+
+from ringlab import settings
 
 DEFAULT_TIMEOUT_S = 300.0
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" fits a dead or stuck peer.
@@ -38,28 +36,9 @@ class CollectiveMismatch(CollectiveError, ValueError):
     """Ranks called the same collective with different arguments (count, dtype, op, ...)."""
 
 
-def env_flag(name, default):
-    """Boolean environment switch: 1/true/yes/on or 0/false/no/off; anything else is an error."""
-    raw = os.environ.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-
-
 def default_timeout():
-    """Seconds a blocking wait may take: $RINGLAB_TIMEOUT (0 or 'none' disables), default 300."""
-    raw = os.environ.get("RINGLAB_TIMEOUT", str(DEFAULT_TIMEOUT_S)).strip().lower()
-    if raw in ("", "0", "none", "inf"):
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"RINGLAB_TIMEOUT must be a number of seconds or 'none', got {raw!r}") from None
-    return value if value > 0 else None
+    """Seconds a blocking wait may take: $RINGLAB_TIMEOUT (0, 'none' or 'inf' disables), default 300."""
+    return settings.get("RINGLAB_TIMEOUT")
 
 
 def resolve_timeout(timeout):
@@ -77,4 +56,4 @@ def resolve_timeout(timeout):
 
 def abort_on_timeout_enabled():
     """$RINGLAB_ABORT_ON_TIMEOUT (default on): abort the job on a timeout instead of raising."""
-    return env_flag("RINGLAB_ABORT_ON_TIMEOUT", True)
+    return settings.get("RINGLAB_ABORT_ON_TIMEOUT")

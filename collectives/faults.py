@@ -10,7 +10,8 @@ before the CollectiveTimeout is raised:
     messages are still in flight: reusing the communicator could match them to a later call.
   * with RINGLAB_ABORT_ON_TIMEOUT=0 the exception is simply raised to the caller.
 
-Fault injection (tests and experiments/fault_drill.py only). RINGLAB_FAULT, read once at import:
+Fault injection (tests and experiments/fault_drill.py only). RINGLAB_FAULT, read at each ring call
+(through settings.py):
     RINGLAB_FAULT="rank=2,step=3,action=kill"      keys: rank, step, action, phase, seconds, code
   * ``step``: fire at this rank's step-th ring step (0-based), counted over every ring step the
     process runs (an N-rank all-reduce has N-1 reduce-scatter steps, then N-1 all-gather steps);
@@ -24,9 +25,11 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .errors import ABORT_EXIT_CODE, abort_on_timeout_enabled
+from ringlab import settings
+
+from ringlab.errors import ABORT_EXIT_CODE, abort_on_timeout_enabled
 
 __all__ = ["FaultPlan", "FaultInjected", "parse_fault", "set_fault", "ring_step_hook", "set_timeout_handler",
            "handle_timeout", "abort_job", "ABORT_GRACE_S", "ACTIONS"]
@@ -96,19 +99,26 @@ def parse_fault(text):
                      seconds=float(fields.get("seconds", 3600.0)), code=int(fields.get("code", 0)))
 
 
-PLAN = parse_fault(os.environ.get("RINGLAB_FAULT"))
+settings.register(replace(settings.SETTINGS["RINGLAB_FAULT"], parse=parse_fault))
+_UNSET = object()
+_override = _UNSET      # set_fault's plan (in-process tests); otherwise $RINGLAB_FAULT, read at each call
+
+
+def planned_fault():
+    """The FaultPlan in force: set_fault's, else $RINGLAB_FAULT's (None when there is none)."""
+    return settings.get("RINGLAB_FAULT") if _override is _UNSET else _override
 
 
 def set_fault(text):
     """Replace the planned fault (None clears it); returns the new plan. For in-process tests."""
-    global PLAN
-    PLAN = parse_fault(text)
-    return PLAN
+    global _override
+    _override = parse_fault(text)
+    return _override
 
 
 def ring_step_hook(rank):
     """The per-step fault callback for ``rank``, or None when no fault is planned for it."""
-    plan = PLAN
+    plan = planned_fault()
     if plan is None or plan.rank != rank:
         return None
     return plan.at_ring_step

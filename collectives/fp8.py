@@ -19,16 +19,16 @@ Bytes sent per rank are the same: 2(N-1) messages of about S/N elements each.
 import numpy as np
 from mpi4py import MPI
 
-from kernels.codec import DeviceFp8Codec, codec_for
-from kernels.formats import check_block, check_fp8_input_dtype, fp8_format
+from ringlab.kernels.codec import DeviceFp8Codec, codec_for
+from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
-from .api import _transport, prepare_out, register_allreduce
-from .arrays import as_array, is_device_array
-from .commstate import comm_state
-from .device import cuda_aware_mpi, select_transport
-from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
-from .transport import CudaAwareMpiTransport
-from .validate import checked_call
+from ringlab.api import _transport, prepare_out, register_allreduce
+from ringlab.arrays import as_array, is_device_array
+from ringlab.commstate import comm_state
+from ringlab.gpu.device import cuda_aware_mpi, select_transport
+from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+from ringlab.transport import CudaAwareMpiTransport
+from ringlab.validate import checked_call
 
 __all__ = ["allreduce_fp8", "fp8_ring_allreduce", "fp8_direct_allreduce", "direct_exchange_schedule",
            "fp8_allreduce_error_bound", "FP8_ALGOS", "FP8_OPS"]
@@ -132,7 +132,7 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
     result has the input's dtype and is bitwise identical on every rank. ``out=x`` works in place.
     Inf/NaN inputs follow docs/fp8.md: NaN stays NaN, inf stays inf in E5M2 and becomes NaN in E4M3.
     ``transport`` (CuPy only): None/"auto" (IPC for the ring when usable, else CUDA-aware MPI, else
-    staging), "ipc" (ring only: collectives/fp8_ipc.py), "mpi" (CUDA-aware), "staged" (pinned host).
+    staging), "ipc" (ring only: collectives/gpu/fp8_ipc.py), "mpi" (CUDA-aware), "staged" (pinned host).
     The result is bitwise the same on every transport.
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
@@ -161,7 +161,7 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
     flat, flat_out = a.reshape(-1), res.reshape(-1)
     route = _device_route(comm, algo, transport) if is_device_array(a) else "host"
     if route == "ipc":
-        from .fp8_ipc import get_fp8_ipc_ring
+        from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
         get_fp8_ipc_ring(comm).allreduce(flat, flat_out, _device_codec(comm, fmt, block, True), op, timeout)
         return res
     if route == "mpi":
@@ -177,7 +177,7 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
 def _device_route(comm, algo, transport):
     """'ipc', 'mpi' or 'staged' for CuPy buffers (the same answer on every rank)."""
     if transport == "ipc":
-        from .ipc import ipc_usable
+        from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"transport 'ipc' needs CUDA IPC between all ranks, which is unusable here: {why}")

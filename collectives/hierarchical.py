@@ -19,10 +19,11 @@ import os
 
 from mpi4py import MPI
 
-from .commstate import comm_state
-from .ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
-from .schedule import chunk_bounds
-from .transport import MpiTransport
+from ringlab import settings
+from ringlab.commstate import comm_state
+from ringlab.ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from ringlab.schedule import chunk_bounds
+from ringlab.transport import MpiTransport
 
 __all__ = ["NodeLayout", "node_layout", "hierarchical_allreduce_inplace", "make_hierarchical", "register_all"]
 
@@ -48,12 +49,9 @@ class NodeLayout:
 def _declared_ranks_per_node(comm, ranks_per_node):
     if ranks_per_node is not None:
         return int(ranks_per_node), "argument"
-    raw = os.environ.get(ENV_RANKS_PER_NODE, "").strip()
-    if raw:
-        try:
-            return int(raw), f"${ENV_RANKS_PER_NODE}"
-        except ValueError:
-            return -1, f"${ENV_RANKS_PER_NODE}={raw!r} (not an integer)"
+    declared = settings.get(ENV_RANKS_PER_NODE)
+    if declared is not None:
+        return declared, f"${ENV_RANKS_PER_NODE}"
     shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         return shared.size, "MPI shared-memory split"
@@ -118,7 +116,7 @@ def hierarchical_allreduce_inplace(buf, transport, op="sum", cache=None, ranks_p
 def make_hierarchical(ranks_per_node=None, inter="ring"):
     """A registrable ``fn(buf, transport, op, cache)`` with a fixed node size and inter-node algorithm name."""
     def fn(buf, transport, op, cache):
-        from .api import ALLREDUCE_ALGORITHMS
+        from ringlab.api import ALLREDUCE_ALGORITHMS
         inter_fn = ALLREDUCE_ALGORITHMS[inter]
         hierarchical_allreduce_inplace(buf, transport, op, cache, ranks_per_node=ranks_per_node,
                                        inter_algo=inter_fn)
@@ -127,6 +125,6 @@ def make_hierarchical(ranks_per_node=None, inter="ring"):
 
 def register_all():
     """``hierarchical`` (ring across nodes) and ``hierarchical_rd`` (recursive doubling across nodes)."""
-    from .api import register_allreduce
+    from ringlab.api import register_allreduce
     register_allreduce("hierarchical", make_hierarchical(inter="ring"))
     register_allreduce("hierarchical_rd", make_hierarchical(inter="recursive_doubling"))

@@ -21,10 +21,10 @@ the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (s
 """
 import numpy as np
 
-from .arrays import array_module
-from . import faults
-from .ops import reduce_into
-from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+from ringlab.arrays import array_module
+from ringlab import faults
+from ringlab.ops import reduce_into
+from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
 __all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace", "scratch_buffer",
            "divide_inplace"]
@@ -101,7 +101,7 @@ def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
     n = transport.comm.size
     ring_reduce_scatter_inplace(buf, transport, op, trace=trace, cache=cache)
     if op == "avg":
-        from .schedule import reduce_scatter_owner
+        from ringlab.schedule import reduce_scatter_owner
         lo, hi = chunk_bounds(buf.size, n)[reduce_scatter_owner(transport.comm.rank, n)]
         divide_inplace(buf[lo:hi], n)
     ring_allgather_inplace(buf, transport, trace=trace)

@@ -6,7 +6,8 @@ picture in the docs is the code that runs.
 from dataclasses import dataclass
 
 __all__ = ["chunk_bounds", "RingStep", "ring_reduce_scatter_schedule", "ring_allgather_schedule",
-           "ring_allreduce_schedule", "reduce_scatter_owner"]
+           "ring_allreduce_schedule", "reduce_scatter_owner",
+           "fold_layout", "virtual_rank", "real_rank"]
 
 
 def chunk_bounds(count, nranks):
@@ -78,3 +79,22 @@ def ring_allgather_schedule(rank, nranks, rotate=0):
 def ring_allreduce_schedule(rank, nranks):
     """The 2(N-1) steps of ring all-reduce: reduce-scatter then all-gather."""
     return ring_reduce_scatter_schedule(rank, nranks) + ring_allgather_schedule(rank, nranks)
+
+
+# Recursive doubling and Rabenseifner fold N ranks onto the largest power of two p <= N.
+def fold_layout(nranks):
+    """(p, rem): the largest power of two p <= N and the rem = N - p ranks folded away."""
+    p = 1 << (nranks.bit_length() - 1)
+    return p, nranks - p
+
+
+def virtual_rank(rank, rem):
+    """Rank within the power-of-two group, or -1 for a rank folded into its partner."""
+    if rank < 2 * rem:
+        return -1 if rank % 2 == 0 else rank // 2
+    return rank - rem
+
+
+def real_rank(vrank, rem):
+    """The real rank of power-of-two group member ``vrank`` (inverse of ``virtual_rank``)."""
+    return 2 * vrank + 1 if vrank < rem else vrank + rem

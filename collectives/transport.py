@@ -10,8 +10,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .errors import CollectiveTimeout, default_timeout, resolve_timeout
-from .faults import handle_timeout
+from ringlab.errors import CollectiveTimeout, default_timeout, resolve_timeout
+from ringlab.faults import handle_timeout
 
 __all__ = ["MpiTransport", "CudaAwareMpiTransport", "wait_all"]
 

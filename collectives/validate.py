@@ -17,8 +17,9 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
-from .errors import CollectiveMismatch, env_flag, resolve_timeout
-from .transport import wait_all
+from ringlab import settings
+from ringlab.errors import CollectiveMismatch, resolve_timeout
+from ringlab.transport import wait_all
 
 __all__ = ["InvalidCollectiveCall", "checked_call", "validation_enabled", "FIELDS"]
 
@@ -29,9 +30,12 @@ class InvalidCollectiveCall(CollectiveMismatch, TypeError):
     """Bad arguments on some rank, or arguments that differ across ranks (raised on every rank)."""
 
 
+_environment_checked = set()
+
+
 def validation_enabled():
     """False when RINGLAB_VALIDATE=0 (skip the cross-rank check everywhere, e.g. in benchmarks)."""
-    return env_flag("RINGLAB_VALIDATE", True)
+    return settings.get("RINGLAB_VALIDATE")
 
 
 def _code(value):
@@ -89,6 +93,9 @@ def checked_call(comm, validate, signature, local_checks, timeout=None):
     """
     result, error = None, None
     try:
+        if comm.size not in _environment_checked:    # every RINGLAB_* value, once per process and N
+            settings.check_environment(comm.size)
+            _environment_checked.add(comm.size)
         result = local_checks()
     except Exception as exc:  # any local failure must reach the other ranks, or they would hang
         error = exc

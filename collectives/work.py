@@ -26,10 +26,10 @@ import time
 
 from mpi4py import MPI
 
-from . import api
-from .commstate import comm_state
-from .arrays import as_array, is_device_array
-from .errors import CollectiveTimeout, default_timeout
+from ringlab import api
+from ringlab.commstate import comm_state
+from ringlab.arrays import as_array, is_device_array
+from ringlab.errors import CollectiveTimeout, default_timeout
 
 __all__ = ["Work", "allreduce_async", "reduce_scatter_async", "allgather_async", "async_comm"]
 

@@ -16,12 +16,12 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import collectives  # noqa: E402,F401  registers the algorithms
-from collectives.api import register_allreduce  # noqa: E402
-from collectives.bench import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
-from collectives.hierarchical import make_hierarchical  # noqa: E402
-from collectives.tuner import load_tuning, tuning_path  # noqa: E402
-from collectives.variants import allreduce_variant, mpi_native_variant  # noqa: E402
+import ringlab  # noqa: E402,F401  registers the algorithms
+from ringlab.api import register_allreduce  # noqa: E402
+from ringlab.bench.harness import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
+from ringlab.hierarchical import make_hierarchical  # noqa: E402
+from ringlab.bench.tuner import load_tuning, tuning_path  # noqa: E402
+from ringlab.bench.variants import allreduce_variant, mpi_native_variant  # noqa: E402
 
 SMALL_LIMIT = 64 * 1024
 

@@ -18,11 +18,11 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives import variants as variant_library  # noqa: E402
-from collectives.alphabeta import (fit_alpha_beta, format_fit_report, ring_step_variant, samples_from_rows,  # noqa: E402
+from ringlab.bench import variants as variant_library  # noqa: E402
+from ringlab.teach.alphabeta import (fit_alpha_beta, format_fit_report, ring_step_variant, samples_from_rows,  # noqa: E402
                                    write_fits)
-from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
-from collectives.bench import (Unavailable, Variant, format_table, measure, parse_size, run_metadata,  # noqa: E402
+from ringlab.arrays import gpu_available, use_local_gpu  # noqa: E402
+from ringlab.bench.harness import (Unavailable, Variant, format_table, measure, parse_size, run_metadata,  # noqa: E402
                                size_arg, sizes_from_range, write_json)
 
 VARIANT_NAMES = ("ring", "mpi-native", "nccl")
@@ -68,7 +68,7 @@ def nccl_variant(comm, device):
     """The NCCL hook: ``collectives.variants.nccl_variant(comm)`` once it exists, else an n/a row."""
     factory = getattr(variant_library, "nccl_variant", None)
     if factory is None:
-        return _unavailable("nccl", "no NCCL variant in collectives.variants yet")
+        return _unavailable("nccl", "no NCCL variant in ringlab.bench.variants yet")
     if not device:
         return _unavailable("nccl", "NCCL needs GPU buffers (--backend cupy)")
     return factory(comm)

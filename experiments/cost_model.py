@@ -15,7 +15,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives.costmodel import (LINKS, MODELS, Layout, Link, communication_cost, link_from_fit,  # noqa: E402
+from ringlab.teach.costmodel import (LINKS, MODELS, Layout, Link, communication_cost, link_from_fit,  # noqa: E402
                                    ring_allreduce_seconds, seed_claims, tp_allreduce_bytes)
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}

@@ -23,11 +23,11 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels  # noqa: E402  (restores np.row_stack for numba-cuda on NumPy 2.5)
-from collectives import allreduce_fp8  # noqa: E402
-from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
-from collectives.bench import format_table, measure  # noqa: E402
-from collectives.bench import parse_size, run_metadata, write_json  # noqa: E402
+import ringlab.kernels  # noqa: E402  (restores np.row_stack for numba-cuda on NumPy 2.5)
+from ringlab import allreduce_fp8  # noqa: E402
+from ringlab.arrays import gpu_available, use_local_gpu  # noqa: E402
+from ringlab.bench.harness import format_table, measure  # noqa: E402
+from ringlab.bench.harness import parse_size, run_metadata, write_json  # noqa: E402
 
 
 def _bits(a):
@@ -49,9 +49,9 @@ def check_kernels(n, report, quick=False):
     import cupy
     from ml_dtypes import bfloat16
 
-    from kernels.fp8 import dequant_accumulate_device, dequant_add_requant_device, dequantize_device, quantize_device
-    from kernels.reduce import reduce_device
-    from kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference,
+    from ringlab.kernels.fp8 import dequant_accumulate_device, dequant_add_requant_device, dequantize_device, quantize_device
+    from ringlab.kernels.reduce import reduce_device
+    from ringlab.kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference,
                                    dequantize_fp8_blockwise, quantize_fp8_blockwise, reduce_reference)
     rng = np.random.default_rng(0)
     dev = lambda a: cupy.asarray(_bits(a))  # noqa: E731
@@ -101,8 +101,8 @@ def check_misaligned(fmt, block, x, wc, ws, report, tag):
     """Chunks at an odd element offset (element-wise path), an odd count, signed NaN peer codes, divide_by 2^k."""
     import cupy
 
-    from kernels.fp8 import dequant_add_requant_device, quantize_device
-    from kernels.reference import dequant_add_requant_reference, quantize_fp8_blockwise
+    from ringlab.kernels.fp8 import dequant_add_requant_device, quantize_device
+    from ringlab.kernels.reference import dequant_add_requant_reference, quantize_fp8_blockwise
     m = x.size - 3
     dx = cupy.asarray(x)[1: 1 + m]
     want_c, want_s = quantize_fp8_blockwise(x[1: 1 + m], fmt, block)
@@ -195,7 +195,7 @@ def main():
     if comm.size > 1:
         check_allreduce(comm, report)
     if not args.no_speed and comm.rank == 0:
-        from kernels.speed import kernel_speed_variants
+        from ringlab.bench.kernel_speed import kernel_speed_variants
         count = parse_size(args.size) // 4
         rows = measure(MPI.COMM_SELF, kernel_speed_variants(), [count], "float32", "sum", iters=args.iters, warmup=3)
         print(format_table(rows, f"kernel speed, {count} elements; GB/s = (bytes read + written) / time"))

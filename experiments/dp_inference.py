@@ -17,8 +17,8 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives import dp_inference as dpi  # noqa: E402
-from collectives.bench import run_metadata  # noqa: E402
+from ringlab.teach import dp_inference as dpi  # noqa: E402
+from ringlab.bench.harness import run_metadata  # noqa: E402
 
 MIX = ((1, 0.7), (4, 0.2), (32, 0.1))
 

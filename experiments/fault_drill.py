@@ -20,8 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from collectives.errors import ABORT_EXIT_CODE  # noqa: E402
-from collectives.launch import launcher_flavour, mpirun_command  # noqa: E402
+from ringlab.errors import ABORT_EXIT_CODE  # noqa: E402
+from ringlab.launch import launcher_flavour, mpirun_command  # noqa: E402
 
 FAULT, VALIDATE = "tests/mpi/fault_worker.py", "tests/mpi/validate_fields.py"
 A = ABORT_EXIT_CODE

@@ -23,10 +23,10 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives import allreduce, allreduce_fp8  # noqa: E402
-from collectives.arrays import gpu_available  # noqa: E402
-from collectives.bench import format_table, measure, parse_size, run_metadata, size_list_arg  # noqa: E402
-from collectives.variants import allreduce_variant, fp8_variant, mpi_native_variant, nccl_variant  # noqa: E402
+from ringlab import allreduce, allreduce_fp8  # noqa: E402
+from ringlab.arrays import gpu_available  # noqa: E402
+from ringlab.bench.harness import format_table, measure, parse_size, run_metadata, size_list_arg  # noqa: E402
+from ringlab.bench.variants import allreduce_variant, fp8_variant, mpi_native_variant, nccl_variant  # noqa: E402
 
 DISTS = ("normal", "t2")
 
@@ -136,7 +136,7 @@ def device_collective_speed(comm, args, say):
 
     CuPy has no bfloat16 arrays, so the 2-byte ring runs on float16: the same bytes on the wire and
     the same kernels' cost as bf16. The first transport's fp32 ring is the ratio baseline."""
-    from collectives.arrays import use_local_gpu
+    from ringlab.arrays import use_local_gpu
     use_local_gpu(comm)
     def ring(short, dtype, tr):   # algbw counts 4 B per element on every row
         return allreduce_variant(comm, f"{short} ring {tr}", device=True, dtype=dtype, bytes_per_element=4,
@@ -148,7 +148,7 @@ def device_collective_speed(comm, args, say):
     if "staged" in args.transports:
         variants.append(fp8_variant(comm, "direct", device=True, transport="staged"))
     if "ipc" in args.transports:
-        from collectives.ipc import all_ranks_share_one_gpu
+        from ringlab.gpu.ipc import all_ranks_share_one_gpu
         if all_ranks_share_one_gpu(comm):   # the fastest fp32 ring on one shared GPU, for scale
             variants.append(ring("fp32", "float32", "ipc-shared"))
     variants.append(nccl_variant(comm, "nccl fp32"))    # n/a, with the reason, where ranks share a GPU
@@ -168,9 +168,9 @@ def kernel_speed(args, say):
     if not gpu_available():
         say("\n== 3. kernel speed: skipped (no usable GPU / CuPy on this machine) ==")
         return []
-    from collectives.arrays import use_local_gpu
+    from ringlab.arrays import use_local_gpu
     use_local_gpu(MPI.COMM_SELF)
-    from kernels.speed import kernel_speed_variants
+    from ringlab.bench.kernel_speed import kernel_speed_variants
     count = args.kernel_size // 4
     say(f"\n== 3. kernel speed: {count} fp32 elements ({args.kernel_size >> 20} MB input), CUDA events ==")
     rows = measure(MPI.COMM_SELF, kernel_speed_variants(), [count], "float32", "sum", iters=args.iters * 4,

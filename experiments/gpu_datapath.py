@@ -15,11 +15,11 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives.arrays import use_local_gpu  # noqa: E402
-from collectives.bench import format_table, measure, run_metadata, write_json  # noqa: E402
-from collectives.device import select_transport  # noqa: E402
-from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
-from collectives.bench import size_arg, size_list_arg  # noqa: E402
+from ringlab.arrays import use_local_gpu  # noqa: E402
+from ringlab.bench.harness import format_table, measure, run_metadata, write_json  # noqa: E402
+from ringlab.gpu.device import select_transport  # noqa: E402
+from ringlab.bench.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
+from ringlab.bench.harness import size_arg, size_list_arg  # noqa: E402
 
 
 def copy_bandwidth(nbytes=1 << 30, reps=20):

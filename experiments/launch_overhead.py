@@ -19,14 +19,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels  # noqa: E402,F401  (restores np.row_stack for numba-cuda on NumPy 2.5)
-from collectives.bench import parse_size  # noqa: E402
+import ringlab.kernels  # noqa: E402,F401  (restores np.row_stack for numba-cuda on NumPy 2.5)
+from ringlab.bench.harness import parse_size  # noqa: E402
 
 PATHS = {"numba dispatcher": (False, False), "cached overload": (True, False), "lean packer": (True, True)}
 
 
 def _set_path(fast, lean):
-    from kernels import device
+    from ringlab.kernels import device
     device._FAST, device._LEAN = fast, lean
     device._overloads.clear()
 
@@ -39,9 +39,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     import cupy
 
-    from kernels.fp8 import dequant_add_requant_device, quantize_device
-    from kernels.reduce import reduce_device
-    from kernels.reference import dequant_add_requant_reference, quantize_fp8_blockwise
+    from ringlab.kernels.fp8 import dequant_add_requant_device, quantize_device
+    from ringlab.kernels.reduce import reduce_device
+    from ringlab.kernels.reference import dequant_add_requant_reference, quantize_fp8_blockwise
     n = parse_size(args.n)
     rng = np.random.default_rng(0)
     hx, hy = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)

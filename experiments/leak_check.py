@@ -21,15 +21,15 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives import api
-from collectives.bench import pattern, reference, rss_kib
+import ringlab
+from ringlab import api
+from ringlab.bench.harness import pattern, reference, rss_kib
 
 
 def ipc_handle_count():
     """Sum of ``open_ipc_handles()`` over loaded collectives modules that offer it, else None."""
     counts = [m.open_ipc_handles() for name, m in list(sys.modules.items())
-              if name.startswith("collectives.") and callable(getattr(m, "open_ipc_handles", None))]
+              if name.startswith("ringlab.") and callable(getattr(m, "open_ipc_handles", None))]
     return sum(counts) if counts else None
 
 
@@ -56,7 +56,7 @@ def workloads(comm, xp, count, device):
     if device:  # every device transport of the ring: IPC rings (shared and per rank) and staging
         jobs += [(f"allreduce[ring via {t}]", (lambda t=t: api.allreduce(x, transport=t, comm=comm)))
                  for t in ("ipc-shared", "ipc", "ipc-host", "staged")]
-        jobs += [(f"allreduce_fp8[ring via {t}]", (lambda t=t: collectives.allreduce_fp8(x, transport=t, comm=comm)))
+        jobs += [(f"allreduce_fp8[ring via {t}]", (lambda t=t: ringlab.allreduce_fp8(x, transport=t, comm=comm)))
                  for t in ("ipc", "staged")]
     jobs.append(("reduce_scatter", lambda: api.reduce_scatter(x, comm=comm)))
     jobs.append(("allgather", lambda: api.allgather(x[:13], comm=comm)))
@@ -75,14 +75,14 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
     comm = MPI.COMM_WORLD
-    for info in pkgutil.iter_modules(collectives.__path__):  # let every module register its algorithms
+    for info in pkgutil.walk_packages(ringlab.__path__, "ringlab."):  # let every module register its algorithms
         try:
-            importlib.import_module(f"collectives.{info.name}")
+            importlib.import_module(info.name)
         except Exception:
             pass
     cupy = None
     if args.device:
-        from collectives.arrays import use_local_gpu
+        from ringlab.arrays import use_local_gpu
         use_local_gpu(comm)
         import cupy
     xp = cupy if cupy is not None else np

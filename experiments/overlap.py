@@ -1,6 +1,6 @@
 """Compute/communication overlap, measured: DDP gradient buckets and a TP chunked matmul pipeline.
 
-For each configuration, three runs with the same kernels (collectives/bench.py: check first,
+For each configuration, three runs with the same kernels (collectives/bench/harness.py: check first,
 warm-up, barrier-aligned iterations, slowest rank, median): T_comp (compute alone), T_comm
 (communication alone), T_both (overlapped). Reported: exposed comm = T_both - T_comp and
 overlap efficiency = (T_comp + T_comm - T_both) / min(T_comp, T_comm) (1 = fully hidden, 0 = serial).
@@ -25,11 +25,11 @@ from mpi4py import MPI  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives.device import select_transport  # noqa: E402
-from collectives.arrays import use_local_gpu  # noqa: E402
-from collectives.bench import (Case, Variant, busbw_factor, count_wrong, format_table, measure,  # noqa: E402
+from ringlab.gpu.device import select_transport  # noqa: E402
+from ringlab.arrays import use_local_gpu  # noqa: E402
+from ringlab.bench.harness import (Case, Variant, busbw_factor, count_wrong, format_table, measure,  # noqa: E402
                                run_metadata)
-from collectives.overlap import (DataParallelStep, GradientBuckets, RowParallelMatmul,  # noqa: E402
+from ringlab.teach.overlap import (DataParallelStep, GradientBuckets, RowParallelMatmul,  # noqa: E402
                                  SimulatedBackward, row_parallel_operands, row_parallel_reference)
 
 MB = 1 << 20

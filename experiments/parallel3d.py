@@ -17,8 +17,8 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives import parallel3d as p3d  # noqa: E402
-from collectives.bench import run_metadata  # noqa: E402
+from ringlab.teach import parallel3d as p3d  # noqa: E402
+from ringlab.bench.harness import run_metadata  # noqa: E402
 
 
 def parse_args(argv=None):

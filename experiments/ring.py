@@ -13,13 +13,13 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives import allreduce  # noqa: E402
-from collectives.arrays import gpu_available, use_local_gpu  # noqa: E402
-from collectives.bench import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
-from collectives.ops import OPS, SUPPORTED_DTYPES  # noqa: E402
-from collectives.device import select_transport  # noqa: E402
-from collectives.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
-from collectives.walkthrough import format_walkthrough, record_ring_allreduce  # noqa: E402
+from ringlab import allreduce  # noqa: E402
+from ringlab.arrays import gpu_available, use_local_gpu  # noqa: E402
+from ringlab.bench.harness import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
+from ringlab.ops import OPS, SUPPORTED_DTYPES  # noqa: E402
+from ringlab.gpu.device import select_transport  # noqa: E402
+from ringlab.bench.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
+from ringlab.teach.walkthrough import format_walkthrough, record_ring_allreduce  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -122,7 +122,7 @@ def main(argv=None):
             else:
                 print(f"\n== 1. walkthrough skipped: N = {n} > --walkthrough-ranks {args.walkthrough_ranks} ==")
         if args.figures and rank == 0:
-            from collectives.walkthrough_figures import render_walkthrough_figures
+            from ringlab.teach.walkthrough_figures import render_walkthrough_figures
             try:
                 paths = render_walkthrough_figures(records, args.figures)
                 print(f"wrote {len(paths)} walkthrough figures to {args.figures}")

@@ -15,8 +15,8 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collectives.walkthrough import format_walkthrough, record_ring_allreduce  # noqa: E402
-from collectives.walkthrough_figures import (extract_generated_section, render_walkthrough_figures,  # noqa: E402
+from ringlab.teach.walkthrough import format_walkthrough, record_ring_allreduce  # noqa: E402
+from ringlab.teach.walkthrough_figures import (extract_generated_section, render_walkthrough_figures,  # noqa: E402
                                              walkthrough_markdown_tables, write_walkthrough_markdown)
 
 

@@ -1,6 +1,6 @@
 """ringlab kernels: reduce and FP8 (de)quantize, as NumPy references and numba-CUDA kernels.
 
-``import kernels`` never needs CUDA or numba: the NumPy references (``kernels.reference``) and the
+``import ringlab.kernels`` never needs CUDA or numba: the NumPy references (``kernels.reference``) and the
 FP8 formats load eagerly, the numba-CUDA modules (``kernels.reduce``, ``kernels.fp8``) only when first
 used, so a CPU machine without a GPU imports this package fine. numba-cuda 0.30.x registers
 ``np.row_stack``, which NumPy 2.5 removed; ``patch_numpy_for_numba`` restores it as ``np.vstack``
@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from .formats import BLOCK_SIZES, FP8_FORMATS, Fp8Format, check_block, check_fp8_input_dtype, fp8_format
-from .reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
+from ringlab.kernels.formats import BLOCK_SIZES, FP8_FORMATS, Fp8Format, check_block, check_fp8_input_dtype, fp8_format
+from ringlab.kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
                         fp8_message_nbytes, quantize_fp8_blockwise, reduce_reference, split_fp8_message)
 
 __all__ = ["BLOCK_SIZES", "FP8_FORMATS", "Fp8Format", "fp8_format", "check_block", "check_fp8_input_dtype",
@@ -40,7 +40,7 @@ def use_simulator_without_gpu():
 
 def __getattr__(name):
     # Lazy: the numba-CUDA modules import numba (and compile on first launch) only when asked for.
-    if name in ("reduce", "fp8", "device", "codec", "speed"):
+    if name in ("reduce", "fp8", "device", "codec"):
         patch_numpy_for_numba()
         return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    raise AttributeError(f"module 'ringlab.kernels' has no attribute {name!r}")

@@ -8,8 +8,8 @@ kernels, messages staged through pinned host memory because the MPI need not be 
 """
 import numpy as np
 
-from .formats import check_block, fp8_format
-from .reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
+from ringlab.kernels.formats import check_block, fp8_format
+from ringlab.kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
                         fp8_message_nbytes, quantize_fp8_blockwise, split_fp8_message)
 
 __all__ = ["HostFp8Codec", "DeviceFp8Codec", "codec_for"]
@@ -72,7 +72,7 @@ class DeviceFp8Codec(HostFp8Codec):
         self.staged = staged
         import cupy
         import cupyx
-        from . import fp8 as kernels_fp8
+        from ringlab.kernels import fp8 as kernels_fp8
         self.xp, self._k, self._cupyx = cupy, kernels_fp8, cupyx
         self._host = {}
 

@@ -11,7 +11,8 @@ import threading
 
 import numpy as np
 
-from . import patch_numpy_for_numba
+from ringlab import settings
+from ringlab.kernels import patch_numpy_for_numba
 
 patch_numpy_for_numba()
 # Small launches are normal here (a ring's chunks, tails): numba's per-launch occupancy warning is noise.
@@ -110,7 +111,7 @@ def launch(kern, grid, tpb, *args):
 
 
 _overloads = {}
-_FAST = os.environ.get("RINGLAB_NUMBA_FAST_LAUNCH", "1") != "0"
+_FAST = settings.get("RINGLAB_NUMBA_FAST_LAUNCH")
 _LEAN = _FAST                # the lean parameter packer on top of the cached overload (_LeanLauncher)
 
 
@@ -240,7 +241,7 @@ class _LeanLauncher:
 def hardware_fp8():
     """True when the GPU converts fp32 -> FP8 in hardware (PTX cvt ... e4m3x2/e5m2x2: sm_89 and newer)
     and RINGLAB_FP8_HW is not 0. The simulator never does."""
-    if SIMULATED or os.environ.get("RINGLAB_FP8_HW", "1") == "0":
+    if SIMULATED or not settings.get("RINGLAB_FP8_HW"):
         return False
     if not _hw:
         _hw.append(tuple(cuda.get_current_device().compute_capability) >= (8, 9))

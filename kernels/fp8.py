@@ -22,19 +22,19 @@ dozen instructions per element, so the kernels spend it on the data, not on inde
 
 ``dequant_add_requant`` is one compressed reduce-scatter hop: it reads the peer's codes and scales
 and the local partial sum once, and writes the new codes and scales once (plus, at the last hop,
-the owner's dequantized result); the IPC ring (collectives/fp8_ipc.py) points it at peer memory directly.
+the owner's dequantized result); the IPC ring (collectives/gpu/fp8_ipc.py) points it at peer memory directly.
 Multiplies whose result is added (decode * scale in the hop) use ``fmul_rn``: NVVM would otherwise
 fuse them into an FMA (one rounding instead of NumPy's two).
 """
 import numpy as np
 from numba import float32
 
-from .device import cuda, device_fn, fmul_rn, hardware_fp8, kernel_view, launch, sm_count, f32_bits, bits_f32
-from .formats import check_block, fp8_format
-from .fp8_access import code_quad_loader, code_quad_storer, quad_loader, quad_storer
-from .fp8_bits import make_fp8_value_codec
-from .intrinsics import aligned4, any_lane, fmax_nan_ignoring, fp8x4_decoder, fp8x4_encoder, shfl_xor_fmax
-from .reference import MIN_SCALE, split_fp8_message
+from ringlab.kernels.device import cuda, device_fn, fmul_rn, hardware_fp8, kernel_view, launch, sm_count, f32_bits, bits_f32
+from ringlab.kernels.formats import check_block, fp8_format
+from ringlab.kernels.fp8_access import code_quad_loader, code_quad_storer, quad_loader, quad_storer
+from ringlab.kernels.fp8_bits import make_fp8_value_codec
+from ringlab.kernels.intrinsics import aligned4, any_lane, fmax_nan_ignoring, fp8x4_decoder, fp8x4_encoder, shfl_xor_fmax
+from ringlab.kernels.reference import MIN_SCALE, split_fp8_message
 
 __all__ = ["quantize_device", "dequantize_device", "dequant_add_requant_device", "dequant_accumulate_device",
            "TUNING", "VARIANTS"]

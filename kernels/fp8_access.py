@@ -9,8 +9,8 @@ only elements below it (reading 0 beyond): they serve the one partial tile at th
 """
 import numpy as np
 
-from .device import bits_f32, device_fn
-from .intrinsics import (bf16_rounder, load4, load_u8x4, scalar_load4, scalar_load_u8x4, scalar_store4,
+from ringlab.kernels.device import bits_f32, device_fn
+from ringlab.kernels.intrinsics import (bf16_rounder, load4, load_u8x4, scalar_load4, scalar_load_u8x4, scalar_store4,
                          scalar_store_u8x4, store4, store_u8x4)
 
 __all__ = ["quad_loader", "quad_storer", "code_quad_loader", "code_quad_storer"]

@@ -6,7 +6,7 @@ over every interesting fp32 pattern. Integers here are fp32 bit patterns as non-
 """
 import numpy as np
 
-from .formats import fp8_format
+from ringlab.kernels.formats import fp8_format
 
 __all__ = ["make_fp8_value_codec", "bf16_bits_from_f32_bits"]
 

@@ -20,8 +20,8 @@ kernels' loops are block-uniform for this reason.
 """
 import numpy as np
 
-from .device import SIMULATED, cuda, data_address, device_fn, f32_bits
-from .fp8_bits import bf16_bits_from_f32_bits
+from ringlab.kernels.device import SIMULATED, cuda, data_address, device_fn, f32_bits
+from ringlab.kernels.fp8_bits import bf16_bits_from_f32_bits
 
 __all__ = ["load4", "store4", "scalar_load4", "scalar_store4", "scalar_load_u8x4", "scalar_store_u8x4", "load_u8x4", "store_u8x4", "fp8x4_encoder", "fp8x4_decoder", "bf16_rounder",
            "fmax_nan_ignoring", "shfl_xor_fmax", "any_lane", "aligned4"]

@@ -9,8 +9,8 @@ bits) and matches ml_dtypes. max/min propagate NaN like NumPy's maximum/minimum.
 """
 import numpy as np
 
-from .device import ITEMS, TPB, bits_f32, cuda, device_fn, kernel_view, launch, launch_blocks
-from .intrinsics import aligned4, bf16_rounder, load4, scalar_load4, scalar_store4, store4
+from ringlab.kernels.device import ITEMS, TPB, bits_f32, cuda, device_fn, kernel_view, launch, launch_blocks
+from ringlab.kernels.intrinsics import aligned4, bf16_rounder, load4, scalar_load4, scalar_store4, store4
 
 __all__ = ["reduce_device", "REDUCE_OPS", "REDUCE_KINDS"]
 

@@ -17,7 +17,7 @@ against, bit for bit. The policy they implement (docs/fp8.md):
 """
 import numpy as np
 
-from .formats import check_block, check_fp8_input_dtype, fp8_format
+from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
 __all__ = ["fp8_message_nbytes", "split_fp8_message", "block_scales", "quantize_fp8_blockwise",
            "dequantize_fp8_blockwise", "dequant_add_requant_reference", "dequant_accumulate_reference",

@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from collectives.launch import mpirun_command  # noqa: E402
+from ringlab.launch import mpirun_command  # noqa: E402
 
 
 class MpiResult:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from collectives.alphabeta import (SCHEMA, fit_alpha_beta, format_fit_report, load_fit, ring_allreduce_time,
+from ringlab.teach.alphabeta import (SCHEMA, fit_alpha_beta, format_fit_report, load_fit, ring_allreduce_time,
                                    samples_from_rows, seed_allreduce_time, write_fits)
 
 ALPHA, BETA = 5e-6, 20e9

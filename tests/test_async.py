@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from collectives import CollectiveTimeout, Work, allreduce_async  # noqa: F401  (exported API)
+from ringlab import CollectiveTimeout, Work, allreduce_async  # noqa: F401  (exported API)
 
 BLAS1 = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from collectives.alphabeta import load_fit, ring_allreduce_time
+from ringlab.teach.alphabeta import load_fit, ring_allreduce_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "bandwidth_vs_n.py")

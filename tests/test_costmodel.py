@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from collectives.costmodel import (MODELS, Layout, Link, bubble_fraction, communication_cost,
+from ringlab.teach.costmodel import (MODELS, Layout, Link, bubble_fraction, communication_cost,
                                    layer_forward_flops, pipeline_speedup, ring_allreduce_seconds, seed_claims,
                                    tp_allreduce_bytes)
 

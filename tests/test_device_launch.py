@@ -5,7 +5,7 @@ and by tests/test_gpu.py; here, without one, the layout itself."""
 import ctypes
 from types import SimpleNamespace
 
-import kernels
+from ringlab import kernels
 
 kernels.use_simulator_without_gpu()
 
@@ -17,7 +17,7 @@ def _fake_cupy(size, itemsize, ptr):
 def test_packers_follow_the_argument_types():
     from numba.cuda import types as nt
 
-    from kernels.device import _LeanLauncher
+    from ringlab.kernels.device import _LeanLauncher
     overload = SimpleNamespace(argument_types=(nt.Array(nt.float32, 1, "C"), nt.int64, nt.float32, nt.boolean))
     packers = _LeanLauncher._packers(overload)
     assert packers[0] is None and packers[1] is ctypes.c_int64 and packers[2] is ctypes.c_float
@@ -29,7 +29,7 @@ def test_packers_follow_the_argument_types():
 def test_params_layout_per_array_and_scalar():
     from numba.cuda import types as nt
 
-    from kernels.device import _LeanLauncher
+    from ringlab.kernels.device import _LeanLauncher
     lean = object.__new__(_LeanLauncher)
     lean.packers = _LeanLauncher._packers(SimpleNamespace(
         argument_types=(nt.Array(nt.float32, 1, "C"), nt.Array(nt.uint8, 1, "C"), nt.int64)))

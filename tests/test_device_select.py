@@ -2,8 +2,8 @@
 import pytest
 from mpi4py import MPI
 
-from collectives import device
-from collectives.device import cuda_aware_mpi, parse_transport, select_transport
+from ringlab.gpu import device
+from ringlab.gpu.device import cuda_aware_mpi, parse_transport, select_transport
 
 
 @pytest.mark.parametrize("text,expected", [(None, ("auto", 1)), ("ipc", ("ipc", 1)), ("ipc:4", ("ipc", 4)),
@@ -54,7 +54,7 @@ def test_requested_transport_is_taken_as_is():
 
 
 def test_ipc_usability_is_decided_once_per_communicator(monkeypatch):
-    from collectives import ipc
+    from ringlab.gpu import ipc
     calls = []
     monkeypatch.setattr(ipc, "_ipc_usable", lambda comm: calls.append(comm) or (False, "no GPU"))
     comm = MPI.COMM_SELF.Dup()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from collectives import dp_inference as dpi
+from ringlab.teach import dp_inference as dpi
 
 
 def test_round_robin_cycles():

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from collectives.errors import ABORT_EXIT_CODE
-from collectives.faults import FaultInjected, parse_fault, set_fault
-from collectives.launch import launcher_flavour
+from ringlab.errors import ABORT_EXIT_CODE
+from ringlab.faults import FaultInjected, parse_fault, set_fault
+from ringlab.launch import launcher_flavour
 
 TIMEOUT_S = 4          # RINGLAB_TIMEOUT inside the jobs
 BOUND_S = 45           # start-up of 4 interpreters on 2 busy cores + timeout + abort grace
@@ -82,8 +82,8 @@ def test_fault_spec_parsing():
 
 
 def test_fault_fires_once_at_the_planned_step_of_the_planned_rank():
-    from collectives import faults
-    from collectives.schedule import ring_allreduce_schedule
+    from ringlab import faults
+    from ringlab.schedule import ring_allreduce_schedule
     try:
         set_fault("rank=1,step=4,action=raise")
         assert faults.ring_step_hook(0) is None            # other ranks pay nothing

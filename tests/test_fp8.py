@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ml_dtypes import bfloat16
 
-import kernels
-from kernels.fp8_bits import bf16_bits_from_f32_bits, make_fp8_value_codec
-from kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
+from ringlab import kernels
+from ringlab.kernels.fp8_bits import bf16_bits_from_f32_bits, make_fp8_value_codec
+from ringlab.kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
                                fp8_message_nbytes, quantize_fp8_blockwise, split_fp8_message)
 
 FMTS = ("e4m3", "e5m2")
@@ -240,7 +240,7 @@ def _to_device(xp, a):
 @pytest.mark.parametrize("fmt,block,dtype", CASES)
 def test_quantize_and_dequantize_kernels_bit_exact(fmt, block, dtype):
     xp, to_host = _device_module()
-    from kernels.fp8 import dequantize_device, quantize_device
+    from ringlab.kernels.fp8 import dequantize_device, quantize_device
     x = _kernel_input(N_KERNEL, dtype, block, 4)
     want_c, want_s = quantize_fp8_blockwise(x, fmt, block)
     codes, scales = xp.zeros(x.size, np.uint8), xp.zeros(want_s.size, np.float32)
@@ -255,7 +255,7 @@ def test_quantize_and_dequantize_kernels_bit_exact(fmt, block, dtype):
 @pytest.mark.parametrize("fmt,block,dtype", CASES[:2])
 def test_fused_hop_and_accumulate_kernels_bit_exact(fmt, block, dtype):
     xp, to_host = _device_module()
-    from kernels.fp8 import dequant_accumulate_device, dequant_add_requant_device
+    from ringlab.kernels.fp8 import dequant_accumulate_device, dequant_add_requant_device
     local = _kernel_input(N_KERNEL, dtype, block, 5)
     peer_c, peer_s = quantize_fp8_blockwise(_kernel_input(N_KERNEL, np.float32, block, 6), fmt, block)
     out_ref = np.zeros(N_KERNEL, dtype)
@@ -279,7 +279,7 @@ def test_kernels_on_misaligned_and_odd_chunks(fmt, block, offset, n):
     # offset 1: the fp32 chunk is not 8-byte aligned (element-wise loads); odd n: a lone last element;
     # signed NaN peer codes and every divide_by path (1, power of two, general).
     xp, to_host = _device_module()
-    from kernels.fp8 import dequant_add_requant_device, quantize_device
+    from ringlab.kernels.fp8 import dequant_add_requant_device, quantize_device
     base = _kernel_input(n + offset, np.float32, block, 8)
     x = _to_device(xp, base)[offset:]
     want_c, want_s = quantize_fp8_blockwise(base[offset:], fmt, block)

@@ -1,7 +1,7 @@
 """Device transports (IPC ring, host staging) on a real GPU; skipped without one."""
 import pytest
 
-from collectives.arrays import gpu_available
+from ringlab.arrays import gpu_available
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA GPU")]

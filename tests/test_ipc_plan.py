@@ -7,7 +7,7 @@ in place and out of place, and must give every rank the exact sum.
 import numpy as np
 import pytest
 
-from collectives.ipc import ring_pull_plan
+from ringlab.gpu.ipc import ring_pull_plan
 
 
 def run_plan(srcs, outs, order):

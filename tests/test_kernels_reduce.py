@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from ml_dtypes import bfloat16
 
-import kernels
-from kernels.reference import reduce_reference
+from ringlab import kernels
+from ringlab.kernels.reference import reduce_reference
 
 SIM = kernels.use_simulator_without_gpu()
 pytest.importorskip("numba")
@@ -38,7 +38,7 @@ def _operands(dtype, n, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("op", OPS)
 def test_reduce_kernel_bit_exact(op, dtype):
-    from kernels.reduce import reduce_device
+    from ringlab.kernels.reduce import reduce_device
     to_dev, to_host = _xp()
     n = 1031 if SIM else (1 << 22) + 3         # odd: a partial grid-stride round, bf16 unpacked path
     a, b = _operands(dtype, n, 0)
@@ -52,7 +52,7 @@ def test_reduce_kernel_bit_exact(op, dtype):
 
 @pytest.mark.parametrize("op", OPS)
 def test_bf16_packed_and_unaligned_paths_agree(op):
-    from kernels.reduce import reduce_device
+    from ringlab.kernels.reduce import reduce_device
     to_dev, to_host = _xp()
     a, b = _operands(bfloat16, 514, 1)
     want = reduce_reference(a, b, op)
@@ -65,7 +65,7 @@ def test_bf16_packed_and_unaligned_paths_agree(op):
 
 @pytest.mark.parametrize("dtype", [np.float32, bfloat16, np.float16])
 def test_max_min_propagate_nan_and_sum_inf(dtype):
-    from kernels.reduce import reduce_device
+    from ringlab.kernels.reduce import reduce_device
     to_dev, to_host = _xp()
     a = np.array([np.nan, 1, 2, np.inf, -np.inf, 0.5], dtype)
     b = np.array([1, np.nan, 3, 1, np.inf, 0.25], dtype)
@@ -78,7 +78,7 @@ def test_max_min_propagate_nan_and_sum_inf(dtype):
 
 
 def test_bad_arguments():
-    from kernels.reduce import reduce_device
+    from ringlab.kernels.reduce import reduce_device
     a = np.ones(8, np.float32)
     with pytest.raises(ValueError, match="op"):
         reduce_device(a, a, "avg")

@@ -1,7 +1,7 @@
 """The launcher helper adds Open MPI's root/oversubscribe flags and nothing for MPICH."""
 import os
 
-from collectives import launch
+from ringlab import launch
 
 
 def test_openmpi_gets_oversubscribe_and_root_flags(monkeypatch):

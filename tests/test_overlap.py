@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from collectives.overlap import GradientBuckets
+from ringlab.teach.overlap import GradientBuckets
 
 BLAS1 = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 

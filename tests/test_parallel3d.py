@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from collectives import parallel3d as p3d
+from ringlab.teach import parallel3d as p3d
 
 
 def test_coordinates_and_members_follow_seed_003():

@@ -3,13 +3,14 @@ reduce-scatter + all-gather = all-reduce, for every registered algorithm, dtype,
 
 A handful of mpirun launches; inside each, tests/mpi/prop_allreduce.py runs hypothesis on rank 0 and
 broadcasts each drawn case to the other ranks (its docstring documents the tolerances). Algorithms
-are read from collectives.api.ALLREDUCE_ALGORITHMS at run time, so new ones (FP8 included) are
+are read from ringlab.api.ALLREDUCE_ALGORITHMS at run time, so new ones (FP8 included) are
 covered without editing this file.
 """
-import os
 import re
 
 import pytest
+
+from ringlab import settings
 
 # (ranks, examples): small but covering N = 1, even, odd and counts not divisible by N.
 FAST = [(1, 25), (2, 40), (3, 40), (4, 40), (5, 30)]
@@ -31,7 +32,7 @@ def test_allreduce_properties(run_mpi, nprocs, examples):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RINGLAB_SLOW_TESTS") != "1", reason="set RINGLAB_SLOW_TESTS=1 (minutes)")
+@pytest.mark.skipif(not settings.get("RINGLAB_SLOW_TESTS"), reason="set RINGLAB_SLOW_TESTS=1 (minutes)")
 @pytest.mark.parametrize("nprocs,examples", SLOW)
 def test_allreduce_properties_many(run_mpi, nprocs, examples):
     res = run_mpi(nprocs, "tests/mpi/prop_allreduce.py", "--examples", examples, "--seed", 7 * nprocs,

@@ -1,7 +1,7 @@
 """The pure ring schedule: chunking, step tables, and the ownership invariant (no MPI)."""
 import pytest
 
-from collectives.schedule import (chunk_bounds, reduce_scatter_owner, ring_allgather_schedule,
+from ringlab.schedule import (chunk_bounds, reduce_scatter_owner, ring_allgather_schedule,
                                   ring_allreduce_schedule, ring_reduce_scatter_schedule)
 
 

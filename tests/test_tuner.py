@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from collectives.tuner import (DEFAULT_FITS, choose_algorithm, cost_coefficients, fit_alpha_beta, load_tuning,
+from ringlab.bench.tuner import (DEFAULT_FITS, choose_algorithm, cost_coefficients, fit_alpha_beta, load_tuning,
                                predict_us, write_tuning)
 
 

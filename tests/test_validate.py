@@ -7,7 +7,7 @@ and its value, nobody may hang, and a correct all-reduce right after must be exa
 import numpy as np
 import pytest
 
-from collectives.validate import FIELDS, InvalidCollectiveCall, _describe, checked_call, validation_enabled
+from ringlab.validate import FIELDS, InvalidCollectiveCall, _describe, checked_call, validation_enabled
 
 N_CASES = 13
 

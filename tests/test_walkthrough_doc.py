@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from collectives.walkthrough import StepRecord
-from collectives.walkthrough_figures import (GENERATED_BEGIN, GENERATED_END, extract_generated_section,
+from ringlab.teach.walkthrough import StepRecord
+from ringlab.teach.walkthrough_figures import (GENERATED_BEGIN, GENERATED_END, extract_generated_section,
                                              render_walkthrough_figures, replace_generated_section,
                                              step_figure_names, walkthrough_markdown_tables)
 

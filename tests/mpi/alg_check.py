@@ -8,8 +8,8 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives.ops import OPS, bfloat16
+import ringlab
+from ringlab.ops import OPS, bfloat16
 
 COUNTS = (0, 1, 3, 7, 13, 1001)
 
@@ -57,7 +57,7 @@ def main():
                 for count in COUNTS:
                     x = inputs(r, count, dtype, op)
                     keep = x.copy()
-                    y = collectives.allreduce(x, op=op, algo=algo)
+                    y = ringlab.allreduce(x, op=op, algo=algo)
                     ref, scale = reference(n, count, dtype, op)
                     err = float(np.max(np.abs(y.astype(np.float64) - ref) / scale)) if count else 0.0
                     digests = comm.allgather(hashlib.sha256(y.tobytes()).hexdigest())
@@ -65,7 +65,7 @@ def main():
                     ok &= y.dtype == np.dtype(dtype) and y.shape == (count,)
                     if count == 13:   # in place must give the same bytes as out of place
                         z = x.copy()
-                        collectives.allreduce(z, out=z, op=op, algo=algo)
+                        ringlab.allreduce(z, out=z, op=op, algo=algo)
                         ok &= z.tobytes() == y.tobytes()
                     checked += 1
                     if not ok:

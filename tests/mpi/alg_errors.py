@@ -5,14 +5,14 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives.api import _cache
+import ringlab
+from ringlab.api import _cache
 
 comm = MPI.COMM_WORLD
 mode = sys.argv[1]
 if mode == "indivisible":
     try:
-        collectives.allreduce(np.ones(10, np.float32), algo="hierarchical")
+        ringlab.allreduce(np.ones(10, np.float32), algo="hierarchical")
     except ValueError as exc:
         assert "not divisible by ranks_per_node" in str(exc), exc
         print(f"rank {comm.rank}: raised: {exc}", flush=True)
@@ -23,7 +23,7 @@ elif mode == "auto_agrees":
     picks = []
     for nbytes in (4, 64, 4096, 65536, 1 << 20, 1 << 22):
         x = np.full(nbytes // 4, comm.rank, np.float32)
-        y = collectives.allreduce(x, algo="auto")
+        y = ringlab.allreduce(x, algo="auto")
         assert np.all(y == sum(range(comm.size))), "auto result wrong"
         picks.append(_cache("auto")["last_choice"])
     everyone = comm.allgather(picks)

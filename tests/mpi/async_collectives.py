@@ -5,9 +5,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from collectives import CollectiveTimeout, InvalidCollectiveCall, allgather, allreduce
-from collectives.schedule import chunk_bounds
-from collectives.work import allgather_async, allreduce_async, reduce_scatter_async
+from ringlab import CollectiveTimeout, InvalidCollectiveCall, allgather, allreduce
+from ringlab.schedule import chunk_bounds
+from ringlab.work import allgather_async, allreduce_async, reduce_scatter_async
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

@@ -13,10 +13,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from collectives import InvalidCollectiveCall
-from collectives.arrays import use_local_gpu
-from collectives.schedule import chunk_bounds
-from collectives.work import allgather_async, allreduce_async, reduce_scatter_async
+from ringlab import InvalidCollectiveCall
+from ringlab.arrays import use_local_gpu
+from ringlab.schedule import chunk_bounds
+from ringlab.work import allgather_async, allreduce_async, reduce_scatter_async
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

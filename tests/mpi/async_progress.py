@@ -9,7 +9,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from collectives.work import allreduce_async
+from ringlab.work import allreduce_async
 
 comm = MPI.COMM_WORLD
 rank, n = comm.rank, comm.size

@@ -6,7 +6,7 @@ from mpi4py import MPI  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from collectives.work import allreduce_async  # noqa: E402
+from ringlab.work import allreduce_async  # noqa: E402
 
 assert MPI.Query_thread() < MPI.THREAD_MULTIPLE, "MPI gave THREAD_MULTIPLE anyway; cannot test"
 try:

@@ -2,7 +2,7 @@
 import numpy as np
 from mpi4py import MPI
 
-from collectives import InvalidCollectiveCall, allgather, allreduce, reduce_scatter
+from ringlab import InvalidCollectiveCall, allgather, allreduce, reduce_scatter
 
 comm = MPI.COMM_WORLD
 rank = comm.rank

@@ -24,8 +24,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives.bench import pattern, reference
+import ringlab
+from ringlab.bench.harness import pattern, reference
 
 p = argparse.ArgumentParser()
 p.add_argument("scenario", choices=["ring", "skip", "skip-noval", "die-before", "raise-mode"])
@@ -57,8 +57,8 @@ for call in range(args.calls):
         log(f"dies before call {call}")
         os.kill(os.getpid(), signal.SIGKILL)
     try:
-        y = collectives.allreduce(x, timeout=args.timeout, validate=validate)
-    except collectives.CollectiveTimeout as exc:
+        y = ringlab.allreduce(x, timeout=args.timeout, validate=validate)
+    except ringlab.CollectiveTimeout as exc:
         if args.scenario != "raise-mode":
             raise
         log(f"caught CollectiveTimeout peer={exc.peer}: {exc}")

@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from ml_dtypes import bfloat16  # noqa: E402
 
-from collectives import InvalidCollectiveCall, allreduce, allreduce_fp8, chunk_bounds  # noqa: E402
-from collectives.fp8 import fp8_allreduce_error_bound  # noqa: E402
-from kernels.reference import dequantize_fp8_blockwise, quantize_fp8_blockwise  # noqa: E402
+from ringlab import InvalidCollectiveCall, allreduce, allreduce_fp8, chunk_bounds  # noqa: E402
+from ringlab.fp8 import fp8_allreduce_error_bound  # noqa: E402
+from ringlab.kernels.reference import dequantize_fp8_blockwise, quantize_fp8_blockwise  # noqa: E402
 
 comm = MPI.COMM_WORLD
 N, R = comm.size, comm.rank

@@ -1,7 +1,7 @@
 """MPI worker: the FP8 IPC ring's message plan, executed with NumPy, equals the MPI FP8 ring bit for bit.
 
 Every rank runs allreduce_fp8 over MPI (host path), then gathers all inputs and executes
-collectives.fp8_ipc.fp8_ring_message_plan for every rank in one process, exactly as the IPC executor
+ringlab.gpu.fp8_ipc.fp8_ring_message_plan for every rank in one process, exactly as the IPC executor
 does (message j of rank r from left's message j-1), and compares its own rank's result. Prints "OK".
 """
 import os
@@ -14,9 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from ml_dtypes import bfloat16  # noqa: E402
 
-from collectives import allreduce_fp8, chunk_bounds  # noqa: E402
-from collectives.fp8_ipc import fp8_ring_message_plan  # noqa: E402
-from kernels.codec import HostFp8Codec  # noqa: E402
+from ringlab import allreduce_fp8, chunk_bounds  # noqa: E402
+from ringlab.gpu.fp8_ipc import fp8_ring_message_plan  # noqa: E402
+from ringlab.kernels.codec import HostFp8Codec  # noqa: E402
 
 comm = MPI.COMM_WORLD
 N, R = comm.size, comm.rank

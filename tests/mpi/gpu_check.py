@@ -11,8 +11,8 @@ import cupy
 import numpy as np
 from mpi4py import MPI
 
-from collectives import allreduce
-from collectives.arrays import use_local_gpu
+from ringlab import allreduce
+from ringlab.arrays import use_local_gpu
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives.api import ALLREDUCE_ALGORITHMS
-from collectives.bench import pattern, reference, rss_kib
+import ringlab
+from ringlab.api import ALLREDUCE_ALGORITHMS
+from ringlab.bench.harness import pattern, reference, rss_kib
 
 comm = MPI.COMM_WORLD
 rank, n = comm.rank, comm.size
@@ -31,14 +31,14 @@ def snapshot():
 
 def one_iteration(i, x, count):
     for algo in sorted(ALLREDUCE_ALGORITHMS):
-        collectives.allreduce(x, op="sum", algo=algo)
-    collectives.reduce_scatter(x, op="max")
-    collectives.allgather(x[:7])
+        ringlab.allreduce(x, op="sum", algo=algo)
+    ringlab.reduce_scatter(x, op="max")
+    ringlab.allgather(x[:7])
     if i % 10 == 0:
         bad = x.astype(np.complex64) if rank == n - 1 else x
         try:
-            collectives.allreduce(bad)
-        except collectives.InvalidCollectiveCall:
+            ringlab.allreduce(bad)
+        except ringlab.InvalidCollectiveCall:
             pass
         else:
             raise AssertionError("mismatched dtype was not rejected")
@@ -61,7 +61,7 @@ def main():
         one_iteration(i, x, args.count)
     comm.Barrier()
     after = snapshot()
-    y = collectives.allreduce(x)
+    y = ringlab.allreduce(x)
     assert np.array_equal(y.astype(np.float64), reference(args.count, n)), "wrong result after the loop"
     growth = {k: after[k] - before[k] for k in before}
     rows = comm.gather(growth, root=0)

@@ -2,8 +2,8 @@
 import numpy as np
 from mpi4py import MPI
 
-from collectives import allreduce
-from collectives.overlap import DataParallelStep, GradientBuckets, SimulatedBackward, bucketed_allreduce
+from ringlab import allreduce
+from ringlab.teach.overlap import DataParallelStep, GradientBuckets, SimulatedBackward, bucketed_allreduce
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

@@ -3,7 +3,7 @@ from mpi4py import MPI
 
 import numpy as np
 
-from collectives.overlap import RowParallelMatmul, row_parallel_operands, row_parallel_reference
+from ringlab.teach.overlap import RowParallelMatmul, row_parallel_operands, row_parallel_reference
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

@@ -6,7 +6,7 @@ Rank 0 runs a hypothesis ``@given`` test; each example is broadcast, every rank 
 from (seed, rank), runs the collectives and reports back; rank 0 asserts. Shrinking works because
 the other ranks simply follow whatever rank 0 broadcasts, until it broadcasts None.
 
-Properties, for every algorithm in ``collectives.api.ALLREDUCE_ALGORITHMS`` at run time (every
+Properties, for every algorithm in ``ringlab.api.ALLREDUCE_ALGORITHMS`` at run time (every
 ``collectives`` submodule is imported first, so algorithms registered by new modules, e.g. FP8
 ones, are picked up without editing this file):
   1. all-reduce equals the float64 reference of all ranks' inputs within TOLERANCE (below);
@@ -31,20 +31,20 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives.api import ALLREDUCE_ALGORITHMS
-from collectives.ops import OPS, SUPPORTED_DTYPES
-from collectives.schedule import chunk_bounds
+import ringlab
+from ringlab.api import ALLREDUCE_ALGORITHMS
+from ringlab.ops import OPS, SUPPORTED_DTYPES
+from ringlab.schedule import chunk_bounds
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank
 
-for info in pkgutil.iter_modules(collectives.__path__):  # let every module register its algorithms
+for info in pkgutil.walk_packages(ringlab.__path__, "ringlab."):  # let every module register its algorithms
     try:
-        importlib.import_module(f"collectives.{info.name}")
+        importlib.import_module(info.name)
     except Exception as exc:  # e.g. a GPU-only module on a CPU box: its algorithms are simply absent
         if rank == 0:
-            print(f"note: collectives.{info.name} not imported ({type(exc).__name__}: {exc})", flush=True)
+            print(f"note: {info.name} not imported ({type(exc).__name__}: {exc})", flush=True)
 
 ALGOS = sorted(ALLREDUCE_ALGORITHMS)
 DTYPES = sorted(np.dtype(d).name for d in SUPPORTED_DTYPES)
@@ -121,10 +121,10 @@ def rs_then_ag(x, op):
     """reduce_scatter, then all-gather of the (padded) chunks, unpadded back to the full vector."""
     bounds = chunk_bounds(x.size, n)
     width = bounds[0][1] - bounds[0][0]
-    mine = collectives.reduce_scatter(x, op=op)
+    mine = ringlab.reduce_scatter(x, op=op)
     padded = np.zeros(width, dtype=x.dtype)
     padded[: mine.size] = mine
-    rows = collectives.allgather(padded)
+    rows = ringlab.allgather(padded)
     return np.concatenate([rows[c][: hi - lo] for c, (lo, hi) in enumerate(bounds)])
 
 
@@ -140,11 +140,11 @@ def run_case(case):
         buf = x.copy()
         try:
             if case["out"] == "inplace":
-                y = collectives.allreduce(buf, out=buf, op=case["op"], algo=algo)
+                y = ringlab.allreduce(buf, out=buf, op=case["op"], algo=algo)
             elif case["out"] == "given":
-                y = collectives.allreduce(buf, out=np.empty_like(buf), op=case["op"], algo=algo)
+                y = ringlab.allreduce(buf, out=np.empty_like(buf), op=case["op"], algo=algo)
             else:
-                y = collectives.allreduce(buf, op=case["op"], algo=algo)
+                y = ringlab.allreduce(buf, op=case["op"], algo=algo)
         except Exception as exc:  # must be the same on every rank; rank 0 judges
             report["errors"][algo] = f"{type(exc).__name__}: {exc}"
             continue

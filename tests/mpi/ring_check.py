@@ -8,8 +8,8 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from collectives import allgather, allreduce, chunk_bounds, reduce_scatter
-from collectives.ops import bfloat16
+from ringlab import allgather, allreduce, chunk_bounds, reduce_scatter
+from ringlab.ops import bfloat16
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import collectives
-from collectives import validate as validate_module
-from collectives.api import ALLREDUCE_ALGORITHMS, register_allreduce
-from collectives.bench import pattern, reference
+import ringlab as collectives
+from ringlab import validate as validate_module
+from ringlab.api import ALLREDUCE_ALGORITHMS, register_allreduce
+from ringlab.bench.harness import pattern, reference
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank

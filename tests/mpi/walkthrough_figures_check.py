@@ -5,8 +5,8 @@ import sys
 from mpi4py import MPI
 from PIL import Image
 
-from collectives.walkthrough import record_ring_allreduce
-from collectives.walkthrough_figures import render_walkthrough_figures, step_figure_names
+from ringlab.teach.walkthrough import record_ring_allreduce
+from ringlab.teach.walkthrough_figures import render_walkthrough_figures, step_figure_names
 
 comm = MPI.COMM_WORLD
 records, final = record_ring_allreduce(comm)

@@ -17,8 +17,8 @@ so T_comp, T_comm and T_both are measured on identical work (experiments/overlap
 import numpy as np
 from mpi4py import MPI
 
-from .schedule import chunk_bounds
-from .work import allreduce_async
+from ringlab.schedule import chunk_bounds
+from ringlab.work import allreduce_async
 
 __all__ = ["GradientBuckets", "bucketed_allreduce", "SimulatedBackward", "DataParallelStep",
            "RowParallelMatmul", "row_parallel_operands", "row_parallel_reference"]
@@ -135,7 +135,7 @@ def bucketed_allreduce(tensors, bucket_bytes=25 << 20, op="sum", comm=None, time
 
 
 def _array_module(a):
-    from .arrays import array_module
+    from ringlab.arrays import array_module
     return array_module(a)
 
 

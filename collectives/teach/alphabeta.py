@@ -185,7 +185,7 @@ def ring_step_variant(comm, name="ring-step"):
     """
     from mpi4py import MPI
 
-    from .bench import Case, Variant
+    from ringlab.bench.harness import Case, Variant
 
     def prepare(count, dtype, op):
         n, r = comm.size, comm.rank

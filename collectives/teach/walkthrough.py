@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ring import ring_allgather_inplace, ring_reduce_scatter_inplace
-from .schedule import chunk_bounds
-from .transport import MpiTransport
+from ringlab.ring import ring_allgather_inplace, ring_reduce_scatter_inplace
+from ringlab.schedule import chunk_bounds
+from ringlab.transport import MpiTransport
 
 __all__ = ["StepRecord", "record_ring_allreduce", "rank_letter", "symbolic", "format_walkthrough"]
 

@@ -6,22 +6,22 @@ probe (in a child process, since a non-CUDA-aware MPI segfaults on device pointe
 otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, ipc,
 ipc-host, ipc-shared, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
 """
-import os
 import subprocess
 import sys
 
 from mpi4py import MPI
 
-from .commstate import comm_state
+from ringlab import settings
+from ringlab.commstate import comm_state
+from ringlab.settings import TRANSPORTS
 
 __all__ = ["parse_transport", "select_transport", "cuda_aware_mpi", "TRANSPORTS"]
 
-TRANSPORTS = ("auto", "ipc", "ipc-host", "ipc-shared", "mpi", "staged")
 _PROBE = r"""
 import cupy, numpy as np
 from mpi4py import MPI
 
-from .commstate import comm_state
+from ringlab.commstate import comm_state
 a = cupy.arange(4, dtype=cupy.float32); b = cupy.zeros(4, dtype=cupy.float32)
 cupy.cuda.get_current_stream().synchronize()
 MPI.COMM_SELF.Sendrecv(a, 0, 0, b, 0, 0)
@@ -32,16 +32,7 @@ print("CUDA-AWARE-OK")
 
 def parse_transport(text):
     """'ipc:4' -> ('ipc', 4); 'staged' -> ('staged', 1). Raises ValueError for unknown names."""
-    name, _, slices = (text or "auto").partition(":")
-    if name not in TRANSPORTS:
-        raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(TRANSPORTS)} (ipc:K for K slices)")
-    try:
-        k = int(slices) if slices else int(os.environ.get("RINGLAB_IPC_SLICES", "1"))
-    except ValueError:
-        raise ValueError(f"bad slice count in transport {text!r}") from None
-    if k < 1:
-        raise ValueError(f"slice count must be >= 1 in transport {text!r}")
-    return name, k
+    return settings.parse_transport(text, default_slices=settings.get("RINGLAB_IPC_SLICES"))
 
 
 def _library_says_cuda_aware():
@@ -58,9 +49,9 @@ def _library_says_cuda_aware():
 
 def cuda_aware_mpi(comm):
     """True only if the library claims CUDA support and a child-process probe survives it."""
-    env = os.environ.get("RINGLAB_CUDA_AWARE")
-    if env in ("0", "1"):
-        return env == "1"
+    forced = settings.get("RINGLAB_CUDA_AWARE")
+    if forced is not None:
+        return forced
     verdict = None
     if comm.rank == 0:
         verdict = False
@@ -75,15 +66,15 @@ def cuda_aware_mpi(comm):
 
 def select_transport(comm, requested=None):
     """(name, slices, why): the device transport for ``comm``; auto picks the fastest usable one."""
-    name, slices = parse_transport(requested or os.environ.get("RINGLAB_TRANSPORT", "auto"))
+    name, slices = parse_transport(requested or settings.get("RINGLAB_TRANSPORT"))
     if name != "auto":
         return name, slices, "requested"
     state = comm_state(comm)
     if "transport" not in state:
-        from .ipc import ipc_usable
+        from ringlab.gpu.ipc import ipc_usable
         ok, why = ipc_usable(comm)
         if ok:
-            from .ipc import all_ranks_share_one_gpu
+            from ringlab.gpu.ipc import all_ranks_share_one_gpu
             if comm.size > 1 and all_ranks_share_one_gpu(comm):
                 state["transport"] = ("ipc-shared", f"{why}; all {comm.size} ranks share one GPU: one context drives the ring")
             else:

@@ -14,10 +14,10 @@ every peer has finished reading this rank's buffers.
 """
 import numpy as np
 
-from .cuda_reduce import OP_CODES
-from .errors import resolve_timeout
-from .ipc import IpcRing, cached_executor
-from .schedule import chunk_bounds
+from ringlab.kernels.cuda_reduce import OP_CODES
+from ringlab.errors import resolve_timeout
+from ringlab.gpu.ipc import IpcRing, cached_executor
+from ringlab.schedule import chunk_bounds
 
 __all__ = ["IpcDirect", "get_ipc_direct", "DIRECT_ALGORITHMS"]
 

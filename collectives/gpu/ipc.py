@@ -27,11 +27,12 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
-from .errors import CollectiveTimeout, resolve_timeout
-from .faults import abort_job, handle_timeout
-from .cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
-from .commstate import comm_state
-from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+from ringlab.errors import CollectiveTimeout, resolve_timeout
+from ringlab.faults import abort_job, handle_timeout
+from ringlab.kernels.cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
+from ringlab import settings
+from ringlab.commstate import comm_state
+from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
 __all__ = ["IpcRing", "SharedGpuRing", "ring_pull_plan", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "cached_executor", "open_ipc_handles", "close_all"]
 
@@ -44,8 +45,8 @@ _EXPR = {
 }
 _kernels = {}
 _live = set()      # every open executor, for the atexit close and the leak check
-_TRACE = os.environ.get("RINGLAB_IPC_TRACE") == "1"   # leader prints its wait/ops split per call
-_VECTOR = os.environ.get("RINGLAB_IPC_VECTOR", "1") != "0"   # 16-byte kernel (0: CuPy elementwise)
+_TRACE = settings.get("RINGLAB_IPC_TRACE")   # leader prints its wait/ops split per call
+_VECTOR = settings.get("RINGLAB_IPC_VECTOR")   # 16-byte kernel (0: CuPy elementwise)
 _STEP_TYPES = ("float16", "float32", "float64", "int32", "int64") if _VECTOR else ()
 
 
@@ -108,7 +109,7 @@ def ipc_usable(comm):
 
 
 def _ipc_usable(comm):
-    from .arrays import cupy_or_none
+    from ringlab.arrays import cupy_or_none
     ok, why = 1, "all ranks on one node with GPUs"
     if cupy_or_none() is None:
         ok, why = 0, "no GPU"

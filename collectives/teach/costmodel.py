@@ -84,7 +84,7 @@ MODELS = {
 
 def link_from_fit(path, algo="ring"):
     """A Link with the α and β this lab measured (an alphabeta fit JSON)."""
-    from .alphabeta import load_fit
+    from ringlab.teach.alphabeta import load_fit
     fit = load_fit(path, algo)
     return Link(f"measured {algo} on {fit.machine.get('host', '?')} ({fit.beta_Bps / 1e9:.3g} GB/s)",
                 fit.beta_Bps, fit.alpha_s)

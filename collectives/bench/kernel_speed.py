@@ -1,4 +1,4 @@
-"""GPU kernel speed cases for collectives/bench.py: each kernel's GB/s (bytes read + written) beside a
+"""GPU kernel speed cases for collectives/bench/harness.py: each kernel's GB/s (bytes read + written) beside a
 device copy, and torch's FP8 casts as peers. Needs CuPy and a GPU; torch is optional.
 
 Every case is checked before it is timed: #wrong counts elements that differ from the NumPy
@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from collectives.bench import Case, Unavailable, Variant
+from ringlab.bench.harness import Case, Unavailable, Variant
 
-from .formats import fp8_format
-from .reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
+from ringlab.kernels.formats import fp8_format
+from ringlab.kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
                         quantize_fp8_blockwise, reduce_reference)
 
 __all__ = ["kernel_speed_variants", "torch_unavailable_reason"]
@@ -46,8 +46,8 @@ def kernel_speed_variants(fmt="e4m3", block=128, seed=0, queued=10):
     events around it, launch overhead included."""
     import cupy
 
-    from . import fp8 as kfp8
-    from .reduce import reduce_device
+    from ringlab.kernels import fp8 as kfp8
+    from ringlab.kernels.reduce import reduce_device
     f = fp8_format(fmt)
     stream = cupy.cuda.get_current_stream()
     sync = stream.synchronize

@@ -8,7 +8,7 @@ stripes and its label are read straight off the recorded value: the figures are 
 import math
 import os
 
-from .walkthrough import rank_letter, symbolic
+from ringlab.teach.walkthrough import rank_letter, symbolic
 
 __all__ = ["render_walkthrough_figures", "step_figure_names", "walkthrough_markdown_tables",
            "write_walkthrough_markdown", "replace_generated_section", "extract_generated_section", "GENERATED_BEGIN", "GENERATED_END",

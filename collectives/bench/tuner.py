@@ -11,8 +11,8 @@ coefficients come from its schedule, and alpha, beta are fitted per algorithm fr
 
 (p = largest power of two <= N; f = 1 when N is not a power of two: the fold and unfold steps move S.)
 
-    mpirun -n 8 python -m collectives.tuner          # measure, fit, write the tuning file
-    python -m collectives.tuner --nranks 8           # the same, launching mpirun itself
+    mpirun -n 8 python -m ringlab.bench.tuner          # measure, fit, write the tuning file
+    python -m ringlab.bench.tuner --nranks 8           # the same, launching mpirun itself
 
 The file is $RINGLAB_TUNING or ~/.cache/ringlab/tuning.json; fits are kept per N. Without it auto
 uses built-in defaults and warns once. Every rank decides from (S, N, table) with the table broadcast
@@ -27,8 +27,9 @@ import warnings
 
 import numpy as np
 
-from .algorithms import fold_layout
-from .commstate import comm_state
+from ringlab import settings
+from ringlab.schedule import fold_layout
+from ringlab.commstate import comm_state
 
 __all__ = ["cost_coefficients", "predict_us", "fit_alpha_beta", "choose_algorithm", "load_tuning", "tuning_path",
            "auto_allreduce_inplace", "DEFAULT_FITS", "main"]
@@ -93,7 +94,7 @@ def fit_alpha_beta(algo, n, sizes, times_us):
 
 
 def tuning_path():
-    return os.environ.get(ENV_TUNING) or os.path.join(os.path.expanduser("~"), ".cache", "ringlab", "tuning.json")
+    return settings.get(ENV_TUNING) or os.path.join(os.path.expanduser("~"), ".cache", "ringlab", "tuning.json")
 
 
 def load_tuning(path=None):
@@ -148,7 +149,7 @@ def _agreed_table(comm, cache):
         if table is None and comm.rank == 0 and path not in _warned:
             _warned.add(path)
             warnings.warn(f"ringlab auto: no tuning file at {path}; using built-in alpha-beta defaults. "
-                          f"Run `mpirun -n {comm.size} python -m collectives.tuner` to measure this machine.",
+                          f"Run `mpirun -n {comm.size} python -m ringlab.bench.tuner` to measure this machine.",
                           stacklevel=2)
         cache[key] = table
     return cache[key]
@@ -156,7 +157,7 @@ def _agreed_table(comm, cache):
 
 def auto_allreduce_inplace(buf, transport, op="sum", cache=None):
     """Run the algorithm ``choose_algorithm`` picks for this buffer's size and the communicator's N."""
-    from .api import ALLREDUCE_ALGORITHMS
+    from ringlab.api import ALLREDUCE_ALGORITHMS
     cache = cache if cache is not None else {}
     comm = transport.comm
     table = _agreed_table(comm, cache)
@@ -165,12 +166,12 @@ def auto_allreduce_inplace(buf, transport, op="sum", cache=None):
     ALLREDUCE_ALGORITHMS[name](buf, transport, op, cache.setdefault(name, {}))
 
 
-# ---- measuring: python -m collectives.tuner -------------------------------------------------------
+# ---- measuring: python -m ringlab.bench.tuner -------------------------------------------------------
 
 def measure_and_fit(comm, sizes, algos=TUNED_ALGORITHMS, iters=10, warmup=3, progress=None):
     """Time each algorithm at each size with bench.measure (checked first) and fit alpha, beta per algorithm."""
-    from .bench import measure
-    from .variants import allreduce_variant
+    from ringlab.bench.harness import measure
+    from ringlab.bench.variants import allreduce_variant
     counts = sorted({max(s // 4, 1) for s in sizes})
     variants = [allreduce_variant(comm, a, algo=a) for a in algos]
     rows = measure(comm, variants, counts, "float32", "sum", iters=iters, warmup=warmup, progress=progress)
@@ -233,9 +234,9 @@ def main(argv=None):
     comm = MPI.COMM_WORLD
     if comm.size == 1 and args.nranks and args.nranks > 1:
         import subprocess
-        from .launch import mpirun_command
+        from ringlab.launch import mpirun_command
         argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-        cmd = mpirun_command(args.nranks, sys.executable, "-m", "collectives.tuner", *argv)
+        cmd = mpirun_command(args.nranks, sys.executable, "-m", "ringlab.bench.tuner", *argv)
         return subprocess.call(cmd)
     algos = [a for a in args.algos.split(",") if a]
     for a in algos:
@@ -247,7 +248,7 @@ def main(argv=None):
                               progress=lambda t: print("  ..", t, flush=True))
     say(format_fits({a: f for a, f in fits.items()}, comm.size, sizes))
     if comm.rank == 0:
-        from .bench import run_metadata
+        from ringlab.bench.harness import run_metadata
         path = args.out or tuning_path()
         write_tuning(path, comm.size, fits, run_metadata(comm, backend="numpy"))
         print(f"wrote {path}")

@@ -6,8 +6,8 @@ on the host (NumPy). Inputs come from ``bench.pattern`` so the check is exact an
 import numpy as np
 from mpi4py import MPI
 
-from . import api
-from .bench import Case, Unavailable, Variant, count_wrong, pattern, reference
+from ringlab import api
+from ringlab.bench.harness import Case, Unavailable, Variant, count_wrong, pattern, reference
 
 __all__ = ["allreduce_variant", "fp8_variant", "mpi_native_variant", "nccl_variant", "array_module_for"]
 
@@ -67,7 +67,7 @@ def allreduce_variant(comm, name="ring", algo="ring", device=False, dtype=None, 
 def fp8_variant(comm, algo="ring", fmt="e4m3", block=128, device=False, transport=None):
     """``allreduce_fp8`` on fp32 pattern data (|x| <= 4); #wrong counts elements outside
     ``fp8_allreduce_error_bound``. ``transport`` (device only) picks the device transport."""
-    from .fp8 import allreduce_fp8, fp8_allreduce_error_bound
+    from ringlab.fp8 import allreduce_fp8, fp8_allreduce_error_bound
 
     def prepare(count, dtype, op):
         xp, x, ref = _inputs(comm, count, "float32", op, device)
@@ -114,7 +114,7 @@ def nccl_variant(comm, name="nccl"):
     state = {}
 
     def prepare(count, dtype, op):
-        from .nccl import NcclAllreduce, nccl_unavailable_reason
+        from ringlab.gpu.nccl import NcclAllreduce, nccl_unavailable_reason
         if "reason" not in state:
             state["reason"] = nccl_unavailable_reason(comm)
             if state["reason"] is None:

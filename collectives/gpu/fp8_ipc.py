@@ -13,7 +13,7 @@ neighbour has mapped; message j goes to slot j, so no slot is written twice in a
                                                   j = N-1 is r's own chunk: also out[c] = D(Q(sum))
     j = N..2N-2   copy of left's j-1              all-gather: forwarded unchanged, out[c] = D(message)
 
-Ordering is on the GPU (device counters, as in collectives/ipc.py): step j waits until left's
+Ordering is on the GPU (device counters, as in collectives/gpu/ipc.py): step j waits until left's
 counter reaches j (its message j-1 is written). Nobody reads our input or output, only our slots, so
 a call ends with our own last step; the next call first waits until right has finished reading the
 previous call's slots. Cost per rank: 2(N-1) messages of about S/N FP8 codes plus scales pulled from
@@ -21,9 +21,9 @@ the neighbour, one kernel per step.
 """
 import numpy as np
 
-from .errors import resolve_timeout
-from .ipc import IpcRing, _wrap, cached_executor
-from .schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+from ringlab.errors import resolve_timeout
+from ringlab.gpu.ipc import IpcRing, _wrap, cached_executor
+from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 
 __all__ = ["Fp8IpcRing", "get_fp8_ipc_ring", "fp8_ring_message_plan"]
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .api import allgather, allreduce, reduce_scatter
-from .algorithms import NonblockingTransport
-from .transport import MpiTransport
+from ringlab.api import allgather, allreduce, reduce_scatter
+from ringlab.algorithms import NonblockingTransport
+from ringlab.transport import MpiTransport
 
 __all__ = ["coordinates", "ParallelGroups", "build_groups", "format_group_table", "TrafficMeter",
            "shard_columns", "shard_rows", "init_layer", "shard_layer", "gelu", "gelu_grad",

@@ -1,0 +1,1 @@
+"""Teaching: the recorded walkthrough and its figures, the alpha-beta fit, the cost model, DP/TP/PP patterns."""
