@@ -14,7 +14,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/ringlab_path.sh"   # import ringlab from this checkout (not pip-installed there)
 summary="$RES/summary.txt"; : > "$summary"
 step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit status
   local name=$1 secs=$2; shift 2
