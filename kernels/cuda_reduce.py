@@ -7,10 +7,13 @@ to the elementwise kernel.
 """
 import numpy as np
 
+from ringlab.kernels.optable import AVG_LAST_CODE, DEVICE_DTYPES, OP_TABLE
+
 __all__ = ["reduce_kernel_vec", "step_kernel", "TASK_DTYPE", "OP_CODES"]
 
-OP_CODES = {"sum": 0, "avg": 0, "prod": 1, "max": 2, "min": 3, "avg_last": 4}
+OP_CODES = {**{name: op.code for name, op in OP_TABLE.items()}, "avg_last": AVG_LAST_CODE}   # kernels/optable.py
 _TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
+assert tuple(_TYPES) == DEVICE_DTYPES
 _SOURCE = r"""
 #include <cuda_fp16.h>
 template <typename T> __device__ __forceinline__ T rl_apply(int op, T a, T b, T n) {

@@ -10,11 +10,12 @@ bits) and matches ml_dtypes. max/min propagate NaN like NumPy's maximum/minimum.
 import numpy as np
 
 from ringlab.kernels.device import ITEMS, TPB, bits_f32, cuda, device_fn, kernel_view, launch, launch_blocks
+from ringlab.kernels.optable import OPS
 from ringlab.kernels.intrinsics import aligned4, bf16_rounder, load4, scalar_load4, scalar_store4, store4
 
 __all__ = ["reduce_device", "REDUCE_OPS", "REDUCE_KINDS"]
 
-REDUCE_OPS = ("sum", "prod", "max", "min")
+REDUCE_OPS = tuple(op for op in OPS if op != "avg")      # avg is sum here; the caller divides
 REDUCE_KINDS = ("f32", "f16", "bf16", "f64", "i32", "i64")
 _kernels = {}
 

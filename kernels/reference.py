@@ -18,6 +18,7 @@ against, bit for bit. The policy they implement (docs/fp8.md):
 import numpy as np
 
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
+from ringlab.kernels.optable import OP_TABLE
 
 __all__ = ["fp8_message_nbytes", "split_fp8_message", "block_scales", "quantize_fp8_blockwise",
            "dequantize_fp8_blockwise", "dequant_add_requant_reference", "dequant_accumulate_reference",
@@ -155,8 +156,7 @@ def dequant_accumulate_reference(acc, codes, scales, fmt="e4m3", block=128):
 
 def reduce_reference(a, b, op="sum", out=None):
     """dst = a (op) b elementwise for sum/prod/max/min; bfloat16 goes through ml_dtypes (fp32, RNE)."""
-    fns = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
-    if op not in fns:
-        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(fns)}")
+    if op not in OP_TABLE or op == "avg":
+        raise ValueError(f"unknown op {op!r}; expected one of sum, prod, max, min")
     with np.errstate(all="ignore"):
-        return fns[op](a, b, out=out)
+        return getattr(np, OP_TABLE[op].ufunc)(a, b, out=out)

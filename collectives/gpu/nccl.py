@@ -1,9 +1,11 @@
 """NCCL baseline through ``cupy.cuda.nccl``: unique id broadcast over MPI, one GPU per rank."""
 from mpi4py import MPI
 
+from ringlab.kernels.optable import OP_TABLE
+
 __all__ = ["nccl_unavailable_reason", "NcclAllreduce"]
 
-_NCCL_OPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}          # ncclRedOp_t (avg: NCCL >= 2.10)
+_NCCL_OPS = {name: op.nccl for name, op in OP_TABLE.items()}           # ncclRedOp_t (kernels/optable.py)
 _NCCL_TYPES = {"int32": 2, "int64": 4, "float16": 6, "float32": 7, "float64": 8}  # ncclDataType_t
 
 
