@@ -1,7 +1,8 @@
-"""Array plumbing: accept NumPy, CuPy, or anything with DLPack / __cuda_array_interface__."""
+"""Array plumbing: accept NumPy, CuPy, torch, or anything with DLPack / __cuda_array_interface__."""
 import numpy as np
 
-__all__ = ["as_array", "array_module", "is_device_array", "cupy_or_none", "gpu_available"]
+__all__ = ["as_array", "array_module", "is_device_array", "is_torch_tensor", "cupy_or_none", "gpu_available",
+           "to_torch", "wrap_like"]
 
 _cupy = None
 _cupy_checked = False
@@ -45,6 +46,8 @@ def as_array(x):
     """
     if isinstance(x, np.ndarray) or is_device_array(x):
         return x
+    if is_torch_tensor(x):
+        return _torch_view(x)
     if hasattr(x, "__cuda_array_interface__"):
         import cupy
         return cupy.asarray(x)
@@ -59,6 +62,59 @@ def as_array(x):
         return a
     raise TypeError(f"cannot use {type(x).__name__} as a buffer: expected a NumPy/CuPy array, "
                     "a DLPack tensor or an object with __cuda_array_interface__")
+
+
+def is_torch_tensor(x):
+    """True for torch.Tensor and its subclasses (nn.Parameter), checked without importing torch."""
+    return any(c.__module__.split(".")[0] == "torch" and c.__name__ == "Tensor" for c in type(x).__mro__)
+
+
+def _torch_view(t):
+    """Zero-copy NumPy (CPU) or CuPy (CUDA) view of a torch tensor; bfloat16 travels as int16 bits.
+
+    DLPack has no bfloat16 in NumPy's importer ("Unsupported dtype in DLTensor"), so the bits are
+    exported as int16 and reinterpreted as ml_dtypes.bfloat16: same memory, same bytes.
+    """
+    if t.requires_grad:
+        raise TypeError("a torch tensor that requires grad cannot be a collective buffer (the result would bypass "
+                        "autograd): pass t.detach(), which shares its memory, so an in-place result writes through")
+    bf16 = str(t.dtype) == "torch.bfloat16"
+    src = t.view(_torch().int16) if bf16 else t
+    if t.device.type == "cuda":
+        import cupy
+        a = cupy.from_dlpack(src)
+    else:
+        a = np.from_dlpack(src)
+    if not bf16:
+        return a
+    from ml_dtypes import bfloat16
+    try:
+        return a.view(bfloat16)
+    except Exception as exc:  # CuPy has no bfloat16 dtype (kernels take bf16 as uint16 bits)
+        raise TypeError(f"bfloat16 {t.device.type} tensors need an array type with bfloat16; {type(a).__module__} "
+                        f"refused it ({exc}): cast to float32 or use allreduce_fp8") from exc
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def to_torch(a):
+    """A torch tensor sharing ``a``'s memory (NumPy -> CPU tensor, CuPy -> CUDA tensor); bf16 kept."""
+    torch = _torch()
+    bf16 = str(a.dtype) == "bfloat16"
+    bits = a.view(np.int16) if bf16 else a
+    t = torch.from_dlpack(bits) if is_device_array(a) else torch.from_numpy(bits)
+    return t.view(torch.bfloat16) if bf16 else t
+
+
+def wrap_like(original, result, out=None):
+    """``result`` in the caller's array type: ``out`` itself when it is a torch tensor, a torch tensor
+    (same memory) when ``original`` is one and ``out`` is None, else ``result`` unchanged."""
+    if out is not None:
+        return out if is_torch_tensor(out) else result
+    return to_torch(result) if is_torch_tensor(original) and not is_torch_tensor(result) else result
 
 
 def local_rank(comm):

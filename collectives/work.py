@@ -28,7 +28,7 @@ from mpi4py import MPI
 
 from ringlab import api
 from ringlab.commstate import comm_state
-from ringlab.arrays import as_array, is_device_array
+from ringlab.arrays import as_array, is_device_array, is_torch_tensor, to_torch
 from ringlab.errors import CollectiveTimeout, default_timeout
 
 __all__ = ["Work", "allreduce_async", "reduce_scatter_async", "allgather_async", "async_comm"]
@@ -49,11 +49,50 @@ class Work:
         self._result = self._error = None
         self._done_event = None   # CUDA event on the communication stream (device arrays only)
         self._keep = keep         # buffers that must outlive the transfer (device inputs, outputs)
+        self._futures = []        # torch futures handed out by get_future() before the end
 
     def _finish(self, result=None, error=None, done_event=None):
         self._result, self._error, self._done_event = result, error, done_event
         self.finished_at = time.perf_counter()
         self._finished.set()
+        self._complete_futures()
+
+    def get_future(self):
+        """A ``torch.futures.Future`` whose value is the result as a torch tensor (same memory).
+
+        Completed by the progress thread when the collective ends (no thread per call); an error
+        becomes the future's exception. A device result is final on the device by then.
+        """
+        import torch
+        fut = torch.futures.Future()
+        with _future_lock:   # _finish sets the event before taking the list: no future is missed
+            if not self._finished.is_set():
+                self._futures.append(fut)
+                return fut
+        self._complete_future(fut, on_progress_thread=False)
+        return fut
+
+    def _complete_futures(self):
+        with _future_lock:
+            futures, self._futures = self._futures, []
+        for fut in futures:
+            try:
+                self._complete_future(fut, on_progress_thread=True)
+            except Exception as exc:  # never leave a future pending: its waiter would hang
+                fut.set_exception(exc)
+
+    def _complete_future(self, fut, on_progress_thread):
+        if self._error is not None:
+            fut.set_exception(self._error)
+            return
+        if self._done_event is not None:
+            if on_progress_thread:       # the progress thread may block; readers on any stream are then safe
+                self._done_event.synchronize()
+            else:                         # the caller's thread: order its stream after the result instead
+                import cupy
+                cupy.cuda.get_current_stream().wait_event(self._done_event)
+        result = self._result
+        fut.set_result(result if is_torch_tensor(result) else to_torch(result))
 
     def test(self):
         """True when the collective has finished (successfully or not); never blocks or raises."""
@@ -119,6 +158,7 @@ class _ProgressThread:
 
 
 _lock = threading.Lock()
+_future_lock = threading.Lock()   # Work._futures, shared by the caller and the progress thread
 _engine = None
 _seq = itertools.count()
 
