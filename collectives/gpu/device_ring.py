@@ -1,0 +1,276 @@
+"""Device-driven ring all-reduce: each call is ONE launch of the persistent ring kernel per rank.
+
+The kernel (kernels/ring_kernel.py) walks this rank's primitive program (primitives.py) on the GPU and
+synchronises with its neighbours through progress counters in CUDA-IPC memory. The host's share of a
+call: export two buffers (cached), swap their handles with the neighbours (one small MPI message each
+way), one launch on the caller's stream. No host wait: a stalled peer makes the kernel exit with a status
+that the next call (or ``synchronize``) raises as CollectiveTimeout naming the peer.
+
+Ranks sharing one GPU co-run their kernels only under MPS; without it the contexts time-slice and every
+flag hop costs milliseconds. ``mode="auto"`` probes co-residency once (a traced call: after the last rank
+started, the ring must finish within PROBE_LIMIT_NS) and otherwise hands the calls to the single-context
+SharedGpuRing, which drives every rank's steps from rank 0's context.
+"""
+import ctypes
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from ringlab.errors import CollectiveTimeout, resolve_timeout
+from ringlab.faults import handle_timeout
+from ringlab.gpu.device_plan import address_row, launch_shape, program_table
+from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
+from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, STATUS_OK
+
+__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "PROBE_LIMIT_NS"]
+
+THREADS = 512
+PROBE_LIMIT_NS = 2_000_000       # co-resident ring of <= 64 ranks: tens of us; time-sliced: milliseconds
+_HANDLE = 64                     # bytes of a CUDA IPC handle
+
+
+def mps_visible():
+    """True when an MPS control daemon's pipe is visible to this process (for reports; the probe decides)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
+class DeviceRing:
+    """Ring all-reduce by one persistent kernel per rank. Collective: create and use on all ranks.
+
+    ``mode``: "auto" (probe), "per-rank" (trust that kernels co-run) or "single-context" (SharedGpuRing).
+    """
+
+    def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None):
+        import cupy
+        from ringlab.gpu.ipc import ipc_usable
+        usable, why = ipc_usable(comm)
+        if not usable:
+            raise ValueError(f"the device ring needs CUDA IPC between all ranks, unusable here: {why}")
+        if mode not in ("auto", "per-rank", "single-context"):
+            raise ValueError(f"mode must be auto, per-rank or single-context, got {mode!r}")
+        self.comm, self.n, self.rank = comm, comm.size, comm.rank
+        self.timeout, self.trace_enabled = resolve_timeout(timeout), bool(trace)
+        self.left, self.right = (self.rank - 1) % self.n, (self.rank + 1) % self.n
+        self.sharing = len(same_gpu_ranks(comm))
+        # Every block of every rank must be resident at once (they wait on each other): one block per SM
+        # over all the ranks of a GPU, which any SM can hold.
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))
+        self.peers = PeerMemory(comm)
+        # words 0..MAX_PARTS-1: part p's progress counter (peers read it); MAX_PARTS..: part p's call count
+        self.flags, mapped = self.peers.shared_words(2 * MAX_PARTS, {self.left, self.right})
+        self.left_flags, self.right_flags = mapped[self.left], mapped[self.right]
+        self.status_dev, self.status = self.peers.host_words(4)
+        self.trace_dev, self.trace = self.peers.host_words(2 * self.n + 1)
+        self._send = np.zeros(2 * (_HANDLE + 8), np.uint8)
+        self._recv = np.zeros_like(self._send)
+        self._tables, self._progs, self._keep, self._launchers = {}, {}, [], {}
+        self.fallback, self.mode_why = None, "requested"
+        comm.Barrier()
+        if mode == "auto":
+            mode, self.mode_why = self._probe()
+        if mode == "single-context":
+            from ringlab.gpu.ipc import SharedGpuRing
+            if self.sharing != self.n:
+                raise RuntimeError("the device ring's kernels do not co-run and the ranks span several GPUs: "
+                                   f"no single-context fallback ({self.mode_why})")
+            self.fallback = SharedGpuRing(comm, timeout=timeout)
+        self.mode = mode
+
+    # -- the collective ---------------------------------------------------------------------------
+    def allreduce(self, src, out, op="sum", timeout=None):
+        """out = reduction of every rank's flat ``src``, enqueued on the caller's current stream."""
+        if self.fallback is not None:
+            import cupy
+            if cupy.cuda.get_current_stream().is_capturing():
+                raise RuntimeError("device ring: the single-context fallback (no MPS) rendezvouses with the other "
+                                   "ranks on the host each call and cannot be captured in a CUDA graph; start MPS")
+            return self.fallback.allreduce(src, out, op, timeout)
+        self.check()
+        _check_buffers(src, out, op)
+        if src.size == 0:
+            return True
+        if self.n == 1:
+            if out.data.ptr != src.data.ptr:
+                out[...] = src
+            return True
+        self._launch(src, out, op, self.timeout if timeout is None else resolve_timeout(timeout))
+        return True
+
+    def _launch(self, src, out, op, limit, trace=None):
+        import cupy
+        from ringlab.kernels.device import launch
+        from ringlab.kernels.ring_kernel import ring_kernel
+        left_src, left_out = self._swap_with_neighbours(src, out)
+        trace = self.trace_enabled if trace is None else trace
+        capturing = cupy.cuda.get_current_stream().is_capturing()
+        key = (src.data.ptr, out.data.ptr, left_src, left_out, trace)
+        table = self._tables.get(key)
+        if table is None:
+            row = address_row(src.data.ptr, out.data.ptr, left_src, left_out, self.flags + 0, self.left_flags,
+                              self.right_flags, self.status_dev, self.trace_dev if trace else 0,
+                              self.flags + 8 * MAX_PARTS, self.rank, self.n)
+            table = self._cached(self._tables, key, np.array([row], np.int64), capturing)
+        prog = self._progs.get(src.size)
+        if prog is None:
+            prog = self._cached(self._progs, src.size, program_table(self.n, src.size, [self.rank]), capturing)
+        parts, slices = launch_shape(self.n, src.size, src.itemsize, self.max_parts)
+        limit_ns = 0 if limit is None else int(limit * 1e9)
+        kern = ring_kernel(src.dtype, op)
+        fast = self._launchers.get(kern)
+        if fast is None:      # first launch through numba (compiles, checks), then straight to the driver
+            launch(kern, (parts, 1), (THREADS, 1), np.uint64(table.data.ptr), np.uint64(prog.data.ptr),
+                   np.int64(2 * self.n - 1), np.int64(slices), np.uint64(limit_ns))
+            self._launchers[kern] = DriverLaunch.for_kernel(kern)
+            return
+        fast(parts, THREADS, cupy.cuda.get_current_stream().ptr, table.data.ptr, prog.data.ptr, 2 * self.n - 1,
+             slices, limit_ns)
+
+    def _cached(self, cache, key, host_table, capturing):
+        import cupy
+        if capturing:
+            raise RuntimeError("device ring: the first call with these buffers (or this size) cannot be captured "
+                               "in a CUDA graph (it uploads a table); run it once before capturing")
+        if len(cache) > 64:
+            self._keep.append(list(cache.values()))   # a queued kernel may still read them: free later
+            self._keep = self._keep[-2:]
+            cache.clear()
+        cache[key] = cupy.asarray(host_table)
+        return cache[key]
+
+    def _swap_with_neighbours(self, src, out):
+        """Send our (src, out) handles right, receive the left's; return our addresses of the left's buffers."""
+        (hs, os_), (ho, oo) = self.peers.export(src), self.peers.export(out)
+        buf, h = self._send, _HANDLE
+        buf[:h] = np.frombuffer(hs, np.uint8)
+        buf[h + 8: 2 * h + 8] = np.frombuffer(ho, np.uint8)
+        buf[h: h + 8].view(np.int64)[0] = os_
+        buf[2 * h + 8:].view(np.int64)[0] = oo
+        reqs = [self.comm.Irecv(self._recv, self.left, 77), self.comm.Isend(buf, self.right, 77)]
+        if not MPI.Request.Testall(reqs):                 # bounded: a stalled neighbour must not hang the host
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while not MPI.Request.Testall(reqs):
+                if deadline is not None and time.monotonic() > deadline:
+                    exc = CollectiveTimeout(f"rank {self.rank}: device ring: rank {self.left} did not join the call "
+                                            f"within {self.timeout:g} s", peer=self.left, rank=self.rank)
+                    handle_timeout(exc)
+                    raise exc
+                os.sched_yield()
+        r = self._recv
+        left_src = self.peers.open(r[:h].tobytes()) + int(r[h: h + 8].view(np.int64)[0])
+        left_out = self.peers.open(r[h + 8: 2 * h + 8].tobytes()) + int(r[2 * h + 8:].view(np.int64)[0])
+        return left_src, left_out
+
+    # -- errors, traces, mode -----------------------------------------------------------------------
+    def check(self):
+        """Raise CollectiveTimeout if an earlier call's kernel gave up waiting for a peer (no host sync)."""
+        if self.fallback is None and int(self.status[0]) != STATUS_OK:
+            peer, prim = int(self.status[1]), int(self.status[2])
+            exc = CollectiveTimeout(f"rank {self.rank}: device ring kernel gave up after {self.timeout} s waiting "
+                                    f"for rank {peer} (primitive {prim}); the communicator is unusable now",
+                                    peer=peer, rank=self.rank)
+            handle_timeout(exc)
+            raise exc
+
+    def synchronize(self):
+        """Wait for the caller's stream, then raise any recorded timeout."""
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+        self.check()
+
+    def last_trace(self):
+        """globaltimer ns of the last traced call: kernel start, end of primitives 1..2N-2, exit (after a sync)."""
+        return self.trace.copy()
+
+    def _probe(self):
+        """("per-rank" | "single-context", why): does a traced call finish fast once every rank has started?"""
+        import cupy
+        x = cupy.ones(max(self.n, 1), cupy.float32)
+        y = cupy.empty_like(x)
+        ok, span = 1, 0
+        for _ in range(2):                              # the first pays module loading
+            self.comm.Barrier()
+            self._launch(x, y, "sum", 5.0, trace=True)
+            cupy.cuda.get_current_stream().synchronize()
+            ok = int(self.status[0]) == STATUS_OK and bool((y == self.n).all())
+            if not ok:
+                break
+        starts = self.comm.allgather((int(self.trace[0]), int(self.trace[2 * self.n - 1])))
+        mine = same_gpu_ranks(self.comm)
+        if ok:
+            span = max(starts[k][1] for k in mine) - max(starts[k][0] for k in mine)
+        fast = self.comm.allreduce(int(ok and span < PROBE_LIMIT_NS), op=MPI.MIN)
+        if fast:
+            return "per-rank", f"kernels co-run (probe: {span / 1e3:.0f} us after the last start)"
+        self.status[:] = 0                              # reset every counter before the fallback
+        cupy.cuda.runtime.memset(self.flags, 0, 16 * MAX_PARTS)
+        cupy.cuda.runtime.deviceSynchronize()
+        self.comm.Barrier()
+        why = "no co-residency: MPS not running?" if ok else "probe timed out"
+        return "single-context", f"{why} (probe span {span / 1e3:.0f} us, MPS pipe visible: {mps_visible()})"
+
+    def close(self):
+        if self.fallback is not None:
+            self.fallback.close()
+        try:
+            import cupy
+            cupy.cuda.runtime.deviceSynchronize()
+        except Exception:  # pragma: no cover
+            pass
+        self._tables.clear(), self._progs.clear(), self._keep.clear()
+        self.peers.close()
+
+
+class DriverLaunch:
+    """cuLaunchKernel of a compiled numba kernel whose parameters are five 64-bit integers, packed in place
+    (numba's own launch path costs far more host time than the kernel's latency)."""
+
+    def __init__(self, function):
+        from cuda.bindings import driver
+        self.d, self.function, self.streams = driver, function, {}
+        self.values = (ctypes.c_uint64 * 5)()
+        self.pointers = (ctypes.c_void_p * 5)(*[ctypes.addressof(self.values) + 8 * k for k in range(5)])
+        self.params = ctypes.addressof(self.pointers)
+
+    @classmethod
+    def for_kernel(cls, kern):
+        from cuda.bindings import driver
+        overload = next(iter(kern.overloads.values()))
+        handle = overload._codelibrary.get_cufunc().handle       # a CUkernel (library-managed module)
+        if isinstance(handle, driver.CUkernel):
+            err, handle = driver.cuKernelGetFunction(handle)
+            if int(err) != 0:
+                raise RuntimeError(f"cuKernelGetFunction failed: CUresult {int(err)}")
+        return cls(handle)
+
+    def __call__(self, parts, threads, stream_ptr, *args):
+        stream = self.streams.get(stream_ptr)
+        if stream is None:
+            stream = self.streams[stream_ptr] = self.d.CUstream(stream_ptr)
+        for k, v in enumerate(args):
+            self.values[k] = v & 0xFFFFFFFFFFFFFFFF
+        err, = self.d.cuLaunchKernel(self.function, parts, 1, 1, threads, 1, 1, 0, stream, self.params, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cuLaunchKernel of the device ring failed: CUresult {int(err)}")
+
+
+def _check_buffers(src, out, op):
+    """Clear errors for what the kernel cannot take (the same answer on every rank for agreed arguments)."""
+    if src.dtype.name not in KERNEL_DTYPES:
+        raise TypeError(f"the device ring has no kernel for {src.dtype.name}; supported: {', '.join(KERNEL_DTYPES)}")
+    if op not in KERNEL_OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(KERNEL_OPS)}")
+    for name, a in (("src", src), ("out", out)):
+        if a.ndim != 1 or not a.flags.c_contiguous or not hasattr(a, "data"):
+            raise ValueError(f"the device ring needs flat C-contiguous device arrays; {name} is not")
+    if out.size != src.size or out.dtype != src.dtype:
+        raise ValueError(f"out must match src ({src.size} {src.dtype.name}), got {out.size} {out.dtype.name}")
+
+
+def get_device_ring(comm, timeout=None, mode="auto"):
+    """The device ring cached on ``comm`` (created collectively on first use, closed with the communicator)."""
+    from ringlab.gpu.ipc import cached_executor
+    return cached_executor(comm, ("device-ring", mode), lambda: DeviceRing(comm, timeout=timeout, mode=mode))
