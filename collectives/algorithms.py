@@ -71,6 +71,23 @@ def _nonblocking(transport):
     return NonblockingTransport(transport.comm, timeout=transport.timeout, tag=transport.tag)
 
 
+# Scratch beyond this many bytes is used in pieces of 1/PIECES of the buffer, so an out-of-place call peaks
+# at input + output + 1/8 (issue: no algorithm above 2.2 input sizes); small buffers keep one message a step.
+WHOLE_BYTES = 1 << 20
+PIECES = 8
+
+
+def _piece(count, itemsize, parts=1):
+    """Elements per piece when ``parts`` pieces of that size are needed at once (see WHOLE_BYTES)."""
+    if count * itemsize * parts <= WHOLE_BYTES:
+        return max(count, 1)
+    return max(1, -(-count // (PIECES * parts)))
+
+
+def _pieces(count, piece):
+    return [(p0, min(p0 + piece, count)) for p0 in range(0, count, piece)] or [(0, 0)]
+
+
 def _scratch(cache, key, count, dtype):
     """Reusable receive buffer of ``count`` elements of ``dtype`` (ring.scratch_buffer, in elements)."""
     return scratch_buffer(cache, key, count * np.dtype(dtype).itemsize, dtype)
@@ -90,12 +107,14 @@ def _fold(buf, tr, op, rem, cache):
     r = tr.comm.rank
     if r >= 2 * rem:
         return
-    if r % 2 == 0:
-        tr.send(buf, r + 1, what="fold to partner")
-    else:
-        recv = _scratch(cache, "fold", buf.size, buf.dtype)
-        tr.recv(recv, r - 1, what="fold from partner")
-        _combine(buf, recv, op, mine_is_lower=False)
+    piece = _piece(buf.size, buf.itemsize)
+    for p0, p1 in _pieces(buf.size, piece):
+        if r % 2 == 0:
+            tr.send(buf[p0:p1], r + 1, what="fold to partner")
+        else:
+            recv = _scratch(cache, "fold", piece, buf.dtype)[: p1 - p0]
+            tr.recv(recv, r - 1, what="fold from partner")
+            _combine(buf[p0:p1], recv, op, mine_is_lower=False)
 
 
 def _unfold(buf, tr, rem):
@@ -123,13 +142,16 @@ def recursive_doubling_allreduce_inplace(buf, transport, op="sum", cache=None):
     _fold(buf, tr, op, rem, cache)
     v = virtual_rank(r, rem)
     if v >= 0:
-        recv = _scratch(cache, "recv", buf.size, buf.dtype)
+        piece = _piece(buf.size, buf.itemsize)
+        recv_all = _scratch(cache, "recv", piece, buf.dtype)
         mask = 1
         while mask < p:
             pv = v ^ mask
-            tr.sendrecv(buf, real_rank(pv, rem), recv, real_rank(pv, rem),
-                        what=f"recursive doubling, distance {mask}")
-            _combine(buf, recv, op, mine_is_lower=v < pv)
+            for p0, p1 in _pieces(buf.size, piece):
+                recv = recv_all[: p1 - p0]
+                tr.sendrecv(buf[p0:p1], real_rank(pv, rem), recv, real_rank(pv, rem),
+                            what=f"recursive doubling, distance {mask}")
+                _combine(buf[p0:p1], recv, op, mine_is_lower=v < pv)
             mask <<= 1
         if op == "avg":
             divide_inplace(buf, n)   # identical bytes on every rank, divided once each: still identical
@@ -157,7 +179,8 @@ def rabenseifner_allreduce_inplace(buf, transport, op="sum", cache=None):
     v = virtual_rank(r, rem)
     if v >= 0:
         bounds = chunk_bounds(buf.size, p)
-        recv_all = _scratch(cache, "recv", bounds[0][1] * (p // 2 if p > 1 else 1), buf.dtype)
+        piece = _piece(bounds[0][1] * (p // 2 if p > 1 else 1), buf.itemsize)
+        recv_all = _scratch(cache, "recv", piece, buf.dtype)
         c0, c1, d = 0, p, p // 2
         while d >= 1:
             pv, peer = v ^ d, real_rank(v ^ d, rem)
@@ -165,9 +188,12 @@ def rabenseifner_allreduce_inplace(buf, transport, op="sum", cache=None):
             keep, give = ((c0, mid), (mid, c1)) if v & d == 0 else ((mid, c1), (c0, mid))
             k0, k1 = _span(bounds, *keep)
             g0, g1 = _span(bounds, *give)
-            recv = recv_all[: k1 - k0]
-            tr.sendrecv(buf[g0:g1], peer, recv, peer, what=f"recursive halving, distance {d}")
-            _combine(buf[k0:k1], recv, op, mine_is_lower=v < pv)
+            # piece i of my half to give is piece i of the partner's half to keep, and vice versa
+            for p0, p1 in _pieces(max(g1 - g0, k1 - k0), piece):
+                keep_part = buf[k0 + p0:min(k0 + p1, k1)]
+                recv = recv_all[: keep_part.size]
+                tr.sendrecv(buf[g0 + p0:min(g0 + p1, g1)], peer, recv, peer, what=f"recursive halving, distance {d}")
+                _combine(keep_part, recv, op, mine_is_lower=v < pv)
             c0, c1 = keep
             d //= 2
         if op == "avg":
@@ -238,14 +264,17 @@ def direct_allreduce_inplace(buf, transport, op="sum", cache=None):
         if op == "avg":
             divide_inplace(buf, 1)
         return
-    slots = _scratch(cache, "slots", n * buf.size, buf.dtype).reshape(n, buf.size)
+    piece = _piece(buf.size, buf.itemsize, parts=n - 1)
+    slots_all = _scratch(cache, "slots", n * piece, buf.dtype).reshape(n, piece)
     others = [k for k in range(n) if k != r]
-    tr.exchange(sends=[(buf, k, 0) for k in others], recvs=[(slots[k], k, 0) for k in others],
-                what="direct all-to-all exchange")
-    slots[r] = buf
-    buf[...] = slots[0]
-    for k in range(1, n):
-        reduce_into(buf, slots[k], op)
+    for p0, p1 in _pieces(buf.size, piece):     # one round per piece: (N-1) pieces of scratch, not (N-1) buffers
+        part, slots = buf[p0:p1], slots_all[:, : p1 - p0]
+        tr.exchange(sends=[(part, k, 0) for k in others], recvs=[(slots[k], k, 0) for k in others],
+                    what="direct all-to-all exchange")
+        slots[r] = part
+        part[...] = slots[0]
+        for k in range(1, n):
+            reduce_into(part, slots[k], op)
     if op == "avg":
         divide_inplace(buf, n)
 

@@ -1,33 +1,48 @@
-"""Public collectives: ``allreduce``, ``reduce_scatter``, ``allgather``, one signature for all.
+"""Public collectives: ``allreduce``, ``reduce_scatter``, ``allgather``, one call shape for all.
+
+    collective(x, out=None, op="sum", algo="ring", comm=None, timeout=None, *, validate=True, transport=None)
 
 Host (NumPy) buffers run the chosen algorithm over MPI directly. Device (CuPy) buffers take the
-transport ``device.select_transport`` picks: the CUDA IPC ring when all ranks share a node, the
-ring over CUDA-aware MPI, or pinned host staging (any algorithm; correct first).
+transport ``device.select_transport`` picks (settings.TRANSPORTS): the CUDA IPC ring when all ranks
+share a node, the ring over CUDA-aware MPI, or pinned host staging (any algorithm; correct first).
 """
 import threading
 
 import numpy as np
 from mpi4py import MPI
 
+from ringlab import faults
 from ringlab.arrays import as_array, is_device_array
-from ringlab.ops import check_op_dtype
-from ringlab.gpu.device import select_transport
-from ringlab.ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from ringlab.commstate import comm_state
+from ringlab.errors import CollectiveError, CollectiveTimeout, resolve_timeout
+from ringlab.ops import check_op_dtype, dtype_label
+from ringlab.gpu.device import cuda_aware_mpi, select_transport
+from ringlab.ring import ring_allgather_inplace, ring_allreduce_inplace
+from ringlab.ring_outofplace import ring_allreduce_into, ring_reduce_scatter_into
 from ringlab.schedule import chunk_bounds
+from ringlab.settings import parse_transport
 from ringlab.transport import CudaAwareMpiTransport, MpiTransport
-from ringlab.validate import checked_call
+from ringlab.validate import InvalidCollectiveCall, checked_call
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "register_allreduce",
-           "stage_through_host", "prepare_out", "IPC_DTYPES"]
+           "stage_through_host", "prepare_out", "check_transport", "collective_call", "IPC_DTYPES"]
 
 # name -> fn(flat_host_buffer, transport, op, cache): in-place all-reduce of host memory.
-ALLREDUCE_ALGORITHMS = {"ring": lambda buf, tr, op, cache: ring_allreduce_inplace(buf, tr, op, cache=cache)}
+def _ring(buf, tr, op, cache):
+    ring_allreduce_inplace(buf, tr, op, cache=cache)
+
+
+_ring.into = ring_allreduce_into   # out of place: the input is read, not copied (ring_outofplace.py)
+ALLREDUCE_ALGORITHMS = {"ring": _ring}
+# reduce_scatter and allgather run the ring (the algo= argument is there for one call shape)
+RING_ONLY = ("ring",)
 # dtypes the IPC ring's CuPy kernels reduce (bfloat16 device arrays are staged)
 IPC_DTYPES = ("float16", "float32", "float64", "int32", "int64")
 # device-only algorithms: every rank reads every peer's buffers over CUDA IPC (collectives/gpu/ipc_direct.py)
 DEVICE_ALGORITHMS = ("oneshot", "twoshot")
 
 _scratch = threading.local()   # per-thread buffers: async collectives run on a progress thread
+_state_lock = threading.Lock()
 
 
 def _cache(name):
@@ -39,12 +54,67 @@ def _cache(name):
 
 
 def register_allreduce(name, fn):
-    """Add a host all-reduce algorithm ``fn(flat_buffer, transport, op, cache)`` under ``name``."""
+    """Add a host all-reduce algorithm ``fn(flat_buffer, transport, op, cache)`` under ``name``.
+
+    ``fn.check(dtype, op)``, if present, runs in the call's local checks (a bad call fails before data moves);
+    ``fn.into(x, out, transport, op, cache)``, if present, is the out-of-place form (host arrays).
+    """
     ALLREDUCE_ALGORITHMS[name] = fn
 
 
+class collective_call:
+    """``with collective_call(comm, what, timeout) as call:`` one collective on ``comm`` from this process.
+
+    Calls on one communicator are serialized across the process's threads (concurrent collectives on
+    one communicator are erroneous MPI; the order they take is checked by validate's thread field).
+    Once data moves (``call.moving()``), a failure other than a bad-argument error leaves peers waiting
+    in the collective: the communicator is marked failed (a later call raises at once instead of
+    pairing with the peers' leftovers) and, unless it was a timeout, this rank keeps MPI alive at
+    exit until the peers' timeouts end the job (faults.linger_at_exit).
+    """
+
+    __slots__ = ("comm", "what", "timeout", "state", "lock", "_moving")
+
+    def __init__(self, comm, what, timeout=None):
+        self.comm, self.what, self.timeout, self._moving = comm, what, timeout, False
+        self.state = comm_state(comm)
+        self.lock = self.state.get("issue-lock")
+        if self.lock is None:
+            with _state_lock:
+                self.lock = self.state.setdefault("issue-lock", threading.RLock())
+
+    def __enter__(self):
+        self.lock.acquire()
+        failed = self.state.get("failed-mid-flight")
+        if failed is not None:
+            self.lock.release()
+            raise CollectiveError(f"rank {self.comm.rank}: {self.what} on a communicator whose earlier collective "
+                                  f"failed mid-flight ({failed}); its peers' messages may still be in flight, so "
+                                  "it cannot be used again")
+        return self
+
+    def moving(self):
+        self._moving = True
+
+    def __exit__(self, kind, exc, tb):
+        try:
+            if exc is not None and self._moving and not isinstance(exc, InvalidCollectiveCall):
+                self.state["failed-mid-flight"] = f"{self.what}: {type(exc).__name__}: {exc}"
+                if not isinstance(exc, CollectiveTimeout):
+                    faults.linger_at_exit(self.comm, _seconds_or_default(self.timeout), self.state["failed-mid-flight"])
+        finally:
+            self.lock.release()
+
+
+def _seconds_or_default(timeout):
+    try:
+        return resolve_timeout(timeout)
+    except ValueError:
+        return resolve_timeout(None)
+
+
 def prepare_out(a, out, shape, what):
-    """The output array: allocated when ``out`` is None, else checked for place, dtype and shape."""
+    """The output array: allocated when ``out`` is None, else checked for place, dtype, shape and writability."""
     if out is None:
         if is_device_array(a):
             import cupy
@@ -55,12 +125,29 @@ def prepare_out(a, out, shape, what):
         raise TypeError(f"{what}: out is a {'device' if is_device_array(o) else 'host'} array but the "
                         f"input is a {'device' if is_device_array(a) else 'host'} array")
     if o.dtype != a.dtype:
-        raise TypeError(f"{what}: out has dtype {o.dtype}, the input has {a.dtype}")
+        raise TypeError(f"{what}: out has dtype {dtype_label(o.dtype)}, the input has {dtype_label(a.dtype)}")
     if tuple(o.shape) != tuple(shape):
         raise ValueError(f"{what}: out has shape {tuple(o.shape)}, expected {tuple(shape)}")
     if not o.flags.c_contiguous:
         raise ValueError(f"{what}: out must be C-contiguous (it is written in place)")
+    if not is_device_array(o) and not o.flags.writeable:
+        raise ValueError(f"{what}: out is read-only (flags.writeable is False); pass a writable array")
     return o
+
+
+def check_transport(transport, a, what):
+    """Reject an unknown ``transport=`` (settings.TRANSPORTS), or a device transport named for a host array."""
+    if transport is None:
+        return
+    name, _ = parse_transport(transport)
+    if name not in ("auto", "mpi") and not is_device_array(a):
+        raise ValueError(f"{what}: transport {transport!r} applies to device (CuPy) arrays; host (NumPy) arrays "
+                         "go over MPI (transport None, 'auto' or 'mpi')")
+
+
+def _route(algo, transport):
+    """The algo field of the fingerprint: ranks must agree on the algorithm and the transport."""
+    return algo if transport is None else f"{algo} via {transport}"
 
 
 def stage_through_host(flat, run):
@@ -86,7 +173,11 @@ def _transport(comm, timeout, kind=MpiTransport):
     return kind(comm) if timeout is None else kind(comm, timeout=timeout)
 
 
-def _check_algo(algo, a):
+def _check_algo(algo, a, known=None, op="sum"):
+    if known is not None:
+        if algo not in known:
+            raise ValueError(f"unknown algo {algo!r}; available: {', '.join(known)}")
+        return
     if algo in DEVICE_ALGORITHMS:
         if not is_device_array(a):
             raise ValueError(f"algo {algo!r} reads peers' GPU memory over CUDA IPC: it needs device (CuPy) arrays")
@@ -95,6 +186,9 @@ def _check_algo(algo, a):
         return
     if algo not in ALLREDUCE_ALGORITHMS:
         raise ValueError(f"unknown algo {algo!r}; available: {', '.join(sorted(ALLREDUCE_ALGORITHMS))}")
+    check = getattr(ALLREDUCE_ALGORITHMS[algo], "check", None)   # an algorithm's own dtype/op limits
+    if check is not None:
+        check(a.dtype, op)
 
 
 def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
@@ -102,26 +196,38 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
 
     ``out=None`` allocates, ``out=x`` works in place. ``op``: sum, prod, max, min, avg. Every rank
     ends bitwise identical. ``timeout`` (s) bounds each wait; ``validate=False`` skips the
-    cross-rank argument check (for benchmarks). ``transport`` (device arrays only): None/"auto",
-    "ipc", "ipc:K" (K pipeline slices), "ipc-host", "ipc-shared", "mpi" (CUDA-aware), "staged".
+    cross-rank argument check (for benchmarks). ``transport`` (device arrays): settings.TRANSPORTS
+    ("auto", "ipc", "ipc:K" for K pipeline slices, "ipc-host", "ipc-shared", "mpi", "staged").
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
-    a = as_array(x)
+    box = []
 
     def local_checks():
+        a = as_array(x)
+        box.append(a)
         check_op_dtype(op, a.dtype)
-        _check_algo(algo, a)
+        _check_algo(algo, a, op=op)
+        check_transport(transport, a, "allreduce")
         return prepare_out(a, out, a.shape, "allreduce")
-    route = algo if transport is None else f"{algo} via {transport}"   # ranks must agree on both
-    res = checked_call(comm, validate, ("allreduce", a.size, a.dtype.name, op, route, out is x), local_checks,
-                       timeout)
-    if is_device_array(a) and _device_allreduce(a, res, op, algo, comm, timeout, transport):
+
+    def signature():
+        a = box[0]
+        return "allreduce", a.size, dtype_label(a.dtype), op, _route(algo, transport), out is x
+    with collective_call(comm, "allreduce", timeout) as call:
+        res = checked_call(comm, validate, signature, local_checks, timeout, "allreduce")
+        a = box[0]
+        call.moving()
+        if is_device_array(a) and _device_allreduce(a, res, op, algo, comm, timeout, transport):
+            return res
+        tr, cache, fn = _transport(comm, timeout), _cache(algo), ALLREDUCE_ALGORITHMS[algo]
+        into = getattr(fn, "into", None)     # an out-of-place form that reads the input instead of copying it
+        if res is not a and into is not None and not is_device_array(a) and a.flags.c_contiguous:
+            into(a.reshape(-1), res.reshape(-1), tr, op, cache)
+            return res
+        if res is not a:
+            res[...] = a
+        stage_through_host(res.reshape(-1), lambda host: fn(host, tr, op, cache))
         return res
-    if res is not a:
-        res[...] = a
-    tr, cache = _transport(comm, timeout), _cache(algo)
-    stage_through_host(res.reshape(-1), lambda host: ALLREDUCE_ALGORITHMS[algo](host, tr, op, cache))
-    return res
 
 
 def _device_allreduce(a, res, op, algo, comm, timeout, transport):
@@ -153,44 +259,86 @@ def _device_allreduce(a, res, op, algo, comm, timeout, transport):
     return False
 
 
-def reduce_scatter(x, out=None, op="sum", comm=None, timeout=None, validate=True):
+def _device_ring_transport(comm, transport, what):
+    """For reduce_scatter / allgather on device arrays: 'mpi' (the ring on device memory) or 'staged'.
+
+    Neither has a CUDA IPC executor yet: an explicit IPC transport is an error, auto falls back.
+    """
+    name, _, _ = select_transport(comm, transport)
+    if name in ("ipc", "ipc-host", "ipc-shared"):
+        if transport is not None and parse_transport(transport)[0] != "auto":
+            raise ValueError(f"{what} has no CUDA IPC path yet: use transport 'mpi' (CUDA-aware MPI) or 'staged'")
+        name = "mpi" if cuda_aware_mpi(comm) else "staged"
+    return name
+
+
+def reduce_scatter(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """Reduce ``x`` (same size on every rank); return this rank's chunk of the result, flat:
-    elements ``chunk_bounds(x.size, N)[rank]`` (sizes differ by at most one across ranks)."""
+    elements ``chunk_bounds(x.size, N)[rank]`` (sizes differ by at most one across ranks).
+
+    ``x`` is only read (peak memory: x + 2 chunks). ``algo``: "ring"; ``transport`` as for allreduce.
+    """
     comm = comm if comm is not None else MPI.COMM_WORLD
-    a = as_array(x)
-    n, r = comm.size, comm.rank
-    lo, hi = chunk_bounds(a.size, n)[r]
+    box = []
 
     def local_checks():
+        a = as_array(x)
+        box.append(a)
         check_op_dtype(op, a.dtype)
+        _check_algo(algo, a, RING_ONLY)
+        check_transport(transport, a, "reduce_scatter")
+        lo, hi = chunk_bounds(a.size, comm.size)[comm.rank]
         return prepare_out(a, out, (hi - lo,), "reduce_scatter")
-    res = checked_call(comm, validate, ("reduce_scatter", a.size, a.dtype.name, op, "ring", False), local_checks,
-                       timeout)
-    work = a.reshape(-1).copy()   # the ring reduces in place; the caller's input stays intact
-    tr, cache = _transport(comm, timeout), _cache("reduce_scatter")
 
-    def run(host):
-        # rotate=-1 relabels chunks so that rank r ends owning chunk r (see schedule.py).
-        ring_reduce_scatter_inplace(host, tr, op, rotate=-1, cache=cache)
-        if op == "avg":
-            divide_inplace(host[lo:hi], n)
-    stage_through_host(work, run)
-    res[...] = work[lo:hi]
-    return res
+    def signature():
+        a = box[0]
+        return "reduce_scatter", a.size, dtype_label(a.dtype), op, _route(algo, transport), False
+    with collective_call(comm, "reduce_scatter", timeout) as call:
+        res = checked_call(comm, validate, signature, local_checks, timeout, "reduce_scatter")
+        a = box[0]
+        call.moving()
+        flat = a.reshape(-1)       # a copy only when x is not contiguous
+        if is_device_array(a) and _device_ring_transport(comm, transport, "reduce_scatter") == "mpi":
+            ring_reduce_scatter_into(flat, res, _transport(comm, timeout, CudaAwareMpiTransport), op,
+                                     _cache("reduce_scatter-device"))
+            return res
+        tr, cache = _transport(comm, timeout), _cache("reduce_scatter")
+        if not is_device_array(a):
+            ring_reduce_scatter_into(flat, res, tr, op, cache)
+            return res
+        host_out = np.empty(res.shape, dtype=res.dtype)
+        stage_through_host(flat, lambda host: ring_reduce_scatter_into(host, host_out, tr, op, cache))
+        res.set(host_out)
+        return res
 
 
-def allgather(x, out=None, comm=None, timeout=None, validate=True):
-    """Gather ``x`` (same shape on every rank) from all ranks: ``out[r]`` is rank r's ``x``."""
+def allgather(x, out=None, *, algo="ring", comm=None, timeout=None, validate=True, transport=None):
+    """Gather ``x`` (same shape on every rank) from all ranks: ``out[r]`` is rank r's ``x``.
+
+    No ``op``: everything after ``out`` is keyword-only, so no argument lands in another's place.
+    """
     comm = comm if comm is not None else MPI.COMM_WORLD
-    a = as_array(x)
-    n, r = comm.size, comm.rank
+    box = []
 
     def local_checks():
+        a = as_array(x)
+        box.append(a)
         check_op_dtype("sum", a.dtype)
-        return prepare_out(a, out, (n,) + tuple(a.shape), "allgather")
-    res = checked_call(comm, validate, ("allgather", a.size, a.dtype.name, "-", "ring", False), local_checks,
-                       timeout)
-    res[r] = a
-    tr = _transport(comm, timeout)
-    stage_through_host(res.reshape(-1), lambda host: ring_allgather_inplace(host, tr, rotate=-1))
-    return res
+        _check_algo(algo, a, RING_ONLY)
+        check_transport(transport, a, "allgather")
+        return prepare_out(a, out, (comm.size,) + tuple(a.shape), "allgather")
+
+    def signature():
+        a = box[0]
+        return "allgather", a.size, dtype_label(a.dtype), "-", _route(algo, transport), False
+    with collective_call(comm, "allgather", timeout) as call:
+        res = checked_call(comm, validate, signature, local_checks, timeout, "allgather")
+        a = box[0]
+        call.moving()
+        res[comm.rank] = a
+        if is_device_array(a) and _device_ring_transport(comm, transport, "allgather") == "mpi":
+            ring_allgather_inplace(res.reshape(-1), _transport(comm, timeout, CudaAwareMpiTransport), rotate=-1)
+            return res
+        tr = _transport(comm, timeout)
+        stage_through_host(res.reshape(-1), lambda host: ring_allgather_inplace(host, tr, rotate=-1))
+        return res

@@ -43,14 +43,17 @@ def default_timeout():
 
 def resolve_timeout(timeout):
     """A ``timeout=`` argument as seconds or None (no limit): None means $RINGLAB_TIMEOUT's value;
-    0, a negative number or inf mean no limit (as in the environment variable)."""
+    0 or inf mean no limit (as in the environment variable); negative, NaN or non-numbers are errors."""
     if timeout is None:
         return default_timeout()
-    value = float(timeout)
-    if value <= 0 or math.isinf(value):
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        raise ValueError(f"timeout must be a number of seconds, got {timeout!r}") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"timeout must be seconds > 0, or 0/inf for no limit; got {timeout!r}")
+    if value == 0 or math.isinf(value):
         return None
-    if math.isnan(value):
-        raise ValueError("timeout must be a number of seconds, got nan")
     return value
 
 

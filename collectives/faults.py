@@ -32,7 +32,7 @@ from ringlab import settings
 from ringlab.errors import ABORT_EXIT_CODE, abort_on_timeout_enabled
 
 __all__ = ["FaultPlan", "FaultInjected", "parse_fault", "set_fault", "ring_step_hook", "set_timeout_handler",
-           "handle_timeout", "abort_job", "ABORT_GRACE_S", "ACTIONS"]
+           "handle_timeout", "abort_job", "linger_at_exit", "ABORT_GRACE_S", "ACTIONS"]
 
 ABORT_GRACE_S = 1.0
 ACTIONS = ("kill", "stall", "exit", "raise")
@@ -160,3 +160,39 @@ def abort_job(exc, code=ABORT_EXIT_CODE, grace_s=ABORT_GRACE_S):
         # MPI_Abort may return while the launcher tears the job down (seen with MPICH 5.0 with hydra):
         # never let this rank run on with a communicator in an unknown state.
         os._exit(code)
+
+
+# ---- a rank whose collective raised mid-flight -------------------------------------------------
+
+_linger = None      # (seconds or None, reason) once a collective of this process failed mid-flight
+
+
+def linger_at_exit(comm, seconds, reason):
+    """Called when a collective raised on this rank after data started to move (api.collective_call).
+
+    Its peers are still waiting inside that collective. Exiting normally would run MPI_Finalize with
+    requests pending (MPICH can fail an assertion there, and the launcher then ends the job before any
+    peer says why), so at exit this rank instead waits for the peers' timeout to abort the job
+    (exit 75, a line from each survivor), and aborts it itself if none has after ``seconds`` + grace.
+    """
+    global _linger
+    first = _linger is None
+    worst = seconds if _linger is None or seconds is None or _linger[0] is None else max(seconds, _linger[0])
+    _linger = (worst, reason)
+    if first:
+        import atexit
+        atexit.register(_linger_now)   # runs before mpi4py's MPI_Finalize (registered at import, earlier)
+
+
+def _linger_now():
+    seconds, reason = _linger
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.rank
+    if seconds is None:     # no timeout: the peers would wait forever, so end the job now
+        abort_job(RuntimeError(f"rank {rank}: a collective failed mid-flight ({reason}); with no timeout set "
+                               "its peers would wait forever"))
+    sys.stderr.write(f"ringlab: rank {rank}: a collective failed mid-flight ({reason}); not finalizing MPI: "
+                     f"waiting up to {seconds + 4 * ABORT_GRACE_S:g} s for the peers' timeout to end the job\n")
+    sys.stderr.flush()
+    time.sleep(seconds + 4 * ABORT_GRACE_S)
+    abort_job(RuntimeError(f"rank {rank}: a collective failed mid-flight ({reason}) and no peer ended the job"))

@@ -2,7 +2,7 @@
 
 Both send FP8 codes + one fp32 scale per block (kernels/codec.py) and accumulate in fp32 locally.
 
-``ring`` (algo="ring"): the ring of ring.py, but every hop re-quantizes the partial sum it forwards
+``fp8-ring`` (algo="fp8-ring"): the ring of ring.py, but every hop re-quantizes the partial sum it forwards
 
     reduce-scatter step s: rank r sends Q(p) of chunk (r-s), receives chunk (r-s-1) from r-1 and
     computes p = x[chunk] + D(received) in fp32 -> the chunk is quantized N-1 times on its way
@@ -10,7 +10,7 @@ Both send FP8 codes + one fp32 scale per block (kernels/codec.py) and accumulate
     all-gather: the owner quantizes its final sum once, keeps D(Q(sum)) itself and forwards the
     same bytes around the ring; nobody re-quantizes, so all ranks end bitwise identical.
 
-``direct`` (algo="direct", ZeRO++ qgZ style): rank r quantizes its copy of chunk j once and sends
+``fp8-direct`` (algo="fp8-direct", ZeRO++ qgZ style; not the host algorithm "direct"): rank r quantizes its copy of chunk j once and sends
 it straight to rank j (N-1 pairwise exchanges, round k: send to r+k, receive from r-k); the owner
 adds the N-1 dequantized copies to its own exact chunk in fp32, quantizes the sum once, and the
 same FP8 all-gather follows. Every addend is quantized once: the error does not grow with N.
@@ -22,18 +22,20 @@ from mpi4py import MPI
 from ringlab.kernels.codec import DeviceFp8Codec, codec_for
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
-from ringlab.api import _transport, prepare_out, register_allreduce
+from ringlab.api import _transport, collective_call, prepare_out, register_allreduce
 from ringlab.arrays import as_array, is_device_array
 from ringlab.commstate import comm_state
 from ringlab.gpu.device import cuda_aware_mpi, select_transport
+from ringlab.ops import dtype_label
+from ringlab.settings import parse_transport
 from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
 from ringlab.transport import CudaAwareMpiTransport
 from ringlab.validate import checked_call
 
-__all__ = ["allreduce_fp8", "fp8_ring_allreduce", "fp8_direct_allreduce", "direct_exchange_schedule",
+__all__ = ["allreduce_fp8", "fp8_algo", "fp8_ring_allreduce", "fp8_direct_allreduce", "direct_exchange_schedule",
            "fp8_allreduce_error_bound", "FP8_ALGOS", "FP8_OPS"]
 
-FP8_ALGOS = ("ring", "direct")
+FP8_ALGOS = ("fp8-ring", "fp8-direct")
 FP8_OPS = ("sum", "avg")
 FP8_TRANSPORTS = ("auto", "ipc", "mpi", "staged")
 
@@ -120,14 +122,38 @@ def fp8_direct_allreduce(x, out, transport, codec, op="sum"):
     return out
 
 
-_EXECUTORS = {"ring": fp8_ring_allreduce, "direct": fp8_direct_allreduce}
+_EXECUTORS = {"fp8-ring": fp8_ring_allreduce, "fp8-direct": fp8_direct_allreduce}
+# allreduce_fp8's earlier algo names; "direct" alone also names the host all-to-all algorithm (algorithms.py)
+_OLD_ALGO_NAMES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 
 
-def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", comm=None, timeout=None,
+def fp8_algo(algo):
+    """The FP8 algorithm's name: "fp8-ring" or "fp8-direct" ("ring" and "direct" are accepted aliases)."""
+    name = _OLD_ALGO_NAMES.get(algo, algo)
+    if name not in FP8_ALGOS:
+        raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(FP8_ALGOS)} "
+                         "(the older names 'ring' and 'direct' still work)")
+    return name
+
+
+def fp8_transport(transport, a):
+    """The FP8 route named by ``transport`` (settings.TRANSPORTS): None, 'auto', 'ipc', 'mpi' or 'staged'."""
+    if transport is None:
+        return None
+    name, slices = parse_transport(transport)
+    if name in ("ipc-host", "ipc-shared") or slices != 1:
+        raise ValueError(f"transport {transport!r}: the FP8 ring over IPC has one flavour, 'ipc'; "
+                         f"expected one of {', '.join(FP8_TRANSPORTS)}")
+    if name not in ("auto", "mpi") and not is_device_array(a):
+        raise ValueError(f"transport {transport!r} applies to CuPy arrays; NumPy arrays go over MPI")
+    return name
+
+
+def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=None, *, fmt="e4m3", block=128,
                   validate=True, transport=None):
     """All-reduce ``x`` with FP8 (``fmt`` "e4m3" or "e5m2") payloads and one fp32 scale per ``block``.
 
-    ``algo``: "ring" (error grows with N) or "direct" (N-independent error, same bytes). ``op``:
+    ``algo``: "fp8-ring" (error grows with N) or "fp8-direct" (N-independent error, same bytes). ``op``:
     sum or avg. Input float32, float16 or bfloat16 (NumPy, or CuPy via the numba kernels); the
     result has the input's dtype and is bitwise identical on every rank. ``out=x`` works in place.
     Inf/NaN inputs follow docs/fp8.md: NaN stays NaN, inf stays inf in E5M2 and becomes NaN in E4M3.
@@ -136,42 +162,47 @@ def allreduce_fp8(x, out=None, fmt="e4m3", block=128, algo="ring", op="sum", com
     The result is bitwise the same on every transport.
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
-    a = as_array(x)
+    box = []
 
     def local_checks():
+        a = as_array(x)
+        box.append(a)
         check_fp8_input_dtype(a.dtype)
         fp8_format(fmt)
         check_block(block)
-        if algo not in FP8_ALGOS:
-            raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(FP8_ALGOS)}")
+        name = fp8_algo(algo)
         if op not in FP8_OPS:
             raise ValueError(f"FP8 all-reduce supports op {' or '.join(FP8_OPS)}, got {op!r}")
-        if transport is not None and transport not in FP8_TRANSPORTS:
-            raise ValueError(f"unknown FP8 transport {transport!r}; expected one of {', '.join(FP8_TRANSPORTS)}")
-        if transport not in (None, "auto") and not is_device_array(a):
-            raise ValueError(f"transport {transport!r} applies to CuPy arrays; NumPy arrays go over MPI")
-        if transport == "ipc" and algo != "ring":
+        route = fp8_transport(transport, a)
+        if route == "ipc" and name != "fp8-ring":
             raise ValueError("transport 'ipc' carries the FP8 ring only; use transport 'staged' or 'mpi' for "
                              f"algo {algo!r}")
+        box.append((name, route))
         return prepare_out(a, out, a.shape, "allreduce_fp8")
-    res = checked_call(comm, validate, ("allreduce_fp8", a.size, str(a.dtype), op, f"{algo}/{fmt}/{block}",
-                                        out is x, str(transport)), local_checks)
-    if not a.flags.c_contiguous:
-        a = a.copy()
-    flat, flat_out = a.reshape(-1), res.reshape(-1)
-    route = _device_route(comm, algo, transport) if is_device_array(a) else "host"
-    if route == "ipc":
-        from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
-        get_fp8_ipc_ring(comm).allreduce(flat, flat_out, _device_codec(comm, fmt, block, True), op, timeout)
+
+    def signature():
+        a = box[0]
+        return "allreduce_fp8", a.size, dtype_label(a.dtype), op, f"{algo}/{fmt}/{block} via {transport}", out is x
+    with collective_call(comm, "allreduce_fp8", timeout) as call:
+        res = checked_call(comm, validate, signature, local_checks, timeout, "allreduce_fp8")
+        a, (name, transport) = box
+        call.moving()
+        if not a.flags.c_contiguous:
+            a = a.copy()
+        flat, flat_out = a.reshape(-1), res.reshape(-1)
+        route = _device_route(comm, name, transport) if is_device_array(a) else "host"
+        if route == "ipc":
+            from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
+            get_fp8_ipc_ring(comm).allreduce(flat, flat_out, _device_codec(comm, fmt, block, True), op, timeout)
+            return res
+        if route == "mpi":
+            tr = _transport(comm, timeout, CudaAwareMpiTransport)
+            codec = _device_codec(comm, fmt, block, staged=False)
+        else:
+            tr = _transport(comm, timeout)
+            codec = codec_for(a, fmt, block) if route == "host" else _device_codec(comm, fmt, block, staged=True)
+        _EXECUTORS[name](flat, flat_out, tr, codec, op)
         return res
-    if route == "mpi":
-        tr = _transport(comm, timeout, CudaAwareMpiTransport)
-        codec = _device_codec(comm, fmt, block, staged=False)
-    else:
-        tr = _transport(comm, timeout)
-        codec = codec_for(a, fmt, block) if route == "host" else _device_codec(comm, fmt, block, staged=True)
-    _EXECUTORS[algo](flat, flat_out, tr, codec, op)
-    return res
 
 
 def _device_route(comm, algo, transport):
@@ -185,7 +216,7 @@ def _device_route(comm, algo, transport):
         return transport
     name, _, _ = select_transport(comm, None)
     if name in ("ipc", "ipc-shared", "ipc-host"):
-        return "ipc" if algo == "ring" else ("mpi" if cuda_aware_mpi(comm) else "staged")
+        return "ipc" if algo == "fp8-ring" else ("mpi" if cuda_aware_mpi(comm) else "staged")
     return "mpi" if name == "mpi" else "staged"
 
 
@@ -199,16 +230,20 @@ def _device_codec(comm, fmt, block, staged):
 
 
 def _registered(algo):
-    def run(buf, transport, op, cache):
-        check_fp8_input_dtype(buf.dtype)
+    def check(dtype, op):
+        check_fp8_input_dtype(dtype)
         if op not in FP8_OPS:
-            raise ValueError(f"fp8-{algo} supports op {' or '.join(FP8_OPS)}, got {op!r}")
+            raise ValueError(f"{algo} supports op {' or '.join(FP8_OPS)}, got {op!r}")
+
+    def run(buf, transport, op, cache):
+        check(buf.dtype, op)
         _EXECUTORS[algo](buf, buf, transport, codec_for(buf), op)
+    run.check = check      # api's local checks call it, so every rank rejects a bad call before data moves
     return run
 
 
 for _algo in FP8_ALGOS:   # allreduce(x, algo="fp8-ring" | "fp8-direct"): E4M3, block 128
-    register_allreduce(f"fp8-{_algo}", _registered(_algo))
+    register_allreduce(_algo, _registered(_algo))
 
 
 def fp8_allreduce_error_bound(fmt, nranks, max_abs_input, algo="ring", op="sum"):
@@ -224,7 +259,7 @@ def fp8_allreduce_error_bound(fmt, nranks, max_abs_input, algo="ring", op="sum")
     n, big = int(nranks), float(max_abs_input)
     if n == 1:
         return 0.0
-    if algo == "ring":
+    if fp8_algo(algo) == "fp8-ring":
         err = 0.0
         for k in range(1, n + 1):
             err += u * (k * big + err)

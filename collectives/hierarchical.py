@@ -15,17 +15,19 @@ shared-memory split (the real node). Declaring it lets one machine pretend to be
 Nodes must all have L ranks (N divisible by L): shard i must line up across nodes, so an uneven
 layout raises a clear error on every rank rather than reducing misaligned data.
 """
-import os
-
+import numpy as np
 from mpi4py import MPI
 
 from ringlab import settings
 from ringlab.commstate import comm_state
 from ringlab.ring import divide_inplace, ring_allgather_inplace, ring_allreduce_inplace, ring_reduce_scatter_inplace
+from ringlab.ring_outofplace import ring_reduce_scatter_slots
 from ringlab.schedule import chunk_bounds
 from ringlab.transport import MpiTransport
+from ringlab.validate import InvalidCollectiveCall
 
-__all__ = ["NodeLayout", "node_layout", "hierarchical_allreduce_inplace", "make_hierarchical", "register_all"]
+__all__ = ["NodeLayout", "node_layout", "hierarchical_allreduce_inplace", "hierarchical_allreduce_into",
+           "make_hierarchical", "register_all"]
 
 ENV_RANKS_PER_NODE = "RINGLAB_RANKS_PER_NODE"
 
@@ -62,7 +64,8 @@ def _declared_ranks_per_node(comm, ranks_per_node):
 def node_layout(comm, ranks_per_node=None, cache=None):
     """Agree on L across ranks, check N % L == 0, and return the (cached) NodeLayout.
 
-    Collective: every rank checks the same agreed values, so a bad L raises on every rank.
+    Collective: every rank checks the same agreed values, so a bad L raises the same InvalidCollectiveCall
+    (a ValueError) on every rank before any data moves.
     """
     L, source = _declared_ranks_per_node(comm, ranks_per_node)
     cache = comm_state(comm)   # lives as long as comm: a freed handle reused by MPI never hits it
@@ -71,12 +74,12 @@ def node_layout(comm, ranks_per_node=None, cache=None):
         return cache[key]
     lo, hi = comm.allreduce(L, op=MPI.MIN), comm.allreduce(L, op=MPI.MAX)
     if lo != hi:
-        raise ValueError(f"hierarchical all-reduce: ranks disagree on ranks_per_node ({lo} .. {hi}, from "
+        raise InvalidCollectiveCall(f"hierarchical all-reduce: ranks disagree on ranks_per_node ({lo} .. {hi}, from "
                          f"{source}); nodes of unequal size are not supported, set {ENV_RANKS_PER_NODE}")
     if L < 1:
-        raise ValueError(f"hierarchical all-reduce: ranks_per_node must be >= 1, got {source}")
+        raise InvalidCollectiveCall(f"hierarchical all-reduce: ranks_per_node must be >= 1, got {source}")
     if comm.size % L:
-        raise ValueError(f"hierarchical all-reduce: N = {comm.size} ranks is not divisible by ranks_per_node "
+        raise InvalidCollectiveCall(f"hierarchical all-reduce: N = {comm.size} ranks is not divisible by ranks_per_node "
                          f"= {L} (from {source}); shards would not line up across nodes. Use an N that is a "
                          f"multiple of {L}, another ranks_per_node, or another algorithm")
     layout = cache[key] = NodeLayout(comm, L)
@@ -113,6 +116,29 @@ def hierarchical_allreduce_inplace(buf, transport, op="sum", cache=None, ranks_p
     ring_allgather_inplace(buf, intra, rotate=-1)
 
 
+def hierarchical_allreduce_into(x, out, transport, op="sum", ranks_per_node=None, inter_algo=None):
+    """The same, out of place (``x`` only read): peak memory input + output + the inter leg's scratch of
+    one shard / M, which lives in a chunk of ``out`` that holds only partial sums until the all-gather."""
+    comm = transport.comm
+    layout = node_layout(comm, ranks_per_node)
+    L = layout.ranks_per_node
+    intra = MpiTransport(layout.intra, timeout=transport.timeout, tag=transport.tag)
+    inter = MpiTransport(layout.inter, timeout=transport.timeout, tag=transport.tag)
+    acc_op = "sum" if op == "avg" else op
+    lo, hi = ring_reduce_scatter_slots(x, out, intra, acc_op, rotate=-1)
+    shard = out[lo:hi]
+    if layout.nodes > 1:
+        scratch = {}
+        if L > 1:   # seed the inter algorithm's receive buffers with another chunk's (stale) bytes
+            f0, f1 = chunk_bounds(out.size, L)[(layout.local_rank + 1) % L]
+            scratch = {"recv": out[f0:f1].view(np.uint8), "fold": out[f0:f1].view(np.uint8)}
+        (inter_algo or _ring)(shard, inter, acc_op, scratch)
+    if op == "avg":
+        divide_inplace(shard, comm.size)
+    ring_allgather_inplace(out, intra, rotate=-1)
+    return out
+
+
 def make_hierarchical(ranks_per_node=None, inter="ring"):
     """A registrable ``fn(buf, transport, op, cache)`` with a fixed node size and inter-node algorithm name."""
     def fn(buf, transport, op, cache):
@@ -120,6 +146,11 @@ def make_hierarchical(ranks_per_node=None, inter="ring"):
         inter_fn = ALLREDUCE_ALGORITHMS[inter]
         hierarchical_allreduce_inplace(buf, transport, op, cache, ranks_per_node=ranks_per_node,
                                        inter_algo=inter_fn)
+
+    def into(x, out, transport, op, cache):
+        from ringlab.api import ALLREDUCE_ALGORITHMS
+        hierarchical_allreduce_into(x, out, transport, op, ranks_per_node, ALLREDUCE_ALGORITHMS[inter])
+    fn.into = into
     return fn
 
 

@@ -1,7 +1,7 @@
 """Reduction operators and the dtypes each accepts, for NumPy and CuPy arrays alike."""
 import numpy as np
 
-__all__ = ["OPS", "SUPPORTED_DTYPES", "check_op_dtype", "reduce_into", "dtype_name", "bfloat16"]
+__all__ = ["OPS", "SUPPORTED_DTYPES", "check_op_dtype", "reduce_into", "dtype_name", "dtype_label", "bfloat16"]
 
 try:  # bfloat16 for NumPy comes from ml_dtypes (a core dependency)
     from ml_dtypes import bfloat16
@@ -22,11 +22,22 @@ def dtype_name(dtype):
     return np.dtype(dtype).name
 
 
+def dtype_label(dtype):
+    """``dtype_name``, plus the byte order when it is not the machine's: '>f4' is 'float32 (big-endian, >f4)'."""
+    dt = np.dtype(dtype)
+    if dt.byteorder in ("=", "|") or dt.isnative:
+        return dt.name
+    return f"{dt.name} ({'big' if dt.byteorder == '>' else 'little'}-endian, {dt.str})"
+
+
 def check_op_dtype(op, dtype):
     """Raise ValueError/TypeError with a clear message if ``op`` cannot reduce ``dtype``."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     dt = np.dtype(dtype)
+    if not dt.isnative:
+        raise TypeError(f"unsupported dtype {dtype_label(dt)}: ringlab reduces native-byte-order arrays only; "
+                        f"convert with x.astype(x.dtype.newbyteorder('='))")
     if dt not in SUPPORTED_DTYPES:
         names = ", ".join(sorted(dtype_name(d) for d in SUPPORTED_DTYPES))
         raise TypeError(f"unsupported dtype {dt.name}; supported: {names}")

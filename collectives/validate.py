@@ -1,29 +1,30 @@
 """Cross-rank agreement before a collective: one tiny, bounded Iallgather instead of a hang.
 
 Every rank contributes a fingerprint of its call (collective, count, dtype, op, algorithm,
-in-place-ness) and whether its own argument checks failed. If any rank failed or any field
-differs, every rank raises the same InvalidCollectiveCall naming the ranks and values.
-
-The exchange is non-blocking and polled with the transport's bounded wait, so a peer that died
-or never called the collective yields CollectiveTimeout (then the abort policy) instead of a hang.
-What validation cannot catch: a rank that skips the collective entirely, or that runs with
-validation off while the others validate; both end in that timeout.
-
-Switches: ``validate=False`` on a call, or RINGLAB_VALIDATE=0 in the environment (every call of
-the process, for benchmarks). Either must be the same on every rank.
+in-place-ness, issuing thread) and whether its own argument checks failed: the same number of
+integers for every collective, so even a call of a different collective pairs up cleanly. If any
+rank failed or any field differs, every rank raises the same InvalidCollectiveCall. docs/failure.md
+lists what this cannot catch. Switches: ``validate=False`` on a call, or RINGLAB_VALIDATE=0.
 """
+import threading
 import zlib
 
 import numpy as np
 from mpi4py import MPI
 
 from ringlab import settings
-from ringlab.errors import CollectiveMismatch, resolve_timeout
+from ringlab.commstate import comm_state
+from ringlab.errors import DEFAULT_TIMEOUT_S, CollectiveMismatch, resolve_timeout
 from ringlab.transport import wait_all
 
-__all__ = ["InvalidCollectiveCall", "checked_call", "validation_enabled", "FIELDS"]
+__all__ = ["InvalidCollectiveCall", "checked_call", "validation_enabled", "issuing_thread", "issued_by", "FIELDS",
+           "UNKNOWN"]
 
 FIELDS = ("collective", "count", "dtype", "op", "algo", "inplace")
+# What every rank sends: FIELDS, the issuing thread's name and its call number on this communicator,
+# "my local checks failed" -- 9 int64 for every collective.
+_EXCHANGED = len(FIELDS) + 3
+UNKNOWN = "?"   # a field a rank could not compute because its own argument was rejected
 
 
 class InvalidCollectiveCall(CollectiveMismatch, TypeError):
@@ -31,6 +32,8 @@ class InvalidCollectiveCall(CollectiveMismatch, TypeError):
 
 
 _environment_checked = set()
+_issuer = threading.local()
+_codes = {}
 
 
 def validation_enabled():
@@ -38,23 +41,55 @@ def validation_enabled():
     return settings.get("RINGLAB_VALIDATE")
 
 
+def issuing_thread():
+    """The name of the thread that issued the current call (an async call's caller, not the progress thread)."""
+    return getattr(_issuer, "name", None) or threading.current_thread().name
+
+
+class issued_by:
+    """``with issued_by(name):`` calls made here count as issued by thread ``name`` (work.py's progress thread)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.previous, _issuer.name = getattr(_issuer, "name", None), self.name
+
+    def __exit__(self, *exc):
+        _issuer.name = self.previous
+
+
 def _code(value):
     if isinstance(value, (bool, int, np.integer)):
         return int(value)
-    return zlib.crc32(str(value).encode())
+    code = _codes.get(value)
+    if code is None:
+        code = _codes[value] = zlib.crc32(str(value).encode())
+        if len(_codes) > 4096:
+            _codes.clear()
+    return code
 
 
 def _ranks(ranks):
     return ",".join(str(r) for r in ranks) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
 
 
+def _group(values):
+    """{value: [ranks]} in first-seen order."""
+    by_value = {}
+    for rank, value in enumerate(values):
+        by_value.setdefault(value, []).append(rank)
+    return by_value
+
+
 def _describe(rows, errors):
-    """Readable disagreements: each rank's local error, then each field whose values (reprs) differ."""
-    parts = [f"rank {rank}: {err}" for rank, err in enumerate(errors) if err is not None]
+    """Readable disagreements: the ranks' local errors (identical ones once), then each field whose
+    known values (reprs) differ; a field a rank could not compute (UNKNOWN) is left out."""
+    parts = [f"rank{'s' if len(rs) > 1 else ''} {_ranks(rs)}: {err}"
+             for err, rs in _group(errors).items() if err is not None]
     for i, field in enumerate(FIELDS):
-        by_value = {}
-        for rank, row in enumerate(rows):
-            by_value.setdefault(row[i], []).append(rank)
+        by_value = _group(row[i] if row[i] != repr(UNKNOWN) else None for row in rows)
+        by_value.pop(None, None)
         if len(by_value) > 1:
             shown = "; ".join(f"{v} on rank{'s' if len(rs) > 1 else ''} {_ranks(rs)}" for v, rs in by_value.items())
             parts.append(f"{field} differs across ranks: {shown}")
@@ -84,43 +119,79 @@ def _bounded_allgather_text(comm, text, timeout, what):
     return [everyone[o:o + n].tobytes().decode() for o, n in zip(offsets, lengths)]
 
 
-def checked_call(comm, validate, signature, local_checks, timeout=None):
+def _exchange_timeout(timeout):
+    """Seconds for the exchange; a bad ``timeout`` (reported by the caller's checks) falls back to the default."""
+    try:
+        return resolve_timeout(timeout)
+    except Exception:  # noqa: BLE001 - the same value is rejected in the local checks, on this rank only
+        try:
+            return resolve_timeout(None)
+        except Exception:  # noqa: BLE001 - a bad $RINGLAB_TIMEOUT is reported by check_environment
+            return DEFAULT_TIMEOUT_S
+
+
+def checked_call(comm, validate, signature, local_checks, timeout=None, what=None):
     """Run ``local_checks()`` (returns the prepared output) and, if validating, agree across ranks.
 
-    ``signature`` is a tuple in the order of FIELDS. ``timeout`` bounds the exchange like every
-    other wait (None: $RINGLAB_TIMEOUT). Without validation a local failure raises only on the
-    failing rank (the others then wait for it until their timeout).
+    ``signature``: a tuple in the order of FIELDS, or a callable returning one, called after the checks
+    (even failed ones), so converting the arguments can itself be a checked step; if it fails too, the
+    fields are UNKNOWN and ``what`` names the collective. ``timeout`` (None: $RINGLAB_TIMEOUT) is checked
+    here as well. Without validation a local failure raises on the failing rank only.
     """
     result, error = None, None
     try:
         if comm.size not in _environment_checked:    # every RINGLAB_* value, once per process and N
             settings.check_environment(comm.size)
             _environment_checked.add(comm.size)
+        resolve_timeout(timeout)
         result = local_checks()
-    except Exception as exc:  # any local failure must reach the other ranks, or they would hang
+    except Exception as exc:  # any local failure must reach the other ranks, or they would pair with our next call
         error = exc
+    if callable(signature):
+        try:
+            signature = tuple(signature())
+        except Exception:  # noqa: BLE001 - the argument could not even be read: its error is in ``error``
+            signature = (what,) + (UNKNOWN,) * (len(FIELDS) - 1)
+    what = signature[0]
+    thread = issuing_thread()
+    seqs = comm_state(comm).setdefault("calls-per-thread", {})
+    seq = seqs[thread] = seqs.get(thread, 0) + 1      # this thread's call number on comm: the call's identity
     if not validate or comm.size == 1 or not validation_enabled():
         if error is not None:
-            raise InvalidCollectiveCall(f"{signature[0]}: {_error_text(error)}") from error
+            raise InvalidCollectiveCall(f"{what}: {_error_text(error)}") from error
         return result
-    mine = np.array([_code(v) for v in signature] + [int(error is not None)], dtype=np.int64)
-    everyone = np.empty((comm.size, mine.size), dtype=np.int64)
-    what = f"the argument check of {signature[0]}"
-    seconds = resolve_timeout(timeout)
-    _bounded_allgather(comm, mine, everyone, seconds, what)
-    if (everyone == everyone[0]).all() and not everyone[:, -1].any():
+    mine = np.array([_code(v) for v in signature] + [_code(thread), seq, int(error is not None)], dtype=np.int64)
+    everyone = np.empty((comm.size, _EXCHANGED), dtype=np.int64)
+    seconds = _exchange_timeout(timeout)
+    _bounded_allgather(comm, mine, everyone, seconds, f"the argument check of {what}")
+    if not everyone[:, -1].any() and (everyone == mine).all():
         return result
-    # Slow path, taken by every rank together: exchange readable values to build one message.
-    mine_text = "\x1f".join([repr(v) for v in signature] + ["" if error is None else _error_text(error)])
-    rows, errors = [], []
-    for text in _bounded_allgather_text(comm, mine_text, seconds, what):
-        *values, err = text.split("\x1f")
+    raise InvalidCollectiveCall(_agreed_message(comm, signature, f"{thread!r} call #{seq}", error, seconds)) from error
+
+
+def _agreed_message(comm, signature, thread, error, seconds):
+    """The slow path, taken by every rank together: gather readable values, build one identical text."""
+    mine_text = "\x1f".join([repr(v) for v in signature] + [thread, "" if error is None else _error_text(error)])
+    rows, threads, errors = [], [], []
+    for text in _bounded_allgather_text(comm, mine_text, seconds, f"the argument check of {signature[0]}"):
+        *values, name, err = text.split("\x1f")
         rows.append(tuple(values))
+        threads.append(name)
         errors.append(err or None)
     parts = _describe(rows, errors)
-    # Built only from gathered values, so the text is identical on every rank.
     names = sorted({row[0].strip("'") for row in rows})
-    raise InvalidCollectiveCall(f"{' / '.join(names)} called inconsistently: " + " | ".join(parts)) from error
+    by_thread = _group(threads)
+    if len(by_thread) > 1:
+        shown = "; ".join(f"thread {t} on rank{'s' if len(rs) > 1 else ''} {_ranks(rs)}" for t, rs in by_thread.items())
+        parts.append(f"different threads' calls paired up: {shown} (threads issue collectives on one communicator "
+                     "in different orders on different ranks: issue them from one thread, or give each thread its "
+                     "own communicator, e.g. comm.Dup())")
+    inconsistent = len(names) > 1 or any(" differs across ranks: " in p or p.startswith("different threads'") for p in parts)
+    if inconsistent:
+        return f"{' / '.join(names)} called inconsistently: " + " | ".join(parts)
+    if all(e is not None for e in errors) and len(set(errors)) == 1:
+        return f"{names[0]}: {errors[0]}"        # the same bad call everywhere: said once, as a local error is
+    return f"{names[0]}: " + " | ".join(parts)
 
 
 def _error_text(error):

@@ -30,6 +30,7 @@ from ringlab import api
 from ringlab.commstate import comm_state
 from ringlab.arrays import as_array, is_device_array, is_torch_tensor, to_torch
 from ringlab.errors import CollectiveTimeout, default_timeout
+from ringlab.validate import issued_by
 
 __all__ = ["Work", "allreduce_async", "reduce_scatter_async", "allgather_async", "async_comm"]
 
@@ -128,11 +129,11 @@ class Work:
 
 
 class _ProgressThread:
-    """A daemon thread that runs submitted jobs one by one, in submission order."""
+    """A daemon thread that runs submitted jobs one by one, in submission order (one per communicator)."""
 
     def __init__(self):
         self._jobs = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="ringlab-progress", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"ringlab-progress-{len(_engines)}", daemon=True)
         self._thread.start()
 
     def submit(self, work, job):
@@ -159,7 +160,7 @@ class _ProgressThread:
 
 _lock = threading.Lock()
 _future_lock = threading.Lock()   # Work._futures, shared by the caller and the progress thread
-_engine = None
+_engines = []    # one progress thread per async communicator, like NCCL's one stream per communicator
 _seq = itertools.count()
 
 
@@ -173,22 +174,24 @@ def _check_thread_level():
             "at 'multiple' (the default) before importing mpi4py.MPI, and use an MPI built with thread support")
 
 
-def _progress():
-    global _engine
+def _progress(pcomm):
+    """The progress thread of the private communicator ``pcomm``: collectives on two communicators
+    never queue behind each other (one thread for all could deadlock when ranks interleave them)."""
     with _lock:
-        if _engine is None:
+        state = comm_state(pcomm)
+        if "progress" not in state:
             _check_thread_level()
-            _engine = _ProgressThread()
-            atexit.register(_shutdown)   # runs before mpi4py's MPI_Finalize (registered earlier)
-        return _engine
+            if not _engines:
+                atexit.register(_shutdown)   # runs before mpi4py's MPI_Finalize (registered earlier)
+            state["progress"] = _ProgressThread()
+            _engines.append(state["progress"])
+        return state["progress"]
 
 
 def _shutdown():
-    global _engine
-    if _engine is not None:
-        # Bounded: a job stuck on a dead peer gives up after its own timeout anyway.
-        _engine.stop(default_timeout())
-        _engine = None
+    # Bounded: a job stuck on a dead peer gives up after its own timeout anyway.
+    while _engines:
+        _engines.pop().stop(default_timeout())
 
 
 def async_comm(comm):
@@ -199,24 +202,41 @@ def async_comm(comm):
     with _lock:
         state = comm_state(comm)   # lives as long as comm (a freed handle may be reused by MPI)
         if "async-dup" not in state:
-            state["async-dup"] = comm.Dup()
+            with api.collective_call(comm, "the first async collective (comm.Dup)"):  # not beside another call
+                state["async-dup"] = comm.Dup()
         return state["async-dup"]
+
+
+def _as_array_or_raw(x):
+    """``as_array(x)``, or ``x`` itself when it is no buffer: the API's checked conversion then
+    rejects it on every rank together (a local raise here would desynchronize the ranks)."""
+    try:
+        return as_array(x)
+    except Exception:  # noqa: BLE001 - reported by the collective's argument agreement
+        return x
 
 
 def _launch(what, comm, run, x, keep=()):
     """Queue ``run(private_comm)`` on the progress thread; device arrays run on the comm stream."""
     comm = comm if comm is not None else MPI.COMM_WORLD
-    engine = _progress()
     pcomm = async_comm(comm)
+    engine = _progress(pcomm)
     work = Work(what, next(_seq), keep=(x,) + tuple(keep))
+    # The argument agreement compares the issuing thread's name, not the progress thread's: two
+    # threads whose calls pair up in different orders on different ranks raise, never mix data.
+    issuer = threading.current_thread().name
+
+    def issued():
+        with issued_by(issuer):
+            return run(pcomm)
     if is_device_array(x):
         import cupy
         ready = cupy.cuda.Event(block=False, disable_timing=True)
         ready.record(cupy.cuda.get_current_stream())   # the input is final once this point is reached
         device = cupy.cuda.Device().id
-        engine.submit(work, lambda: _on_comm_stream(ready, device, lambda: run(pcomm)))
+        engine.submit(work, lambda: _on_comm_stream(ready, device, issued))
     else:
-        engine.submit(work, lambda: (run(pcomm), None))
+        engine.submit(work, lambda: (issued(), None))
     return work
 
 
@@ -257,7 +277,7 @@ def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None,
 
     ``x`` must not be modified, nor ``out`` read, until ``wait()`` returns (as with MPI_Iallreduce).
     """
-    a = as_array(x)
+    a = _as_array_or_raw(x)
     inplace = out is x
 
     def run(pcomm):
@@ -266,15 +286,18 @@ def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None,
     return _launch("allreduce", comm, run, a, keep=(out,))
 
 
-def reduce_scatter_async(x, out=None, op="sum", comm=None, timeout=None, validate=True):
+def reduce_scatter_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True,
+                         transport=None):
     """Non-blocking ``api.reduce_scatter`` (same arguments); ``wait()`` returns this rank's chunk."""
-    a = as_array(x)
+    a = _as_array_or_raw(x)
     return _launch("reduce_scatter", comm, lambda pcomm: api.reduce_scatter(
-        a, out=out, op=op, comm=pcomm, timeout=timeout, validate=validate), a, keep=(out,))
+        a, out=out, op=op, algo=algo, comm=pcomm, timeout=timeout, validate=validate, transport=transport),
+        a, keep=(out,))
 
 
-def allgather_async(x, out=None, comm=None, timeout=None, validate=True):
+def allgather_async(x, out=None, *, algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """Non-blocking ``api.allgather`` (same arguments); ``wait()`` returns ``out`` (``out[r]`` = rank r's x)."""
-    a = as_array(x)
+    a = _as_array_or_raw(x)
     return _launch("allgather", comm, lambda pcomm: api.allgather(
-        a, out=out, comm=pcomm, timeout=timeout, validate=validate), a, keep=(out,))
+        a, out=out, algo=algo, comm=pcomm, timeout=timeout, validate=validate, transport=transport),
+        a, keep=(out,))

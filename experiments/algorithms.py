@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 from mpi4py import MPI
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ringlab  # noqa: E402,F401  registers the algorithms
 from ringlab.api import register_allreduce  # noqa: E402
-from ringlab.bench.harness import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
+from ringlab.bench.harness import check_dtype_op, format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402,E501
 from ringlab.hierarchical import make_hierarchical  # noqa: E402
 from ringlab.bench.tuner import load_tuning, tuning_path  # noqa: E402
 from ringlab.bench.variants import allreduce_variant, mpi_native_variant  # noqa: E402
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", help="time vs size, one line per variant")
     args = p.parse_args(argv)
+    check_dtype_op(p, "float32", args.op)
     args.algos = [a for a in args.algos.split(",") if a]
     return args
 
@@ -79,6 +81,8 @@ def plot(rows, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
+    # the header below says whether auto is tuned; the library's own warning would land mid-table
+    warnings.filterwarnings("ignore", message="ringlab auto: no tuning file")
     comm = MPI.COMM_WORLD
     n, say = comm.size, (print if comm.rank == 0 else (lambda *a, **k: None))
     variants = []

@@ -19,7 +19,7 @@ from ringlab.arrays import use_local_gpu  # noqa: E402
 from ringlab.bench.harness import format_table, measure, run_metadata, write_json  # noqa: E402
 from ringlab.gpu.device import select_transport  # noqa: E402
 from ringlab.bench.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
-from ringlab.bench.harness import size_arg, size_list_arg  # noqa: E402
+from ringlab.bench.harness import require_gpu, size_arg, size_list_arg  # noqa: E402
 
 
 def copy_bandwidth(nbytes=1 << 30, reps=20):
@@ -54,6 +54,7 @@ def main():
     p.add_argument("--baseline", default="staged", help="variant the ratio column divides by")
     p.add_argument("--json")
     args = p.parse_args()
+    require_gpu("gpu_datapath.py")
     comm = MPI.COMM_WORLD
     n = comm.size
     gpu = use_local_gpu(comm)

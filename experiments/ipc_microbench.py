@@ -1,27 +1,32 @@
 """Where the time of the shared-GPU ring goes: kernel and copy throughput by chunk size, one process.
 
-    python experiments/ipc_microbench.py          (rank-free; needs a GPU)
+    python experiments/ipc_microbench.py          (rank-free; needs a GPU: elsewhere it says so and exits 69)
 Prints GB/s (bytes read + written) for the CuPy elementwise reduce, a float4 RawKernel reduce and a
 device copy, at the chunk sizes the ring uses, and the ring's op sequence for N = 2, 4, 8 replayed
 on local buffers (what the ring would take with zero synchronisation cost).
 """
+import argparse
+import os
 import sys
 
-import cupy
 import numpy as np
 
-ADD4 = cupy.RawKernel(r"""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ringlab.bench.harness import require_gpu  # noqa: E402
+
+ADD4_SOURCE = r"""
 extern "C" __global__ void add_f32x4(const float4* a, const float4* b, float4* out, long long n4) {
   long long stride = (long long)gridDim.x * blockDim.x;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += stride) {
     float4 x = a[i], y = b[i];
     out[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
   }
-}""", "add_f32x4")
-ADD = cupy.ElementwiseKernel("T a, T b", "T out", "out = a + b", "mb_add")
+}"""
 
 
 def timed(fn, reps=20):
+    import cupy
     for _ in range(3):
         fn()
     s, e = cupy.cuda.Event(), cupy.cuda.Event()
@@ -35,7 +40,12 @@ def timed(fn, reps=20):
     return float(np.median(ts))
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    require_gpu("ipc_microbench.py")
+    import cupy
+    ADD4 = cupy.RawKernel(ADD4_SOURCE, "add_f32x4")
+    ADD = cupy.ElementwiseKernel("T a, T b", "T out", "out = a + b", "mb_add")
     sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
     print(f"{'chunk':>8s} {'elementwise':>12s} {'float4 raw':>11s} {'copy':>8s}   (GB/s, read + write)")
     for mb in (8, 32, 64, 128):

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ringlab.kernels  # noqa: E402,F401  (restores np.row_stack for numba-cuda on NumPy 2.5)
-from ringlab.bench.harness import parse_size  # noqa: E402
+from ringlab.bench.harness import parse_size, require_gpu  # noqa: E402
 
 PATHS = {"numba dispatcher": (False, False), "cached overload": (True, False), "lean packer": (True, True)}
 
@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    require_gpu("launch_overhead.py")
     import cupy
 
     from ringlab.kernels.fp8 import dequant_add_requant_device, quantize_device

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ringlab import allreduce  # noqa: E402
 from ringlab.arrays import gpu_available, use_local_gpu  # noqa: E402
-from ringlab.bench.harness import format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402
+from ringlab.bench.harness import check_dtype_op, format_table, measure, run_metadata, size_list_arg, write_json  # noqa: E402,E501
 from ringlab.ops import OPS, SUPPORTED_DTYPES  # noqa: E402
 from ringlab.gpu.device import select_transport  # noqa: E402
 from ringlab.bench.variants import allreduce_variant, mpi_native_variant, nccl_variant  # noqa: E402
@@ -42,6 +42,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
+    check_dtype_op(p, args.dtype, args.op)
     return args
 
 

@@ -49,3 +49,11 @@ def test_async_progress_while_caller_computes(run_mpi):
 def test_async_refuses_without_thread_multiple(run_mpi):
     res = run_mpi(2, "tests/mpi/async_thread_level.py", timeout=60)
     assert res.stdout.count("refused") == 2 and "MPI_THREAD_MULTIPLE" in res.stdout
+
+
+def test_two_threads_issuing_on_one_communicator_never_get_a_wrong_sum(run_mpi):
+    """Calls that pair across threads raise on every rank; one communicator per thread is all right."""
+    res = run_mpi(2, "tests/mpi/async_threads.py", timeout=240, env=BLAS1)
+    line = next(l for l in res.stdout.splitlines() if l.startswith("threads:"))
+    assert line.endswith("0 wrong (of 200)"), res.stdout
+    assert "own comms: 200 right, 0 errors, 0 wrong (of 200)" in res.stdout

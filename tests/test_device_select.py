@@ -64,3 +64,35 @@ def test_ipc_usability_is_decided_once_per_communicator(monkeypatch):
         assert len(calls) == 1
     finally:
         comm.Free()
+
+
+def test_cuda_aware_probe_runs_in_a_child_process(tmp_path):
+    """The probe is real code run by ``python -c``: with a stand-in ``cupy`` (host arrays) it must pass,
+    and without any cupy it must fail cleanly (a relative import in it used to fail it always)."""
+    import os
+
+    from ringlab.gpu.device import probe_cuda_aware_mpi
+    fake = tmp_path / "cupy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import numpy as _np\n"
+        "class ndarray(_np.ndarray):\n"
+        "    def get(self):\n"
+        "        return _np.asarray(self)\n"
+        "float32 = _np.float32\n"
+        "def arange(n, dtype=None):\n"
+        "    return _np.arange(n, dtype=dtype).view(ndarray)\n"
+        "def zeros(n, dtype=None):\n"
+        "    return _np.zeros(n, dtype=dtype).view(ndarray)\n"
+        "class _Stream:\n"
+        "    def synchronize(self):\n"
+        "        pass\n"
+        "class cuda:\n"
+        "    get_current_stream = staticmethod(lambda: _Stream())\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    assert probe_cuda_aware_mpi(env) is True
+    env["PYTHONPATH"] = str(tmp_path / "nothing-here")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert probe_cuda_aware_mpi(env) is False

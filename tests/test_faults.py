@@ -116,3 +116,14 @@ def test_fault_drill_script_reports_its_summary_line():
                               capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "hangs: 0, data corrupted: 0, unexpected outcomes: 0" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 2])
+def test_python_error_mid_collective_at_n3_always_ends_in_75_with_each_survivors_line(run_mpi, attempt):
+    """The raising rank must not finalize MPI (MPICH asserted there, ending the job before any survivor spoke)."""
+    res = _run(run_mpi, "ring", f"rank={attempt},step=1,action=raise", nprocs=3)
+    assert res.returncode == ABORT_EXIT_CODE, res.stderr[-3000:]
+    assert "FaultInjected" in res.stderr and "not finalizing MPI" in res.stderr
+    survivors = [r for r in range(3) if r != attempt]
+    for r in survivors:
+        assert f"ringlab: CollectiveTimeout: rank {r}: peer rank" in res.stderr, res.stderr[-3000:]

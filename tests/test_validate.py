@@ -54,3 +54,45 @@ def test_single_rank_local_error_is_invalid_call():
         checked_call(MPI.COMM_SELF, True, ("allreduce", 4, "complex64", "sum", "ring", False), bad)
     out = checked_call(MPI.COMM_SELF, True, ("allreduce", 4, "float32", "sum", "ring", False), lambda: np.ones(4))
     assert out.shape == (4,)
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_argument_rejected_on_one_rank_raises_on_every_rank_and_the_next_call_is_exact(run_mpi, nprocs):
+    """A list, a read-only out, a bad timeout or transport on one rank; allreduce_fp8 against allreduce."""
+    res = run_mpi(nprocs, "tests/mpi/one_rank_rejects.py", timeout=150, env={"RINGLAB_TIMEOUT": "60"})
+    assert f"one-rank cases ok: 12 on {nprocs} ranks" in res.stdout
+
+
+def test_the_same_bad_call_everywhere_is_reported_once(run_mpi):
+    res = run_mpi(3, "tests/mpi/one_rank_rejects.py", "--same", timeout=120)
+    assert "same-call cases ok: 4 on 3 ranks" in res.stdout
+    assert "same-call int8: allreduce: TypeError: unsupported dtype int8; supported:" in res.stdout
+
+
+def test_exchange_has_one_length_for_every_collective():
+    """allreduce_fp8 used to send 8 integers and the others 7: Open MPI then fails the exchange."""
+    from ringlab import validate
+    lengths = set()
+
+    def record(comm, mine, recv, timeout, what):
+        lengths.add(mine.size)
+        recv[...] = mine
+
+    class TwoRanks:                       # enough of a communicator for checked_call's fast path
+        size, rank, attrs = 2, 0, {}
+
+        def Get_attr(self, key):
+            return self.attrs.get(key)
+
+        def Set_attr(self, key, value):
+            self.attrs[key] = value
+
+    real = validate._bounded_allgather
+    validate._bounded_allgather = record
+    try:
+        for sig in [("allreduce", 4, "float32", "sum", "ring", False),
+                    ("allreduce_fp8", 4, "float32", "sum", "fp8-ring/e4m3/128 via None", False)]:
+            checked_call(TwoRanks(), True, sig, lambda: None)
+    finally:
+        validate._bounded_allgather = real
+    assert len(lengths) == 1, lengths

@@ -20,12 +20,15 @@ from mpi4py import MPI
 
 __all__ = ["Case", "Unavailable", "Variant", "Row", "measure", "format_table", "busbw_factor",
            "pattern", "reference", "count_wrong", "tolerance", "write_json", "run_metadata", "sizes_from_range",
-           "parse_size", "size_arg", "size_list_arg", "rss_kib"]
+           "parse_size", "size_arg", "size_list_arg", "rss_kib", "require_gpu", "GPU_UNAVAILABLE_EXIT",
+           "check_dtype_op"]
+
+GPU_UNAVAILABLE_EXIT = 69     # sysexits.h EX_UNAVAILABLE
 
 BUSBW_FACTORS = {
-    "allreduce": lambda n: 2 * (n - 1) / n if n > 1 else 1.0,
-    "reduce_scatter": lambda n: (n - 1) / n if n > 1 else 1.0,
-    "allgather": lambda n: (n - 1) / n if n > 1 else 1.0,
+    "allreduce": lambda n: 2 * (n - 1) / n,       # 0 at N = 1, as in nccl-tests: no bytes cross a bus
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "allgather": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
     "sendrecv": lambda n: 1.0,
 }
@@ -34,6 +37,32 @@ BUSBW_FACTORS = {
 def busbw_factor(collective, nranks):
     """nccl-tests' bus-bandwidth factor: 2(N-1)/N for all-reduce, (N-1)/N for RS and AG."""
     return BUSBW_FACTORS[collective](nranks)
+
+
+def require_gpu(script):
+    """For GPU-only experiments: unless CuPy and a CUDA device are usable, say so in one line (rank 0
+    only) and exit GPU_UNAVAILABLE_EXIT. Call it after argument parsing, so ``--help`` always works."""
+    from ringlab.arrays import cupy_or_none
+    if cupy_or_none() is not None:
+        return
+    if MPI.COMM_WORLD.rank == 0:
+        sys.stderr.write(f"{script}: needs a CUDA GPU and CuPy (pip install 'ringlab[gpu]'); none is usable on this "
+                         "machine, so there is nothing to measure\n")
+        sys.stderr.flush()
+    sys.exit(GPU_UNAVAILABLE_EXIT)
+
+
+def check_dtype_op(parser, dtype, op):
+    """Reject a dtype/op pair the collectives refuse (e.g. int32 with avg) before any MPI work: one line
+    from rank 0 (``prog: error: ...``) and exit status 2 on every rank, as argparse does for bad flags."""
+    from ringlab.ops import check_op_dtype
+    try:
+        check_op_dtype(op, dtype)
+    except (TypeError, ValueError) as exc:
+        if MPI.COMM_WORLD.rank == 0:
+            sys.stderr.write(f"{parser.prog}: error: --dtype {dtype} --op {op}: {exc}\n")
+            sys.stderr.flush()
+        sys.exit(2)
 
 
 class Unavailable(Exception):

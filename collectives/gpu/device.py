@@ -17,11 +17,11 @@ from ringlab.settings import TRANSPORTS
 
 __all__ = ["parse_transport", "select_transport", "cuda_aware_mpi", "TRANSPORTS"]
 
+# Self-contained (no ringlab import: the child may not find the package the parent was imported from).
 _PROBE = r"""
 import cupy, numpy as np
 from mpi4py import MPI
 
-from ringlab.commstate import comm_state
 a = cupy.arange(4, dtype=cupy.float32); b = cupy.zeros(4, dtype=cupy.float32)
 cupy.cuda.get_current_stream().synchronize()
 MPI.COMM_SELF.Sendrecv(a, 0, 0, b, 0, 0)
@@ -56,12 +56,17 @@ def cuda_aware_mpi(comm):
     if comm.rank == 0:
         verdict = False
         if _library_says_cuda_aware():
-            try:
-                out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
-                verdict = "CUDA-AWARE-OK" in out.stdout
-            except (OSError, subprocess.TimeoutExpired):
-                verdict = False
+            verdict = probe_cuda_aware_mpi()
     return comm.bcast(verdict, root=0)
+
+
+def probe_cuda_aware_mpi(env=None):
+    """Run _PROBE in a child process (a non-CUDA-aware MPI segfaults on device pointers): True if it passed."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "CUDA-AWARE-OK" in out.stdout
 
 
 def select_transport(comm, requested=None):

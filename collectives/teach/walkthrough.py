@@ -68,6 +68,14 @@ def format_walkthrough(everyone):
     out.append(f"Ring all-reduce on N = {n} ranks ({', '.join(letters)}); rank r starts with chunks "
                f"{letters[0]}0..{letters[0]}{n - 1} = 2**r (so a sum's bits name its addends).")
     steps = len(everyone[0])
+    cells = {}          # (step, rank) -> (sends, receives): built first, so the columns fit the widest (N = 8 too)
+    for i in range(steps):
+        for rec in (everyone[k][i] for k in range(n)):
+            if rec.phase != "start":
+                src = everyone[rec.recv_from][i]
+                cells[i, rec.rank] = (f"{symbolic(rec.sent, rec.send_chunk)} (={rec.sent}) -> {letters[rec.send_to]}",
+                                      f"{symbolic(src.sent, rec.recv_chunk)} (={src.sent}) <- {letters[rec.recv_from]}")
+    width = max([28] + [len(c) + 2 for pair in cells.values() for c in pair])
     for i in range(steps):
         recs = [everyone[k][i] for k in range(n)]
         st = recs[0]
@@ -77,14 +85,12 @@ def format_walkthrough(everyone):
             verb = "adds it" if st.phase == "reduce-scatter" else "overwrites its copy"
             out.append(f"\n{st.phase} step {st.step + 1} of {n - 1}: rank r sends one chunk to r+1, "
                        f"receives one from r-1 and {verb}")
-            out.append(f"  {'rank':<5}{'sends':<28}{'receives':<28}")
+            out.append(f"  {'rank':<5}{'sends':<{width}}{'receives':<{width}}")
         for rec in recs:
             holds = " | ".join(symbolic(v, c) for c, v in enumerate(rec.holds))
             if rec.phase == "start":
                 out.append(f"  {letters[rec.rank]:<5}holds [{holds}]")
                 continue
-            src = everyone[rec.recv_from][i]
-            send = f"{symbolic(rec.sent, rec.send_chunk)} (={rec.sent}) -> {letters[rec.send_to]}"
-            recv = f"{symbolic(src.sent, rec.recv_chunk)} (={src.sent}) <- {letters[rec.recv_from]}"
-            out.append(f"  {letters[rec.rank]:<5}{send:<28}{recv:<28}holds [{holds}]")
+            send, recv = cells[i, rec.rank]
+            out.append(f"  {letters[rec.rank]:<5}{send:<{width}}{recv:<{width}}holds [{holds}]")
     return "\n".join(out)

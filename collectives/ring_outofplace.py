@@ -1,0 +1,94 @@
+"""Out-of-place ring reduce-scatter and all-reduce: the input is only read, never copied whole.
+
+The in-place ring (ring.py) reduces into the caller's buffer, so an out-of-place call used to copy the
+whole input first. Here step 0 sends the rank's own chunk straight from the input, and each received
+partial sum is reduced *in the receive buffer* (own chunk op received: the in-place ring's operand
+order, so results are bitwise those of ring.py) and forwarded from there. reduce_scatter alternates
+two chunk buffers (``out`` and one scratch): input + 2 chunks. All-reduce receives each chunk into its
+own place in ``out`` and all-gathers there: input + output, no scratch at all.
+"""
+import numpy as np
+
+from ringlab import faults
+from ringlab.arrays import array_module
+from ringlab.ring import divide_inplace, ring_allgather_inplace, scratch_buffer
+from ringlab.schedule import chunk_bounds, reduce_scatter_owner, ring_reduce_scatter_schedule
+
+__all__ = ["ring_reduce_scatter_into", "ring_allreduce_into", "ring_reduce_scatter_slots"]
+
+_UFUNC = {"sum": "add", "avg": "add", "prod": "multiply", "max": "maximum", "min": "minimum"}
+
+
+def ring_reduce_scatter_into(x, out, transport, op="sum", cache=None):
+    """Reduce-scatter flat ``x`` (left unchanged) into flat ``out``: rank r's chunk ``chunk_bounds(x.size, N)[r]``.
+
+    Works on host buffers, and on device buffers with a CUDA-aware transport. ``avg`` divides once at the end.
+    """
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    bounds = chunk_bounds(x.size, n)
+    lo, hi = bounds[r]
+    xp = array_module(x)
+    if n == 1:
+        out[...] = x[lo:hi]
+    else:
+        combine = getattr(xp, _UFUNC[op])
+        largest = bounds[0][1] - bounds[0][0]
+        cache = cache if cache is not None else {}
+        # ``out`` can take a turn as receive buffer only when every chunk fits in it (sizes differ by <= 1).
+        spare = [scratch_buffer(cache, "rs-a", largest * x.itemsize, x.dtype, xp)]
+        spare.append(out if out.size >= largest else scratch_buffer(cache, "rs-b", largest * x.itemsize, x.dtype, xp))
+        fault = faults.ring_step_hook(r)
+        steps = ring_reduce_scatter_schedule(r, n, rotate=-1)
+        s0, s1 = bounds[steps[0].send_chunk]
+        send = x[s0:s1]          # the first hop forwards this rank's own copy: no working copy of the input
+        for i, st in enumerate(steps):
+            if fault is not None:
+                fault(st)
+            r0, r1 = bounds[st.recv_chunk]
+            recv = spare[(n - 2 - i) % 2 == 0][: r1 - r0]   # parity: the last step receives into spare[1]
+            transport.sendrecv(send, st.send_to, recv, st.recv_from, what=f"ring reduce-scatter step {st.step}")
+            combine(x[r0:r1], recv, out=recv)
+            send = recv
+        if spare[1] is not out:
+            out[...] = send
+    if op == "avg":
+        divide_inplace(out, n)
+    return out
+
+
+def ring_reduce_scatter_slots(x, slots, transport, op="sum", rotate=0):
+    """Reduce-scatter flat ``x`` (unchanged) into ``slots`` (same size): each received chunk lands in its
+    own place, so rank r's ``reduce_scatter_owner(r, N, rotate)`` chunk of ``slots`` ends fully reduced
+    (the other chunks hold partial sums). No scratch; ``avg`` is left as a sum. Returns the owned (lo, hi)."""
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    bounds = chunk_bounds(x.size, n)
+    own = bounds[reduce_scatter_owner(r, n, rotate)]
+    if n == 1:
+        slots[...] = x
+        return own
+    combine = getattr(array_module(x), _UFUNC[op])
+    fault = faults.ring_step_hook(r)
+    steps = ring_reduce_scatter_schedule(r, n, rotate)
+    s0, s1 = bounds[steps[0].send_chunk]
+    send = x[s0:s1]
+    for st in steps:
+        if fault is not None:
+            fault(st)
+        r0, r1 = bounds[st.recv_chunk]
+        recv = slots[r0:r1]
+        transport.sendrecv(send, st.send_to, recv, st.recv_from, what=f"ring reduce-scatter step {st.step}")
+        combine(x[r0:r1], recv, out=recv)
+        send = recv
+    return own
+
+
+def ring_allreduce_into(x, out, transport, op="sum", cache=None):
+    """Ring all-reduce of flat ``x`` into flat ``out`` (not ``x``): bitwise ring.ring_allreduce_inplace's
+    result, with peak memory input + output."""
+    lo, hi = ring_reduce_scatter_slots(x, out, transport, op)
+    if op == "avg":
+        divide_inplace(out[lo:hi], transport.comm.size)
+    ring_allgather_inplace(out, transport)
+    return out
