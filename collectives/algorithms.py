@@ -32,7 +32,7 @@ from ringlab.schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_
 from ringlab.schedule import fold_layout, real_rank, virtual_rank
 from ringlab.transport import MpiTransport, wait_all
 
-__all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "rabenseifner_allreduce_inplace",
+__all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "recursive_doubling_allreduce_into", "rabenseifner_allreduce_inplace",
            "ring_bidir_allreduce_inplace", "direct_allreduce_inplace", "register_all", "HOST_ALGORITHMS"]
 
 _UFUNC = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
@@ -156,6 +156,50 @@ def recursive_doubling_allreduce_inplace(buf, transport, op="sum", cache=None):
         if op == "avg":
             divide_inplace(buf, n)   # identical bytes on every rank, divided once each: still identical
     _unfold(buf, tr, rem)
+
+
+def recursive_doubling_allreduce_into(x, out, transport, op="sum", cache=None):
+    """The same out of place: the first exchange sends ``x`` itself and combines into ``out`` (no copy of ``x``);
+    N not a power of two folds in place, so it copies first."""
+    cache = cache if cache is not None else {}
+    tr = _nonblocking(transport)
+    n = tr.comm.size
+    p, rem = fold_layout(n)
+    if rem or n == 1:
+        out[...] = x
+        recursive_doubling_allreduce_inplace(out, tr, op, cache)
+        return
+    v = tr.comm.rank
+    piece = _piece(x.size, x.itemsize)
+    recv_all = _scratch(cache, "recv", piece, x.dtype)
+    f = _UFUNC[op]
+    for p0, p1 in _pieces(x.size, piece):
+        recv = recv_all[: p1 - p0]
+        tr.sendrecv(x[p0:p1], v ^ 1, recv, v ^ 1, what="recursive doubling, distance 1")
+        lower, higher = (x[p0:p1], recv) if v < v ^ 1 else (recv, x[p0:p1])
+        f(lower, higher, out=out[p0:p1])
+    if p > 2:
+        _doubling_from(out, tr, op, cache, v, p, 2)
+    elif op == "avg":
+        divide_inplace(out, n)
+
+
+def _doubling_from(buf, tr, op, cache, v, p, mask):
+    """Recursive doubling steps ``mask``, 2*mask, .. < p on a power-of-two communicator (no fold), in place."""
+    piece = _piece(buf.size, buf.itemsize)
+    recv_all = _scratch(cache, "recv", piece, buf.dtype)
+    while mask < p:
+        pv = v ^ mask
+        for p0, p1 in _pieces(buf.size, piece):
+            recv = recv_all[: p1 - p0]
+            tr.sendrecv(buf[p0:p1], pv, recv, pv, what=f"recursive doubling, distance {mask}")
+            _combine(buf[p0:p1], recv, op, mine_is_lower=v < pv)
+        mask <<= 1
+    if op == "avg":
+        divide_inplace(buf, tr.comm.size)
+
+
+recursive_doubling_allreduce_inplace.into = recursive_doubling_allreduce_into
 
 
 def _span(bounds, c0, c1):

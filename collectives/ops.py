@@ -24,10 +24,15 @@ def dtype_name(dtype):
 
 def dtype_label(dtype):
     """``dtype_name``, plus the byte order when it is not the machine's: '>f4' is 'float32 (big-endian, >f4)'."""
-    dt = np.dtype(dtype)
-    if dt.byteorder in ("=", "|") or dt.isnative:
-        return dt.name
-    return f"{dt.name} ({'big' if dt.byteorder == '>' else 'little'}-endian, {dt.str})"
+    label = _labels.get(dtype)
+    if label is None:
+        dt = np.dtype(dtype)
+        label = dt.name if dt.isnative else f"{dt.name} ({'big' if dt.byteorder == '>' else 'little'}-endian, {dt.str})"
+        _labels[dtype] = label       # once per dtype: it is part of every call's fingerprint
+    return label
+
+
+_labels = {}
 
 
 def check_op_dtype(op, dtype):

@@ -32,6 +32,7 @@ class InvalidCollectiveCall(CollectiveMismatch, TypeError):
 
 
 _environment_checked = set()
+_UNSET = object()
 _issuer = threading.local()
 _codes = {}
 
@@ -138,12 +139,12 @@ def checked_call(comm, validate, signature, local_checks, timeout=None, what=Non
     fields are UNKNOWN and ``what`` names the collective. ``timeout`` (None: $RINGLAB_TIMEOUT) is checked
     here as well. Without validation a local failure raises on the failing rank only.
     """
-    result, error = None, None
+    result, error, seconds = None, None, _UNSET
     try:
         if comm.size not in _environment_checked:    # every RINGLAB_* value, once per process and N
             settings.check_environment(comm.size)
             _environment_checked.add(comm.size)
-        resolve_timeout(timeout)
+        seconds = resolve_timeout(timeout)
         result = local_checks()
     except Exception as exc:  # any local failure must reach the other ranks, or they would pair with our next call
         error = exc
@@ -162,7 +163,8 @@ def checked_call(comm, validate, signature, local_checks, timeout=None, what=Non
         return result
     mine = np.array([_code(v) for v in signature] + [_code(thread), seq, int(error is not None)], dtype=np.int64)
     everyone = np.empty((comm.size, _EXCHANGED), dtype=np.int64)
-    seconds = _exchange_timeout(timeout)
+    if seconds is _UNSET:
+        seconds = _exchange_timeout(timeout)
     _bounded_allgather(comm, mine, everyone, seconds, f"the argument check of {what}")
     if not everyone[:, -1].any() and (everyone == mine).all():
         return result

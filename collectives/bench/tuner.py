@@ -32,7 +32,7 @@ from ringlab.schedule import fold_layout
 from ringlab.commstate import comm_state
 
 __all__ = ["cost_coefficients", "predict_us", "fit_alpha_beta", "choose_algorithm", "load_tuning", "tuning_path",
-           "auto_allreduce_inplace", "DEFAULT_FITS", "main"]
+           "auto_allreduce_inplace", "auto_allreduce_into", "DEFAULT_FITS", "main"]
 
 ENV_TUNING = "RINGLAB_TUNING"
 # Built-in guesses for a CPU MPI run from Python: one step costs tens of microseconds of overhead.
@@ -157,15 +157,36 @@ def _agreed_table(comm, cache):
     return cache[key]
 
 
+def _pick(buf, transport, cache):
+    from ringlab.api import ALLREDUCE_ALGORITHMS
+    comm = transport.comm
+    picks = comm_state(comm).setdefault("auto-picks", {})   # (bytes, N) -> name: the model runs once per size
+    key = (buf.nbytes, comm.size, len(ALLREDUCE_ALGORITHMS))
+    name = picks.get(key)
+    if name is None:
+        name = picks[key] = choose_algorithm(buf.nbytes, comm.size, _agreed_table(comm, cache),
+                                             available=ALLREDUCE_ALGORITHMS)[0]
+    cache["last_choice"] = name
+    return ALLREDUCE_ALGORITHMS[name], cache.setdefault(name, {})
+
+
 def auto_allreduce_inplace(buf, transport, op="sum", cache=None):
     """Run the algorithm ``choose_algorithm`` picks for this buffer's size and the communicator's N."""
-    from ringlab.api import ALLREDUCE_ALGORITHMS
     cache = cache if cache is not None else {}
-    comm = transport.comm
-    table = _agreed_table(comm, cache)
-    name, _, _ = choose_algorithm(buf.nbytes, comm.size, table, available=ALLREDUCE_ALGORITHMS)
-    cache["last_choice"] = name
-    ALLREDUCE_ALGORITHMS[name](buf, transport, op, cache.setdefault(name, {}))
+    fn, own = _pick(buf, transport, cache)
+    fn(buf, transport, op, own)
+
+
+def auto_allreduce_into(x, out, transport, op="sum", cache=None):
+    """The same out of place: the pick's own out-of-place form when it has one (no copy of ``x``)."""
+    cache = cache if cache is not None else {}
+    fn, own = _pick(x, transport, cache)
+    into = getattr(fn, "into", None)
+    if into is not None:
+        into(x, out, transport, op, own)
+        return
+    out[...] = x
+    fn(out, transport, op, own)
 
 
 # ---- measuring: python -m ringlab.bench.tuner -------------------------------------------------------

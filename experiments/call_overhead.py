@@ -1,0 +1,85 @@
+"""Per-call cost of ringlab's all-reduce against the MPI library's own Allreduce, measured side by side.
+
+    mpirun -n 2 python experiments/call_overhead.py                   # 64K and 16M, validated calls
+    mpirun -n 2 python experiments/call_overhead.py --sizes 4K,64K,1M,16M,64M --rounds 200 --out results.txt
+
+Each round times one call of every variant in turn (barrier-aligned, so load on a shared machine hits
+all variants alike); the table reports medians and the ratio to MPI's Allreduce.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ringlab  # noqa: E402
+from ringlab.bench.harness import size_list_arg  # noqa: E402
+from ringlab.bench.tuner import tuning_path  # noqa: E402
+
+
+def variants(comm, x, y):
+    return {
+        "mpi Allreduce": lambda: comm.Allreduce(x, y, op=MPI.SUM),
+        "ring": lambda: ringlab.allreduce(x, out=y, comm=comm),
+        "ring validate=False": lambda: ringlab.allreduce(x, out=y, comm=comm, validate=False),
+        "auto": lambda: ringlab.allreduce(x, out=y, algo="auto", comm=comm),
+        "recursive_doubling": lambda: ringlab.allreduce(x, out=y, algo="recursive_doubling", comm=comm),
+    }
+
+
+def median_us(comm, fn, rounds):
+    times = []
+    for _ in range(rounds):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    local = np.median(times) * 1e6
+    return comm.allreduce(local, op=MPI.MAX)     # the slowest rank's median: a collective ends when all do
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=size_list_arg, default="64K,16M", help="message sizes; default %(default)s")
+    p.add_argument("--rounds", type=int, default=300, help="timed rounds at the smallest size; default %(default)s")
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    lines = [f"# {comm.size} ranks, {MPI.Get_library_version().splitlines()[0].strip()}; "
+             f"tuning file {'present' if os.path.exists(tuning_path()) else 'absent'} ({tuning_path()})",
+             f"{'bytes':>10} {'variant':>22} {'median_us':>11} {'x mpi':>7}"]
+    for nbytes in args.sizes:
+        x = np.ones(nbytes // 4, np.float32)
+        y = np.empty_like(x)
+        rounds = max(10, min(args.rounds, int(args.rounds * 65536 / max(nbytes, 65536))))
+        vs = variants(comm, x, y)
+        for fn in vs.values():   # warm-up: scratch buffers, the tuner's table, the async dup
+            for _ in range(5):
+                fn()
+        # interleave: every round runs each variant once, so machine noise hits them alike
+        samples = {name: [] for name in vs}
+        for _ in range(rounds):
+            for name, fn in vs.items():
+                comm.Barrier()
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+        medians = {name: comm.allreduce(float(np.median(t)) * 1e6, op=MPI.MAX) for name, t in samples.items()}
+        base = medians["mpi Allreduce"]
+        for name, us in medians.items():
+            lines.append(f"{nbytes:>10} {name:>22} {us:>11.1f} {us / base:>7.2f}")
+    if comm.rank == 0:
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(f"$ mpirun -n {comm.size} python experiments/call_overhead.py {' '.join(argv or sys.argv[1:])}\n")
+                f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
