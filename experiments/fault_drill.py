@@ -44,10 +44,12 @@ SCENARIOS = [
      ["rank 0: peer rank 4 did not send during ring reduce-scatter step 0"]),
     ("exit(0) mid-collective", 4, [FAULT, "ring"], "rank=2,step=3,action=exit", {}, "any", []),
     ("exit(1) mid-collective", 4, [FAULT, "ring"], "rank=2,step=4,action=exit,code=1", {}, "nonzero", []),
-    # hydra lets the other ranks run on after one exits 1, so they time out (75); Open MPI's mpirun
-    # ends the job itself (its own non-zero status). "mpich:" marks text checked under MPICH only.
-    ("Python error mid-collective", 4, [FAULT, "ring"], "rank=0,step=4,action=raise", {}, "nonzero",
-     ["FaultInjected", "mpich:rank 1: peer rank 0 did not send during ring all-gather step 1"]),
+    ("one rank rejects an argument (12 cases)", 3, ["tests/mpi/one_rank_rejects.py"], None, {}, 0, []),
+    # the raising rank does not finalize MPI (pending requests): the survivors time out and abort, 75
+    ("Python error mid-collective", 4, [FAULT, "ring"], "rank=0,step=4,action=raise", {}, A,
+     ["FaultInjected", "not finalizing MPI", "rank 1: peer rank 0 did not send during ring all-gather step 1"]),
+    ("Python error mid-collective, N=3", 3, [FAULT, "ring"], "rank=1,step=1,action=raise", {}, A,
+     ["FaultInjected", "not finalizing MPI", "rank 2: peer rank 1 did not send"]),
     ("skips the call (validated)", 4, [FAULT, "skip", "--victim", "2"], None, {}, A,
      ["not every rank reached the argument check of allreduce"]),
     ("skips the call (validate=False)", 4, [FAULT, "skip-noval", "--victim", "2"], None, {}, A,
