@@ -1,8 +1,10 @@
 """Array plumbing: accept NumPy, CuPy, torch, or anything with DLPack / __cuda_array_interface__."""
+import functools
+
 import numpy as np
 
 __all__ = ["as_array", "array_module", "is_device_array", "is_torch_tensor", "cupy_or_none", "gpu_available",
-           "to_torch", "wrap_like"]
+           "to_torch", "wrap_like", "returns_input_type"]
 
 _cupy = None
 _cupy_checked = False
@@ -115,6 +117,16 @@ def wrap_like(original, result, out=None):
     if out is not None:
         return out if is_torch_tensor(out) else result
     return to_torch(result) if is_torch_tensor(original) and not is_torch_tensor(result) else result
+
+
+def returns_input_type(collective):
+    """Decorator for ``collective(x, out=None, ...)``: its result comes back in ``x``'s array type
+    (torch in, torch out; ``out`` itself when it is a torch tensor) via ``wrap_like``."""
+    @functools.wraps(collective)
+    def call(x, *args, **kwargs):
+        out = kwargs.get("out", args[0] if args else None)
+        return wrap_like(x, collective(x, *args, **kwargs), out)
+    return call
 
 
 def local_rank(comm):

@@ -9,7 +9,8 @@ parameter agreement across ranks (bitwise, max |difference|).
 
     mpirun -n 4 python experiments/ddp_train.py --json docs/results/ddp/ddp_cpu.json --png docs/results/ddp/ddp_cpu.png
 
-Variants: gloo (DDP's default all-reduce on a gloo group), ring (ring_allreduce_hook), fp8
+Variants: gloo (DDP's default all-reduce on a gloo group), ring (ring_allreduce_hook on ringlab's
+progress thread), ring-inline (the same hook with overlap=False: in backward's thread), fp8
 (fp8_allreduce_hook), fp8-ef (fp8_error_feedback_hook), ringlab-pg (DDP without a hook on the
 "ringlab" torch.distributed backend).
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ringlab import ddp_hooks, torch_backend  # noqa: E402
 from ringlab.bench.harness import run_metadata  # noqa: E402
 
-VARIANTS = ("gloo", "ring", "fp8", "fp8-ef", "ringlab-pg")
+VARIANTS = ("gloo", "ring", "ring-inline", "fp8", "fp8-ef", "ringlab-pg")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -106,6 +107,8 @@ class TrainingRun:
         self.sizes = {}
         hook, state = {"ring": (ddp_hooks.ring_allreduce_hook, ddp_hooks.RingHookState(
                            algo=args.algo, overlap=args.overlap)),
+                       "ring-inline": (ddp_hooks.ring_allreduce_hook, ddp_hooks.RingHookState(
+                           algo=args.algo, overlap=False)),
                        "fp8": (ddp_hooks.fp8_allreduce_hook, ddp_hooks.Fp8HookState(
                            algo=args.fp8_algo, fmt=args.fmt, block=args.block, overlap=args.overlap)),
                        "fp8-ef": (ddp_hooks.fp8_error_feedback_hook, ddp_hooks.Fp8ErrorFeedbackState(
@@ -158,18 +161,24 @@ def train(variants, args, comm, groups):
 
 
 def plot(results, path, meta):
+    """Loss curves (top) and each curve minus the first variant's (bottom: FP8's drift is invisible above)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    ref = np.array(results[0]["loss_curve"])
     for r in results:
-        ax.plot(r["loss_curve"], label=f"{r['variant']} (final {r['final_loss']:.4f}, {r['step_time_ms']:.1f} ms/step)",
-                linewidth=1.2)
-    ax.set_xlabel("step")
+        curve = np.array(r["loss_curve"])
+        ax.plot(curve, label=f"{r['variant']} (final {r['final_loss']:.4f}, {r['step_time_ms']:.1f} ms/step)",
+                linewidth=1.0)
+        dx.plot(curve - ref, linewidth=1.0)
     ax.set_ylabel("training loss (mean over ranks)")
     ax.set_yscale("log")
     ax.set_title(f"DDP, {meta['nranks']} ranks on CPU, {meta['params']:,} parameters, {meta['dtype']}")
     ax.legend(fontsize=8)
+    dx.set_yscale("symlog", linthresh=1e-4)
+    dx.set_xlabel("step")
+    dx.set_ylabel(f"loss - {results[0]['variant']} loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -186,7 +195,7 @@ def main(argv=None):
     groups = {"gloo": dist.group.WORLD,
               "ringlab": dist.new_group(backend="ringlab") if "ringlab-pg" in variants else None}
     results = train(variants, args, comm, groups)
-    exact = next((r["final_loss"] for r in results if r["variant"] in ("gloo", "ring")), None)
+    exact = next((r["final_loss"] for r in results if r["variant"] in ("gloo", "ring", "ring-inline")), None)
     for r in results:
         r["final_loss_vs_exact"] = None if exact is None else r["final_loss"] / exact - 1
     if comm.rank == 0:

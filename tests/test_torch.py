@@ -77,16 +77,20 @@ def test_allreduce_on_one_rank_in_and_out_of_place(dtype):
     assert torch.equal(out, t)
 
 
-@pytest.mark.xfail(reason="waits for api.py's wrap_like(x, res, out) at its returns", strict=False)
+@pytest.mark.xfail(reason="waits for @returns_input_type on api.py's collectives", strict=False)
 def test_torch_in_torch_out():
-    """out=None returns a torch tensor for torch input (wrap_like in the api)."""
+    """out=None returns a torch tensor for torch input (``@returns_input_type`` on the api's collectives)."""
     t = torch.arange(8, dtype=torch.bfloat16)
-    for res in (ringlab.allreduce(t), ringlab.reduce_scatter(t), ringlab.allreduce_fp8(t.float())):
-        assert isinstance(res, torch.Tensor), type(res)
-    assert isinstance(ringlab.allgather(t), torch.Tensor)
+    for res in (ringlab.allreduce(t), ringlab.reduce_scatter(t), ringlab.allgather(t)):
+        assert isinstance(res, torch.Tensor) and res.dtype == torch.bfloat16, type(res)
     out = torch.empty_like(t)
     assert ringlab.allreduce(t, out=out) is out and ringlab.allreduce(t, out=t) is t
     assert isinstance(ringlab.allreduce(np.ones(3)), np.ndarray)
+
+
+@pytest.mark.xfail(reason="allreduce_fp8 (fp8.py) does not carry @returns_input_type yet", strict=False)
+def test_torch_in_torch_out_fp8():
+    assert isinstance(ringlab.allreduce_fp8(torch.ones(8)), torch.Tensor)
 
 
 def test_future_of_an_async_allreduce():
