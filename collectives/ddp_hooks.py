@@ -99,6 +99,9 @@ def local_fp8_error(x, nranks, rank, fmt, block, algo):
     contribution in; ``algo="direct"`` never quantizes the rank's own chunk, so its error there is 0."""
     codec = codec_for(x, fmt, block)
     err = x.copy()
+    if nranks == 1:          # one rank sends nothing: nothing is lost
+        err[...] = 0
+        return err
     for c, (lo, hi) in enumerate(chunk_bounds(x.size, nranks)):
         if hi == lo or (algo == "direct" and c == rank and nranks > 1):
             err[lo:hi] = 0

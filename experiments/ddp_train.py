@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4, help="hidden layers; default %(default)s")
     p.add_argument("--classes", type=int, default=10, help="classes; default %(default)s")
     p.add_argument("--batch", type=int, default=32, help="samples per rank per step; default %(default)s")
-    p.add_argument("--label-noise", type=float, default=0.3, help="teacher logit noise (0: clean labels); default %(default)s")
+    p.add_argument("--label-noise", type=float, default=0.3,
+                   help="teacher logit noise (0: clean labels); default %(default)s")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate; default %(default)s")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model and gradient dtype")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb; default %(default)s")
@@ -199,7 +200,8 @@ def main(argv=None):
     for r in results:
         r["final_loss_vs_exact"] = None if exact is None else r["final_loss"] / exact - 1
     if comm.rank == 0:
-        print(f"{'variant':>11} {'final loss':>11} {'vs exact':>9} {'ms/step':>8} {'bytes/step':>11} {'ranks agree':>12}")
+        print(f"{'variant':>11} {'final loss':>11} {'vs exact':>9} {'ms/step':>8} {'bytes/step':>11} "
+              f"{'ranks agree':>12}")
         for r in results:
             gap = "" if r["final_loss_vs_exact"] is None else f"{100 * r['final_loss_vs_exact']:+.2f}%"
             agree = "bitwise" if r["params_bitwise_equal"] else f"{r['params_max_abs_diff']:.1e}"

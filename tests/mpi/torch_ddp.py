@@ -94,8 +94,9 @@ def mode_mismatch(argv):
              (ddp_hooks.Fp8HookState(), ddp_hooks.fp8_allreduce_hook),
              (ddp_hooks.Fp8ErrorFeedbackState(), ddp_hooks.fp8_error_feedback_hook)]
     for state, hook in hooks:
-        good = hook(state, Bucket(torch.ones(300))).wait()      # agreeing ranks first: the hook works
-        assert torch.allclose(good, torch.ones(300), rtol=0.07), good[:4]
+        for dtype in (torch.float32, torch.bfloat16):             # agreeing ranks first: the hook works
+            good = hook(state, Bucket(torch.ones(300, dtype=dtype))).wait()
+            assert good.dtype == dtype and torch.allclose(good.float(), torch.ones(300), rtol=0.07), good[:4]
         try:
             hook(state, Bucket(torch.ones(300 + 5 * (comm.rank == 0)))).wait()
         except Exception as exc:
