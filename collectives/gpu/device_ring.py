@@ -164,6 +164,11 @@ class DeviceRing:
         left_out = self.peers.open(r[h + 8: 2 * h + 8].tobytes()) + int(r[2 * h + 8:].view(np.int64)[0])
         return left_src, left_out
 
+    @property
+    def opened(self):
+        """Peer mappings held (the leak check counts them, as for the IPC rings)."""
+        return self.peers.opened
+
     # -- errors, traces, mode -----------------------------------------------------------------------
     def check(self):
         """Raise CollectiveTimeout if an earlier call's kernel gave up waiting for a peer (no host sync)."""
@@ -249,6 +254,8 @@ class DriverLaunch:
     def __call__(self, parts, threads, stream_ptr, *args):
         stream = self.streams.get(stream_ptr)
         if stream is None:
+            if len(self.streams) > 64:
+                self.streams.clear()
             stream = self.streams[stream_ptr] = self.d.CUstream(stream_ptr)
         for k, v in enumerate(args):
             self.values[k] = v & 0xFFFFFFFFFFFFFFFF
