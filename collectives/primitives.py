@@ -1,17 +1,7 @@
-"""The ring all-reduce written once, as NCCL-style primitives over the pure schedule.
+"""The ring all-reduce written once, as NCCL-style primitives over the pure schedule (NCCL's runRing).
 
-NCCL's runRing (src/device/all_reduce.h) walks one rank's part of the ring as 2N-1 primitives:
-
-    send                     step 0: my chunk goes to the right
-    recv_reduce_send   x N-2 reduce-scatter: add what came from the left, pass it on
-    recv_reduce_copy_send    the last addend: the chunk I own is final; keep it (copy) and pass it on
-    recv_copy_send     x N-2 all-gather: keep what came from the left, pass it on
-    recv                     the last chunk: keep it
-
-Primitive i receives what the left neighbour's primitive i-1 sent (schedule step i-1) and sends at
-schedule step i, so the chunk a primitive receives is the chunk it sends. Executors run this list:
-ring.py over a host transport (one sendrecv per neighbouring pair), gpu/device_ring.py on the GPU
-(one persistent kernel walking it as a table).
+send, recv_reduce_send x N-2, recv_reduce_copy_send, recv_copy_send x N-2, recv: primitive i receives what the
+left's primitive i-1 sent. ring.py runs the list over MPI, gpu/device_ring.py on the GPU (docs/device_ring.md).
 """
 from dataclasses import dataclass
 

@@ -1,14 +1,7 @@
-"""Raw-address memory access and cross-process flags for the persistent ring kernel, with simulator twins.
+"""Raw-address loads/stores and system-scope flags (inline PTX acquire/release, %globaltimer) for the ring kernel.
 
-- ``flag_load(base, i)``: ``ld.acquire.sys.global.u64`` of word i at ``base`` (a peer's counter in IPC memory).
-- ``flag_store(base, i, v)``: ``fence.acq_rel.sys`` then ``st.release.sys.global.u64``: publishes every write
-  this thread has observed (the block's, after a barrier) before the flag, to every process on the system.
-- ``global_ns()``: ``%globaltimer`` (ns, one clock for all contexts of a GPU), for bounded spins and traces.
-- ``pointer_access(dtype)``: ``(load(base, i), store(base, i, v))``, element i of a ``dtype`` array at an address;
-  ``quad_access(dtype)``: elements 4q..4q+3 in one vector access (the caller guarantees 16-byte alignment).
-
-The simulator has no addresses: ``register(array)`` maps an array's data address to the array, and the
-twins index it (Python's GIL makes every access sequentially consistent, stronger than acquire/release).
+The simulator has no addresses: ``register(array)`` maps an array's data address to it and the twins index it
+(the GIL makes every access sequentially consistent, stronger than acquire/release).
 """
 import time
 
@@ -18,6 +11,11 @@ from ringlab.kernels.device import SIMULATED, cuda, data_address
 
 __all__ = ["flag_load", "flag_store", "global_ns", "pointer_access", "quad_access", "register", "unregister"]
 
+# flag_load(base, i):     ld.acquire.sys.global.u64 of word i at base (a peer's counter in IPC memory)
+# flag_store(base, i, v): fence.acq_rel.sys; st.release.sys.global.u64: publishes every write this thread has
+#                         observed (its block's, after a barrier) before the flag, to every process
+# global_ns():            %globaltimer in ns, one clock for all contexts on a GPU (bounded spins, traces)
+# pointer_access(dtype) / quad_access(dtype): element i / elements 4q..4q+3 of a dtype array at an address
 _MEMORY = {}          # simulator only: data address -> the array living there
 
 

@@ -1,15 +1,7 @@
-"""The persistent ring kernel: one launch walks a rank's whole primitive program (primitives.py) on the GPU.
+"""The persistent ring kernel: one launch walks a rank's primitive program on the GPU (docs/device_ring.md).
 
-Pull form of NCCL's primitives: a rank's ``send`` publishes "chunk ready" on its own progress counter;
-``recv_*`` waits for the left neighbour's counter (acquire), reads the chunk from the left's buffer
-through CUDA IPC, reduces or copies it into the local output, and publishes (release). Block p of every
-rank owns part p of every chunk, with its own counter, so blocks never wait on each other; each
-primitive's chunk is cut into K slices, and the counter counts slices, so the right neighbour starts on
-slice k while this rank works on slice k+1. Counter value after primitive i, slice k: base + i*K + k + 1.
-
-Launch shape: grid (P, R), R ranks in the launch (1 per process under MPS; all N from one context);
-the simulator runs ranks as threads of one block (block (1, R)), where a rank is one thread.
-The codec (how a chunk travels) is a compile-time parameter; only IDENTITY exists (FP8: issue 17).
+Pull form: recv_* wait (acquire) on the left's counter, read its chunk over CUDA IPC, publish (release) on
+their own; block p owns part p of every chunk, counters count slices. The codec is a compile-time parameter.
 """
 from dataclasses import dataclass
 

@@ -1,15 +1,7 @@
 """Device-driven ring all-reduce: each call is ONE launch of the persistent ring kernel per rank.
 
-The kernel (kernels/ring_kernel.py) walks this rank's primitive program (primitives.py) on the GPU and
-synchronises with its neighbours through progress counters in CUDA-IPC memory. The host's share of a
-call: export two buffers (cached), swap their handles with the neighbours (one small MPI message each
-way), one launch on the caller's stream. No host wait: a stalled peer makes the kernel exit with a status
-that the next call (or ``synchronize``) raises as CollectiveTimeout naming the peer.
-
-Ranks sharing one GPU co-run their kernels only under MPS; without it the contexts time-slice and every
-flag hop costs milliseconds. ``mode="auto"`` probes co-residency once (a traced call: after the last rank
-started, the ring must finish within PROBE_LIMIT_NS) and otherwise hands the calls to the single-context
-SharedGpuRing, which drives every rank's steps from rank 0's context.
+Under MPS (or one rank per GPU) the per-rank kernels co-run; ``mode="auto"`` probes that once and otherwise
+hands calls to the single-context SharedGpuRing. Stream-ordered, graph-capturable (docs/device_ring.md).
 """
 import ctypes
 import os

@@ -1,9 +1,7 @@
 """CUDA-IPC plumbing a GPU executor is composed from: exported buffers, opened peer mappings, shared words.
 
-One ``PeerMemory`` per executor: ``export`` names a local buffer for peers (its allocation's IPC handle and
-the offset in it, cached per allocation), ``open`` maps a peer's handle (cached, bounded; pinned mappings are
-never evicted), ``shared_words`` allocates device words every rank can reach (progress counters), and
-``host_words`` mapped pinned words the host reads without a sync (kernel status, traces).
+``export`` (cached per allocation, checked by buffer id), ``open`` (bounded cache), ``shared_words`` (device
+counters every rank maps), ``host_words`` (mapped pinned words the host reads without a sync).
 """
 import ctypes
 from collections import OrderedDict
