@@ -12,7 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ringlab import faults
-from ringlab.arrays import as_array, is_device_array
+from ringlab.arrays import as_array, is_device_array, returns_input_type
 from ringlab.commstate import comm_state
 from ringlab.errors import CollectiveError, CollectiveTimeout, resolve_timeout
 from ringlab.ops import check_op_dtype, dtype_label
@@ -191,6 +191,7 @@ def _check_algo(algo, a, known=None, op="sum"):
         check(a.dtype, op)
 
 
+@returns_input_type   # torch in, torch out (arrays.py)
 def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """All-reduce ``x`` over ``comm`` (default COMM_WORLD) and return ``out``.
 
@@ -272,6 +273,7 @@ def _device_ring_transport(comm, transport, what):
     return name
 
 
+@returns_input_type   # torch in, torch out (arrays.py)
 def reduce_scatter(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """Reduce ``x`` (same size on every rank); return this rank's chunk of the result, flat:
     elements ``chunk_bounds(x.size, N)[rank]`` (sizes differ by at most one across ranks).
@@ -312,6 +314,7 @@ def reduce_scatter(x, out=None, op="sum", algo="ring", comm=None, timeout=None, 
         return res
 
 
+@returns_input_type   # torch in, torch out (arrays.py)
 def allgather(x, out=None, *, algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """Gather ``x`` (same shape on every rank) from all ranks: ``out[r]`` is rank r's ``x``.
 

@@ -23,7 +23,7 @@ from ringlab.kernels.codec import DeviceFp8Codec, codec_for
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 
 from ringlab.api import _transport, collective_call, prepare_out, register_allreduce
-from ringlab.arrays import as_array, is_device_array
+from ringlab.arrays import as_array, is_device_array, returns_input_type
 from ringlab.commstate import comm_state
 from ringlab.gpu.device import cuda_aware_mpi, select_transport
 from ringlab.ops import dtype_label
@@ -149,6 +149,7 @@ def fp8_transport(transport, a):
     return name
 
 
+@returns_input_type   # torch in, torch out (arrays.py)
 def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=None, *, fmt="e4m3", block=128,
                   validate=True, transport=None):
     """All-reduce ``x`` with FP8 (``fmt`` "e4m3" or "e5m2") payloads and one fp32 scale per ``block``.
