@@ -1,28 +1,27 @@
-"""All-reduce beyond the ring: recursive doubling, Rabenseifner, and the bidirectional ring.
+"""All-reduce beyond the ring: recursive doubling, Rabenseifner, and the bidirectional ring."""
+# Each is a host algorithm ``fn(flat_buffer, transport, op, cache)`` registered with
+# ``api.register_allreduce``, so ``allreduce(x, algo=name)`` and the benchmark variants work unchanged.
+#
+#     algorithm            steps (N = 2^k)     bytes sent per rank     good for
+#     ring                 2(N-1)              2(N-1)/N * S            large S (bandwidth-optimal)
+#     recursive_doubling   log2 N              log2 N * S              small S (latency-optimal)
+#     rabenseifner         2 log2 N            2(N-1)/N * S            both: halving RS + doubling AG
+#     ring_bidir           2(N-1)              (N-1)/N * S per link    two directions of full-duplex links
+#     direct               1                   (N-1) * S               tiny S (one round, all peers at once)
+#
+# N not a power of two: with p = 2^floor(log2 N) and rem = N - p, the first 2*rem ranks pair up
+# (even r -> r+1), each even rank folds its whole buffer into its odd partner and sits out; the p
+# remaining ranks run the power-of-two algorithm; the odd ranks then unfold the result back. That adds
+# 2 steps of S bytes (MPICH's fix-up).
+#
+# Bitwise identity across ranks. IEEE a+b equals b+a, but NaN payloads and the sign of a zero from
+# max/min can depend on operand order, and a non-canonical order changes the *tree* of additions
+# (different rounding). So every combination here is written as op(lower-rank data, higher-rank data):
+# in recursive doubling both partners then evaluate the same expression on the same bytes, and by
+# induction every rank ends with the same tree ((x0+x1)+(x2+x3))+... In Rabenseifner and the rings each
+# element is reduced by exactly one owner and then copied as bytes, so the copies agree trivially.
+# ``avg`` accumulates a sum and divides once (at the owner, or once per rank on identical bytes).
 
-Each is a host algorithm ``fn(flat_buffer, transport, op, cache)`` registered with
-``api.register_allreduce``, so ``allreduce(x, algo=name)`` and the benchmark variants work unchanged.
-
-    algorithm            steps (N = 2^k)     bytes sent per rank     good for
-    ring                 2(N-1)              2(N-1)/N * S            large S (bandwidth-optimal)
-    recursive_doubling   log2 N              log2 N * S              small S (latency-optimal)
-    rabenseifner         2 log2 N            2(N-1)/N * S            both: halving RS + doubling AG
-    ring_bidir           2(N-1)              (N-1)/N * S per link    two directions of full-duplex links
-    direct               1                   (N-1) * S               tiny S (one round, all peers at once)
-
-N not a power of two: with p = 2^floor(log2 N) and rem = N - p, the first 2*rem ranks pair up
-(even r -> r+1), each even rank folds its whole buffer into its odd partner and sits out; the p
-remaining ranks run the power-of-two algorithm; the odd ranks then unfold the result back. That adds
-2 steps of S bytes (MPICH's fix-up).
-
-Bitwise identity across ranks. IEEE a+b equals b+a, but NaN payloads and the sign of a zero from
-max/min can depend on operand order, and a non-canonical order changes the *tree* of additions
-(different rounding). So every combination here is written as op(lower-rank data, higher-rank data):
-in recursive doubling both partners then evaluate the same expression on the same bytes, and by
-induction every rank ends with the same tree ((x0+x1)+(x2+x3))+... In Rabenseifner and the rings each
-element is reduced by exactly one owner and then copied as bytes, so the copies agree trivially.
-``avg`` accumulates a sum and divides once (at the owner, or once per rank on identical bytes).
-"""
 import numpy as np
 from mpi4py import MPI
 

@@ -1,9 +1,8 @@
-"""Per-communicator state that lives exactly as long as the communicator (an MPI attribute).
+"""Per-communicator state that lives exactly as long as the communicator (an MPI attribute)."""
+# Caches keyed by ``comm.py2f()`` go stale when a communicator is freed and MPI hands the same
+# handle to a new one (bandwidth_vs_n's sub-communicators did exactly that); an attribute is
+# deleted by MPI with its communicator, and our delete callback closes what it held.
 
-Caches keyed by ``comm.py2f()`` go stale when a communicator is freed and MPI hands the same
-handle to a new one (bandwidth_vs_n's sub-communicators did exactly that); an attribute is
-deleted by MPI with its communicator, and our delete callback closes what it held.
-"""
 from mpi4py import MPI
 
 __all__ = ["comm_state"]

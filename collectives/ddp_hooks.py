@@ -1,22 +1,21 @@
-"""Ready-made DDP communication hooks: ``ddp_model.register_comm_hook(state, hook)``.
+"""Ready-made DDP communication hooks: ``ddp_model.register_comm_hook(state, hook)``."""
+#     from ringlab.ddp_hooks import RingHookState, ring_allreduce_hook
+#     ddp_model.register_comm_hook(RingHookState(algo="ring"), ring_allreduce_hook)
+#
+# Hooks are plain functions ``(state, bucket) -> torch.futures.Future`` (PyTorch's default_hooks.py
+# shape); compression keeps its memory in the state object (powerSGD_hook.py's shape). Every hook
+# averages: the bucket is divided by N, then summed across ranks on ringlab's progress thread, so
+# backward keeps running meanwhile; the future's value is the bucket buffer itself (reduced in place).
+#
+# - ``ring_allreduce_hook``: exact all-reduce with any registered ``algo`` (ring, auto, ...).
+# - ``fp8_allreduce_hook``: FP8 payloads with per-block scales (``allreduce_fp8``): ~3.9x fewer bytes.
+# - ``fp8_error_feedback_hook``: FP8 with error feedback: each rank keeps, per bucket, what its own
+#   compressed contribution lost (x - D(Q(x)), block by block as the collective quantizes it) and
+#   adds it to that bucket next step, so small gradients are delayed instead of flushed to zero.
+#
+# Ranks that disagree on a bucket's size or dtype get ringlab's InvalidCollectiveCall on every rank,
+# raised from the future (so from DDP's backward), not a hang. Importing this module imports torch.
 
-    from ringlab.ddp_hooks import RingHookState, ring_allreduce_hook
-    ddp_model.register_comm_hook(RingHookState(algo="ring"), ring_allreduce_hook)
-
-Hooks are plain functions ``(state, bucket) -> torch.futures.Future`` (PyTorch's default_hooks.py
-shape); compression keeps its memory in the state object (powerSGD_hook.py's shape). Every hook
-averages: the bucket is divided by N, then summed across ranks on ringlab's progress thread, so
-backward keeps running meanwhile; the future's value is the bucket buffer itself (reduced in place).
-
-- ``ring_allreduce_hook``: exact all-reduce with any registered ``algo`` (ring, auto, ...).
-- ``fp8_allreduce_hook``: FP8 payloads with per-block scales (``allreduce_fp8``): ~3.9x fewer bytes.
-- ``fp8_error_feedback_hook``: FP8 with error feedback: each rank keeps, per bucket, what its own
-  compressed contribution lost (x - D(Q(x)), block by block as the collective quantizes it) and
-  adds it to that bucket next step, so small gradients are delayed instead of flushed to zero.
-
-Ranks that disagree on a bucket's size or dtype get ringlab's InvalidCollectiveCall on every rank,
-raised from the future (so from DDP's backward), not a hang. Importing this module imports torch.
-"""
 from dataclasses import dataclass, field
 from typing import Any, Optional
 

@@ -1,26 +1,25 @@
-"""What happens when a rank fails mid-collective: the timeout policy, and test-only fault injection.
+"""What happens when a rank fails mid-collective: the timeout policy, and test-only fault injection."""
+# Timeout policy. When a bounded wait expires (``transport.wait_all``), ``handle_timeout(exc)`` runs
+# before the CollectiveTimeout is raised:
+#   * a handler installed with ``set_timeout_handler(fn)`` is called with the exception (it may log,
+#     abort, or return to let the exception propagate);
+#   * otherwise, with RINGLAB_ABORT_ON_TIMEOUT=1 (the default) the error is printed to stderr, the rank
+#     waits ABORT_GRACE_S so the other survivors can print theirs, and MPI_COMM_WORLD is aborted with
+#     exit code ABORT_EXIT_CODE (75). Aborting is the default because after a timeout the peers'
+#     messages are still in flight: reusing the communicator could match them to a later call.
+#   * with RINGLAB_ABORT_ON_TIMEOUT=0 the exception is simply raised to the caller.
+#
+# Fault injection (tests and experiments/fault_drill.py only). RINGLAB_FAULT, read at each ring call
+# (through settings.py):
+#     RINGLAB_FAULT="rank=2,step=3,action=kill"      keys: rank, step, action, phase, seconds, code
+#   * ``step``: fire at this rank's step-th ring step (0-based), counted over every ring step the
+#     process runs (an N-rank all-reduce has N-1 reduce-scatter steps, then N-1 all-gather steps);
+#     with ``phase=reduce-scatter`` or ``phase=all-gather`` only that phase's steps are counted.
+#   * ``action``: kill (SIGKILL itself), stall (sleep ``seconds``, default 3600, inside the
+#     collective), exit (os._exit(``code``, default 0) without finalizing MPI), raise (FaultInjected).
+# When RINGLAB_FAULT is unset the ring executor's per-call lookup returns None and each step pays
+# one ``is not None`` test.
 
-Timeout policy. When a bounded wait expires (``transport.wait_all``), ``handle_timeout(exc)`` runs
-before the CollectiveTimeout is raised:
-  * a handler installed with ``set_timeout_handler(fn)`` is called with the exception (it may log,
-    abort, or return to let the exception propagate);
-  * otherwise, with RINGLAB_ABORT_ON_TIMEOUT=1 (the default) the error is printed to stderr, the rank
-    waits ABORT_GRACE_S so the other survivors can print theirs, and MPI_COMM_WORLD is aborted with
-    exit code ABORT_EXIT_CODE (75). Aborting is the default because after a timeout the peers'
-    messages are still in flight: reusing the communicator could match them to a later call.
-  * with RINGLAB_ABORT_ON_TIMEOUT=0 the exception is simply raised to the caller.
-
-Fault injection (tests and experiments/fault_drill.py only). RINGLAB_FAULT, read at each ring call
-(through settings.py):
-    RINGLAB_FAULT="rank=2,step=3,action=kill"      keys: rank, step, action, phase, seconds, code
-  * ``step``: fire at this rank's step-th ring step (0-based), counted over every ring step the
-    process runs (an N-rank all-reduce has N-1 reduce-scatter steps, then N-1 all-gather steps);
-    with ``phase=reduce-scatter`` or ``phase=all-gather`` only that phase's steps are counted.
-  * ``action``: kill (SIGKILL itself), stall (sleep ``seconds``, default 3600, inside the
-    collective), exit (os._exit(``code``, default 0) without finalizing MPI), raise (FaultInjected).
-When RINGLAB_FAULT is unset the ring executor's per-call lookup returns None and each step pays
-one ``is not None`` test.
-"""
 import os
 import signal
 import sys

@@ -1,20 +1,19 @@
-"""Hierarchical all-reduce: intra-node reduce-scatter, inter-node all-reduce per shard, intra-node all-gather.
+"""Hierarchical all-reduce: intra-node reduce-scatter, inter-node all-reduce per shard, intra-node all-gather."""
+#     node 0: ranks 0 1 | node 1: ranks 2 3 | ...        (ranks_per_node L = 2, M nodes)
+#
+#     1. reduce-scatter inside each node (ring, L ranks): local rank i owns shard i of the node's sum
+#     2. all-reduce shard i across the M ranks with local rank i (one per node): the only traffic
+#        that crosses nodes, S/L bytes per rank instead of S
+#     3. all-gather inside each node: every rank ends with every shard
+#
+# Cost: 2(L-1) alpha_intra + 2(L-1)/L S/beta_intra + [inter algorithm on S/L bytes over M ranks].
+#
+# The node size comes from ``ranks_per_node`` (argument), else $RINGLAB_RANKS_PER_NODE, else MPI's
+# shared-memory split (the real node). Declaring it lets one machine pretend to be several nodes:
+# 8 ranks with L = 2 are 4 "nodes", with the inter-node leg on a real ``comm.Split`` communicator.
+# Nodes must all have L ranks (N divisible by L): shard i must line up across nodes, so an uneven
+# layout raises a clear error on every rank rather than reducing misaligned data.
 
-    node 0: ranks 0 1 | node 1: ranks 2 3 | ...        (ranks_per_node L = 2, M nodes)
-
-    1. reduce-scatter inside each node (ring, L ranks): local rank i owns shard i of the node's sum
-    2. all-reduce shard i across the M ranks with local rank i (one per node): the only traffic
-       that crosses nodes, S/L bytes per rank instead of S
-    3. all-gather inside each node: every rank ends with every shard
-
-Cost: 2(L-1) alpha_intra + 2(L-1)/L S/beta_intra + [inter algorithm on S/L bytes over M ranks].
-
-The node size comes from ``ranks_per_node`` (argument), else $RINGLAB_RANKS_PER_NODE, else MPI's
-shared-memory split (the real node). Declaring it lets one machine pretend to be several nodes:
-8 ranks with L = 2 are 4 "nodes", with the inter-node leg on a real ``comm.Split`` communicator.
-Nodes must all have L ranks (N divisible by L): shard i must line up across nodes, so an uneven
-layout raises a clear error on every rank rather than reducing misaligned data.
-"""
 import numpy as np
 from mpi4py import MPI
 

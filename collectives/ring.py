@@ -1,7 +1,7 @@
 """Ring reduce-scatter, ring all-gather, and ring all-reduce = reduce-scatter then all-gather.
 
 The executor walks the pure schedule in ``schedule.py`` over a transport that moves host bytes;
-the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (seed 004).
+the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (the ring derivation).
 
     reduce-scatter: at step s rank r sends chunk (r-s) to r+1, receives chunk (r-s-1) from r-1, adds
 

@@ -1,12 +1,11 @@
-"""Out-of-place ring reduce-scatter and all-reduce: the input is only read, never copied whole.
+"""Out-of-place ring reduce-scatter and all-reduce: the input is only read, never copied whole."""
+# The in-place ring (ring.py) reduces into the caller's buffer, so an out-of-place call used to copy the
+# whole input first. Here step 0 sends the rank's own chunk straight from the input, and each received
+# partial sum is reduced *in the receive buffer* (own chunk op received: the in-place ring's operand
+# order, so results are bitwise those of ring.py) and forwarded from there. reduce_scatter alternates
+# two chunk buffers (``out`` and one scratch): input + 2 chunks. All-reduce receives each chunk into its
+# own place in ``out`` and all-gathers there: input + output, no scratch at all.
 
-The in-place ring (ring.py) reduces into the caller's buffer, so an out-of-place call used to copy the
-whole input first. Here step 0 sends the rank's own chunk straight from the input, and each received
-partial sum is reduced *in the receive buffer* (own chunk op received: the in-place ring's operand
-order, so results are bitwise those of ring.py) and forwarded from there. reduce_scatter alternates
-two chunk buffers (``out`` and one scratch): input + 2 chunks. All-reduce receives each chunk into its
-own place in ``out`` and all-gathers there: input + output, no scratch at all.
-"""
 import numpy as np
 
 from ringlab import faults

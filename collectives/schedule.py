@@ -1,8 +1,7 @@
-"""Pure schedules: how a buffer is cut into chunks and which chunk moves where at each ring step.
+"""Pure schedules: how a buffer is cut into chunks and which chunk moves where at each ring step."""
+# No I/O lives here. The executors, the walkthrough and the tests all read these tables, so the
+# picture in the docs is the code that runs.
 
-No I/O lives here. The executors, the walkthrough and the tests all read these tables, so the
-picture in the docs is the code that runs.
-"""
 from dataclasses import dataclass
 
 __all__ = ["chunk_bounds", "RingStep", "ring_reduce_scatter_schedule", "ring_allgather_schedule",
@@ -46,7 +45,7 @@ class RingStep:
 def reduce_scatter_owner(rank, nranks, rotate=0):
     """Chunk that ``rank`` holds fully reduced after the ring reduce-scatter.
 
-    Convention (seed 004's): with ``rotate=0`` rank r owns chunk (r + 1) mod N. ``rotate`` relabels
+    Convention (the ring derivation's): with ``rotate=0`` rank r owns chunk (r + 1) mod N. ``rotate`` relabels
     chunks (schedule chunk c is data chunk (c + rotate) mod N); ``rotate=-1`` makes rank r own chunk r,
     which is what the ``reduce_scatter`` API returns.
     """

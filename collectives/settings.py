@@ -1,11 +1,10 @@
-"""Every ``RINGLAB_*`` environment setting, read here alone, lazily, and validated.
+"""Every ``RINGLAB_*`` environment setting, read here alone, lazily, and validated."""
+# ``get(name)`` parses the variable at each call (so tests and launchers may change it), and a bad
+# value raises ``SettingError`` naming the variable and what it accepts. ``check_environment()`` runs
+# before a collective's argument agreement: every set ``RINGLAB_*`` variable is parsed, so a typo fails
+# at the first call on every rank instead of when a timeout finally fires. The table is ``SETTINGS``
+# (docs/settings.md is generated from it by ``settings_table()``).
 
-``get(name)`` parses the variable at each call (so tests and launchers may change it), and a bad
-value raises ``SettingError`` naming the variable and what it accepts. ``check_environment()`` runs
-before a collective's argument agreement: every set ``RINGLAB_*`` variable is parsed, so a typo fails
-at the first call on every rank instead of when a timeout finally fires. The table is ``SETTINGS``
-(docs/settings.md is generated from it by ``settings_table()``).
-"""
 import math
 import os
 import warnings

@@ -1,15 +1,14 @@
-"""``torch.distributed`` backend "ringlab": ``init_process_group("ringlab")`` runs c10d's collectives on ringlab.
+"""``torch.distributed`` backend "ringlab": ``init_process_group("ringlab")`` runs c10d's collectives on ringlab."""
+#     import ringlab.torch_backend                       # registers the backend (imports torch)
+#     ringlab.torch_backend.init_process_group()         # world = MPI.COMM_WORLD, no TCP rendezvous
+#     dist.all_reduce(t)                                 # ringlab's ring (async, on its progress thread)
+#
+# A Python ``ProcessGroup`` subclass (the shape of torch's own multi_threaded_pg): all_reduce,
+# all_reduce_coalesced, reduce_scatter (list and ``_single``), all_gather (list and ``_single``) go
+# through ringlab's async API; broadcast and barrier (DDP's start-up needs them) go through MPI.
+# The group is MPI.COMM_WORLD: ranks come from MPI, the c10d store is not used; ``new_group``
+# sub-groups are refused (c10d's plain creator call names no global ranks to build them from).
 
-    import ringlab.torch_backend                       # registers the backend (imports torch)
-    ringlab.torch_backend.init_process_group()         # world = MPI.COMM_WORLD, no TCP rendezvous
-    dist.all_reduce(t)                                 # ringlab's ring (async, on its progress thread)
-
-A Python ``ProcessGroup`` subclass (the shape of torch's own multi_threaded_pg): all_reduce,
-all_reduce_coalesced, reduce_scatter (list and ``_single``), all_gather (list and ``_single``) go
-through ringlab's async API; broadcast and barrier (DDP's start-up needs them) go through MPI.
-The group is MPI.COMM_WORLD: ranks come from MPI, the c10d store is not used; ``new_group``
-sub-groups are refused (c10d's plain creator call names no global ranks to build them from).
-"""
 import socket
 
 import numpy as np

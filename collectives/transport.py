@@ -1,9 +1,8 @@
-"""MPI transport: moves bytes between ranks with mpi4py, on host (NumPy) buffers.
+"""MPI transport: moves bytes between ranks with mpi4py, on host (NumPy) buffers."""
+# Every wait is bounded: a peer that dies or stalls raises CollectiveTimeout naming it, instead of
+# hanging the job (by default the job is then aborted: see faults.py). Payloads travel as raw bytes,
+# so any dtype (bfloat16, fp8) crosses unchanged.
 
-Every wait is bounded: a peer that dies or stalls raises CollectiveTimeout naming it, instead of
-hanging the job (by default the job is then aborted: see faults.py). Payloads travel as raw bytes,
-so any dtype (bfloat16, fp8) crosses unchanged.
-"""
 import os
 import time
 

@@ -1,11 +1,10 @@
-"""Cross-rank agreement before a collective: one tiny, bounded Iallgather instead of a hang.
+"""Cross-rank agreement before a collective: one tiny, bounded Iallgather instead of a hang."""
+# Every rank contributes a fingerprint of its call (collective, count, dtype, op, algorithm,
+# in-place-ness, issuing thread) and whether its own argument checks failed: the same number of
+# integers for every collective, so even a call of a different collective pairs up cleanly. If any
+# rank failed or any field differs, every rank raises the same InvalidCollectiveCall. docs/failure.md
+# lists what this cannot catch. Switches: ``validate=False`` on a call, or RINGLAB_VALIDATE=0.
 
-Every rank contributes a fingerprint of its call (collective, count, dtype, op, algorithm,
-in-place-ness, issuing thread) and whether its own argument checks failed: the same number of
-integers for every collective, so even a call of a different collective pairs up cleanly. If any
-rank failed or any field differs, every rank raises the same InvalidCollectiveCall. docs/failure.md
-lists what this cannot catch. Switches: ``validate=False`` on a call, or RINGLAB_VALIDATE=0.
-"""
 import threading
 import zlib
 

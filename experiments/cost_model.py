@@ -86,7 +86,7 @@ def print_seed_table():
 
 
 def print_tp_vs_n(model, link):
-    """Seed 001 §4.2's table: one TP all-reduce vs N on the TP link."""
+    """the tensor-parallel notes §4.2's table: one TP all-reduce vs N on the TP link."""
     nbytes = tp_allreduce_bytes(model)
     print(f"\none TP all-reduce of {human(nbytes, 'B')} on {link.name}: 2(N-1)/N*S/beta + 2(N-1)*alpha")
     for n in (2, 4, 8, 16):

@@ -1,4 +1,4 @@
-"""Data-parallel inference (seed 002): rank 0 routes a skewed request stream to replicas on ranks 1..N-1.
+"""Data-parallel inference (the DP-inference notes): rank 0 routes a skewed request stream to replicas on ranks 1..N-1.
 
     mpirun -n 5 python experiments/dp_inference.py                        # 4 replicas, one 3x slower
     mpirun -n 5 python experiments/dp_inference.py --requests 600 --load 0.8 --json dpi.json

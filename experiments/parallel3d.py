@@ -4,7 +4,7 @@
     mpirun -n 8 python experiments/parallel3d.py --tp 4 --pp 2 --seq 16 --json p3d.json
 
 Each pattern is checked against a single-rank NumPy reference (the same maths on full weights), and the
-bytes its collectives moved (counted at the transport) are compared with seed 001's formulas:
+bytes its collectives moved (counted at the transport) are compared with the tensor-parallel notes' formulas:
 B*S*H*dtype per TP all-reduce, of which a ring sends 2(N-1)/N per rank.
 """
 import argparse
@@ -55,7 +55,7 @@ def main(argv=None):
     table = p3d.format_group_table(comm, g)
     say(f"== groups (Comm.Split by the seed's rank mapping) ==\n{table}")
     B, S, H = a.batch, a.seq, a.hidden
-    payload = B * S * H * dt.itemsize          # one TP all-reduce, seed 001: B x S x H x dtype bytes
+    payload = B * S * H * dt.itemsize          # one TP all-reduce, the tensor-parallel notes: B x S x H x dtype bytes
     results = []
 
     def record(name, err, measured, formula, note=""):

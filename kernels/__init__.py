@@ -1,11 +1,10 @@
-"""ringlab kernels: reduce and FP8 (de)quantize, as NumPy references and numba-CUDA kernels.
+"""ringlab kernels: reduce and FP8 (de)quantize, as NumPy references and numba-CUDA kernels."""
+# ``import ringlab.kernels`` never needs CUDA or numba: the NumPy references (``kernels.reference``) and the
+# FP8 formats load eagerly, the numba-CUDA modules (``kernels.reduce``, ``kernels.fp8``) only when first
+# used, so a CPU machine without a GPU imports this package fine. numba-cuda 0.30.x registers
+# ``np.row_stack``, which NumPy 2.5 removed; ``patch_numpy_for_numba`` restores it as ``np.vstack``
+# (its documented equivalent) before numba is imported.
 
-``import ringlab.kernels`` never needs CUDA or numba: the NumPy references (``kernels.reference``) and the
-FP8 formats load eagerly, the numba-CUDA modules (``kernels.reduce``, ``kernels.fp8``) only when first
-used, so a CPU machine without a GPU imports this package fine. numba-cuda 0.30.x registers
-``np.row_stack``, which NumPy 2.5 removed; ``patch_numpy_for_numba`` restores it as ``np.vstack``
-(its documented equivalent) before numba is imported.
-"""
 import importlib
 import os
 

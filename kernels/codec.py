@@ -1,11 +1,10 @@
-"""FP8 chunk codecs: how one chunk becomes a wire message and back, on the host or on the GPU.
+"""FP8 chunk codecs: how one chunk becomes a wire message and back, on the host or on the GPU."""
+# A chunk of ``count`` elements travels as one message: ``count`` FP8 codes, padding to 4 bytes,
+# then ``ceil(count / block)`` fp32 scales (``fp8_message_nbytes``). The collectives in
+# collectives/fp8.py walk their schedule and call only these methods, so the same executor runs on
+# NumPy (``HostFp8Codec``: ml_dtypes references) and on CuPy buffers (``DeviceFp8Codec``: the numba
+# kernels, messages staged through pinned host memory because the MPI need not be CUDA-aware).
 
-A chunk of ``count`` elements travels as one message: ``count`` FP8 codes, padding to 4 bytes,
-then ``ceil(count / block)`` fp32 scales (``fp8_message_nbytes``). The collectives in
-collectives/fp8.py walk their schedule and call only these methods, so the same executor runs on
-NumPy (``HostFp8Codec``: ml_dtypes references) and on CuPy buffers (``DeviceFp8Codec``: the numba
-kernels, messages staged through pinned host memory because the MPI need not be CUDA-aware).
-"""
 import numpy as np
 
 from ringlab.kernels.formats import check_block, fp8_format

@@ -1,10 +1,8 @@
-"""Vectorised CUDA reduce kernel for the IPC rings: out = a (op) b with 16-byte loads and stores.
+"""Vectorised CUDA reduce kernel for the IPC rings: out = a (op) b with 16-byte loads and stores."""
+# CuPy's ElementwiseKernel moves one element per thread per iteration; packing 16 bytes per access
+# reaches the device-copy rate (docs/gpu_datapath.md, experiments/ipc_microbench.py). Pointers must share 16-byte alignment; otherwise callers fall back
+# to the elementwise kernel.
 
-CuPy's ElementwiseKernel moves one element per thread per iteration (~2.1 TB/s on 32 MB chunks of
-an H100); packing 16 bytes per access reaches the copy rate (~2.3-2.7 TB/s, see
-experiments/ipc_microbench.py). Pointers must share 16-byte alignment; otherwise callers fall back
-to the elementwise kernel.
-"""
 import numpy as np
 
 from ringlab.kernels.optable import AVG_LAST_CODE, DEVICE_DTYPES, OP_TABLE

@@ -1,10 +1,9 @@
-"""numba-CUDA plumbing shared by the kernels: the import, bit casts, launch sizes, array adapters.
+"""numba-CUDA plumbing shared by the kernels: the import, bit casts, launch sizes, array adapters."""
+# numba has no scalar bit cast, so fp32 <-> int32 goes through libdevice (``__nv_float_as_int``)
+# on the GPU and through NumPy views in the CUDA simulator, where libdevice is only stubs.
+# ``fmul_rn`` is a multiply the compiler may not fuse into an FMA: NVVM contracts mul+add by default,
+# and a fused ``local + decoded * scale`` would round once instead of twice and stop matching NumPy.
 
-numba has no scalar bit cast, so fp32 <-> int32 goes through libdevice (``__nv_float_as_int``)
-on the GPU and through NumPy views in the CUDA simulator, where libdevice is only stubs.
-``fmul_rn`` is a multiply the compiler may not fuse into an FMA: NVVM contracts mul+add by default,
-and a fused ``local + decoded * scale`` would round once instead of twice and stop matching NumPy.
-"""
 import ctypes
 import os
 import threading
@@ -164,8 +163,8 @@ class _LeanLauncher:
     """Kernel parameters packed straight from CuPy arrays, the launch made as numba makes it.
 
     numba turns every array argument into a numba device array (from its ``__cuda_array_interface__``)
-    just to read its size, item size and pointer: most of the ~0.15 ms of host time a launch of the FP8
-    kernels costs, paid once per ring step. A 1-D C-contiguous array is 7 kernel parameters (meminfo,
+    just to read its size, item size and pointer: most of the host time a launch of the FP8 kernels
+    costs (docs/fp8.md), paid once per ring step. A 1-D C-contiguous array is 7 kernel parameters (meminfo,
     parent, size, itemsize, data, shape, stride); ``checked`` builds them once both ways and keeps this
     path only if they agree with numba's own ``_prepare_args``.
     """

@@ -1,10 +1,9 @@
-"""FP8 formats (OCP E4M3fn and E5M2): the constants every quantizer and kernel reads.
+"""FP8 formats (OCP E4M3fn and E5M2): the constants every quantizer and kernel reads."""
+# E4M3fn: 4 exponent bits (bias 7), 3 mantissa bits, max 448, no infinity, NaN = 0x7f / 0xff.
+# E5M2:   5 exponent bits (bias 15), 2 mantissa bits, max 57344, +-inf = 0x7c / 0xfc, NaN = 0x7e / 0xfe
+#         (any exponent-31 code with a non-zero mantissa decodes to NaN).
+# The quantizers write only the unsigned NaN code (0x7f / 0x7e); all NaN codes decode to NaN.
 
-E4M3fn: 4 exponent bits (bias 7), 3 mantissa bits, max 448, no infinity, NaN = 0x7f / 0xff.
-E5M2:   5 exponent bits (bias 15), 2 mantissa bits, max 57344, +-inf = 0x7c / 0xfc, NaN = 0x7e / 0xfe
-        (any exponent-31 code with a non-zero mantissa decodes to NaN).
-The quantizers write only the unsigned NaN code (0x7f / 0x7e); all NaN codes decode to NaN.
-"""
 from dataclasses import dataclass
 
 import numpy as np

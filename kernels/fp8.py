@@ -1,31 +1,30 @@
-"""numba-CUDA FP8 kernels: block-scaled quantize, dequantize, and the fused compressed-hop kernels.
+"""numba-CUDA FP8 kernels: block-scaled quantize, dequantize, and the fused compressed-hop kernels."""
+# Same policy and bit-for-bit the same results as kernels/reference.py (see its docstring).
+#
+# Memory-bound design (no shared memory, no __syncthreads on the GPU): the budget at HBM speed is a few
+# dozen instructions per element, so the kernels spend it on the data, not on indexing:
+#
+# - a lane moves a *quad* of four consecutive elements per step (``fp8_access``: one 16-byte fp32
+#   vector load, one 4-byte store of four codes); a warp owns a tile of ``32 * steps`` quads starting on
+#   an FP8-block boundary, so every FP8 block lies inside one warp: block 32/64 = 8/16 lanes of a step,
+#   128 = one whole step, 256 = two steps;
+# - block amax: ``max.f32`` over the quad's |values| (it skips NaN by itself), the max over the block's
+#   steps, then xor shuffles over the block's lanes; inf is left out of amax by a second pass that runs
+#   only when a warp vote finds one. Every lane of the block then has amax, computes scale and
+#   inv = 1/scale once per block, and encodes its quad as RNE(clamp(x * inv)): on sm_89+ by the GPU's
+#   conversion instruction (``cvt.rn.satfinite.e4m3x2.f32``, two values per instruction; NaN/inf patched
+#   to the policy's codes in a branch taken only when the quad holds one), elsewhere and in the simulator
+#   by fp32 arithmetic plus a few integer ops (``fp8_bits.make_fp8_value_codec``);
+# - a grid-stride loop over tiles, ``blocks_per_sm`` CUDA blocks per SM (TUNING), all of a tile's loads
+#   issued before its first store so several are in flight per lane; a tile wholly inside the array
+#   takes the unchecked path (a warp-uniform flag), only the last partial tile checks bounds.
+#
+# ``dequant_add_requant`` is one compressed reduce-scatter hop: it reads the peer's codes and scales
+# and the local partial sum once, and writes the new codes and scales once (plus, at the last hop,
+# the owner's dequantized result); the IPC ring (collectives/gpu/fp8_ipc.py) points it at peer memory directly.
+# Multiplies whose result is added (decode * scale in the hop) use ``fmul_rn``: NVVM would otherwise
+# fuse them into an FMA (one rounding instead of NumPy's two).
 
-Same policy and bit-for-bit the same results as kernels/reference.py (see its docstring).
-
-Memory-bound design (no shared memory, no __syncthreads on the GPU): the budget at HBM speed is a few
-dozen instructions per element, so the kernels spend it on the data, not on indexing:
-
-- a lane moves a *quad* of four consecutive elements per step (``fp8_access``: one 16-byte fp32
-  vector load, one 4-byte store of four codes); a warp owns a tile of ``32 * steps`` quads starting on
-  an FP8-block boundary, so every FP8 block lies inside one warp: block 32/64 = 8/16 lanes of a step,
-  128 = one whole step, 256 = two steps;
-- block amax: ``max.f32`` over the quad's |values| (it skips NaN by itself), the max over the block's
-  steps, then xor shuffles over the block's lanes; inf is left out of amax by a second pass that runs
-  only when a warp vote finds one. Every lane of the block then has amax, computes scale and
-  inv = 1/scale once per block, and encodes its quad as RNE(clamp(x * inv)): on sm_89+ by the GPU's
-  conversion instruction (``cvt.rn.satfinite.e4m3x2.f32``, two values per instruction; NaN/inf patched
-  to the policy's codes in a branch taken only when the quad holds one), elsewhere and in the simulator
-  by fp32 arithmetic plus a few integer ops (``fp8_bits.make_fp8_value_codec``);
-- a grid-stride loop over tiles, ``blocks_per_sm`` CUDA blocks per SM (TUNING), all of a tile's loads
-  issued before its first store so several are in flight per lane; a tile wholly inside the array
-  takes the unchecked path (a warp-uniform flag), only the last partial tile checks bounds.
-
-``dequant_add_requant`` is one compressed reduce-scatter hop: it reads the peer's codes and scales
-and the local partial sum once, and writes the new codes and scales once (plus, at the last hop,
-the owner's dequantized result); the IPC ring (collectives/gpu/fp8_ipc.py) points it at peer memory directly.
-Multiplies whose result is added (decode * scale in the hop) use ``fmul_rn``: NVVM would otherwise
-fuse them into an FMA (one rounding instead of NumPy's two).
-"""
 import numpy as np
 from numba import float32
 

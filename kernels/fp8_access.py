@@ -1,12 +1,11 @@
-"""Quad accessors for the FP8 kernels: every lane moves four consecutive elements per step.
+"""Quad accessors for the FP8 kernels: every lane moves four consecutive elements per step."""
+# Quad q holds elements 4q..4q+3. Values come back as fp32 whatever the array holds (fp32, fp16, or
+# bf16 as uint16 bits); FP8 codes come back as one int64 word, element 4q in the low byte.
+# ``vector=True``: one aligned vector access per quad (16 bytes of fp32, 8 of fp16/bf16, 4 of codes),
+# for arrays whose address is a multiple of the quad (``intrinsics.aligned4``); else four scalar
+# accesses (a chunk at an odd offset inside a user array). The ``*_tail`` forms take ``n`` and touch
+# only elements below it (reading 0 beyond): they serve the one partial tile at the end of an array.
 
-Quad q holds elements 4q..4q+3. Values come back as fp32 whatever the array holds (fp32, fp16, or
-bf16 as uint16 bits); FP8 codes come back as one int64 word, element 4q in the low byte.
-``vector=True``: one aligned vector access per quad (16 bytes of fp32, 8 of fp16/bf16, 4 of codes),
-for arrays whose address is a multiple of the quad (``intrinsics.aligned4``); else four scalar
-accesses (a chunk at an odd offset inside a user array). The ``*_tail`` forms take ``n`` and touch
-only elements below it (reading 0 beyond): they serve the one partial tile at the end of an array.
-"""
 import numpy as np
 
 from ringlab.kernels.device import bits_f32, device_fn

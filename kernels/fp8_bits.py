@@ -1,9 +1,8 @@
-"""Scalar FP8 <-> fp32 conversions (fp32 arithmetic + bit tricks) and fp32 -> bf16 rounding, for device code.
+"""Scalar FP8 <-> fp32 conversions (fp32 arithmetic + bit tricks) and fp32 -> bf16 rounding, for device code."""
+# Written once as Python closures over a format's constants: the CUDA kernels compile them as
+# device functions, the simulator runs them as Python, and tests run them on CPU against ml_dtypes
+# over every interesting fp32 pattern. Integers here are fp32 bit patterns as non-negative ints.
 
-Written once as Python closures over a format's constants: the CUDA kernels compile them as
-device functions, the simulator runs them as Python, and tests run them on CPU against ml_dtypes
-over every interesting fp32 pattern. Integers here are fp32 bit patterns as non-negative ints.
-"""
 import numpy as np
 
 from ringlab.kernels.formats import fp8_format

@@ -1,23 +1,22 @@
-"""Instructions numba does not expose, as numba intrinsics, each with a plain-Python twin for the simulator.
+"""Instructions numba does not expose, as numba intrinsics, each with a plain-Python twin for the simulator."""
+# - ``load4(a, q)`` / ``store4(a, q, v0, v1, v2, v3)``: elements 4q..4q+3 of a 1-D array in ONE vector
+#   access (16 bytes for fp32, 8 for 16-bit types): numba's own indexing does one scalar access per
+#   element plus a negative-index fix-up, which costs the FP8 kernels more instructions than their
+#   arithmetic. The caller guarantees the alignment (``aligned4``) and the bounds.
+# - ``load_u8x4(a, q)`` / ``store_u8x4(a, q, word)``: four FP8 codes as one little-endian uint32.
+# - ``fp8x4_encoder(fmt)``: four finite fp32 values -> four FP8 codes (uint32) by the GPU's conversion
+#   instruction (``cvt.rn.satfinite.e4m3x2.f32``, sm_89+): RNE, finite overflow saturates to +-fmax.
+# - ``fp8x4_decoder(fmt)``: four codes -> four exact fp32 values (FP8 -> f16x2 -> f32, both exact).
+# - ``bf16_rounder()``: fp32 -> bfloat16 bits, round to nearest even, by ``cvt.rn.bf16.f32`` (sm_80+);
+#   NaN keeps its sign and becomes quiet (ml_dtypes' bits, not the instruction's canonical NaN).
+# - ``fmax_nan_ignoring(a, b)``: ``max.f32``, which returns the other operand when one is NaN.
+# - ``shfl_xor_fmax(v, offset)``: that max of ``v`` and lane ``lane ^ offset``'s ``v`` (a warp shuffle).
+# - ``any_lane(p)``: a warp vote.
+#
+# The simulator has no warp shuffle or vote: it exchanges through shared memory and votes over the CUDA
+# block (a superset of the warp), so every thread of a block must call these equally often: the FP8
+# kernels' loops are block-uniform for this reason.
 
-- ``load4(a, q)`` / ``store4(a, q, v0, v1, v2, v3)``: elements 4q..4q+3 of a 1-D array in ONE vector
-  access (16 bytes for fp32, 8 for 16-bit types): numba's own indexing does one scalar access per
-  element plus a negative-index fix-up, which costs the FP8 kernels more instructions than their
-  arithmetic. The caller guarantees the alignment (``aligned4``) and the bounds.
-- ``load_u8x4(a, q)`` / ``store_u8x4(a, q, word)``: four FP8 codes as one little-endian uint32.
-- ``fp8x4_encoder(fmt)``: four finite fp32 values -> four FP8 codes (uint32) by the GPU's conversion
-  instruction (``cvt.rn.satfinite.e4m3x2.f32``, sm_89+): RNE, finite overflow saturates to +-fmax.
-- ``fp8x4_decoder(fmt)``: four codes -> four exact fp32 values (FP8 -> f16x2 -> f32, both exact).
-- ``bf16_rounder()``: fp32 -> bfloat16 bits, round to nearest even, by ``cvt.rn.bf16.f32`` (sm_80+);
-  NaN keeps its sign and becomes quiet (ml_dtypes' bits, not the instruction's canonical NaN).
-- ``fmax_nan_ignoring(a, b)``: ``max.f32``, which returns the other operand when one is NaN.
-- ``shfl_xor_fmax(v, offset)``: that max of ``v`` and lane ``lane ^ offset``'s ``v`` (a warp shuffle).
-- ``any_lane(p)``: a warp vote.
-
-The simulator has no warp shuffle or vote: it exchanges through shared memory and votes over the CUDA
-block (a superset of the warp), so every thread of a block must call these equally often: the FP8
-kernels' loops are block-uniform for this reason.
-"""
 import numpy as np
 
 from ringlab.kernels.device import SIMULATED, cuda, data_address, device_fn, f32_bits

@@ -1,9 +1,8 @@
-"""The one op/dtype table: every reduction ringlab offers, how each kernel family spells it, which dtypes it takes.
+"""The one op/dtype table: every reduction ringlab offers, how each kernel family spells it, which dtypes it takes."""
+# Every reducer reads this table: the host ring (NumPy ufuncs), the CUDA C IPC kernels (op codes, CuPy
+# expressions), the numba kernels, the device ring and the NCCL baseline. ``avg`` reduces as a sum and
+# divides once at the chunk's owner; max/min propagate NaN as ``numpy.maximum``/``minimum`` do.
 
-Every reducer reads this table: the host ring (NumPy ufuncs), the CUDA C IPC kernels (op codes, CuPy
-expressions), the numba kernels, the device ring and the NCCL baseline. ``avg`` reduces as a sum and
-divides once at the chunk's owner; max/min propagate NaN as ``numpy.maximum``/``minimum`` do.
-"""
 from dataclasses import dataclass
 
 __all__ = ["Op", "OPS", "OP_TABLE", "combine_of", "HOST_DTYPES", "DEVICE_DTYPES", "FLOAT_DTYPES", "INT_DTYPES"]

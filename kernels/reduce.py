@@ -1,12 +1,11 @@
-"""Elementwise reduce kernels, dst = a (op) b, for sum/prod/max/min in fp32, fp16, bf16, fp64, int32, int64.
+"""Elementwise reduce kernels, dst = a (op) b, for sum/prod/max/min in fp32, fp16, bf16, fp64, int32, int64."""
+# Grid-stride loops over quads (four consecutive elements), ``ITEMS`` quads per thread per round, all
+# loads of a round issued before its first store; aligned buffers move a quad in one vector access
+# (``intrinsics.load4``: 16 bytes of fp32), others element by element; the last n % 4 elements go one
+# per thread. bfloat16 has no numba type: its uint16 bit patterns are widened to fp32 (bits << 16),
+# combined in fp32 and rounded back to nearest even, which is correctly rounded for +, * (24 >= 2*8 + 2
+# bits) and matches ml_dtypes. max/min propagate NaN like NumPy's maximum/minimum. Integers wrap like NumPy.
 
-Grid-stride loops over quads (four consecutive elements), ``ITEMS`` quads per thread per round, all
-loads of a round issued before its first store; aligned buffers move a quad in one vector access
-(``intrinsics.load4``: 16 bytes of fp32), others element by element; the last n % 4 elements go one
-per thread. bfloat16 has no numba type: its uint16 bit patterns are widened to fp32 (bits << 16),
-combined in fp32 and rounded back to nearest even, which is correctly rounded for +, * (24 >= 2*8 + 2
-bits) and matches ml_dtypes. max/min propagate NaN like NumPy's maximum/minimum. Integers wrap like NumPy.
-"""
 import numpy as np
 
 from ringlab.kernels.device import ITEMS, TPB, bits_f32, cuda, device_fn, kernel_view, launch, launch_blocks

@@ -1,20 +1,19 @@
-"""NumPy references: elementwise reduce and block-scaled FP8 quantize / dequantize (ml_dtypes casts).
+"""NumPy references: elementwise reduce and block-scaled FP8 quantize / dequantize (ml_dtypes casts)."""
+# These are the CPU path of the FP8 collectives and the oracle the numba-CUDA kernels are tested
+# against, bit for bit. The policy they implement (docs/fp8.md):
+#
+# - scale = fp32(amax * fp32(1 / fmax)), one per block of ``block`` elements, amax over the block's
+#   finite values. A block whose scale is below 2**-126 (all zeros, or amax < fmax * 2**-126, about
+#   5e-36 for E4M3) gets scale 1.0: its finite values then encode as +-0, and 1 / scale is finite.
+# - finite values: code = RNE(clamp(x * inv, -fmax, fmax)) with inv = fp32(1 / scale) computed once per
+#   block (a multiply per element, not a division: what GPUs do fast), so overflow saturates at +-fmax.
+# - every NaN encodes as the format's one NaN code, 0x7f (E4M3fn) / 0x7e (E5M2), without a sign:
+#   IEEE 754 leaves the sign of an arithmetic NaN unspecified, x86 propagates an operand's sign while
+#   NVIDIA GPUs return the canonical NaN, so a signed NaN code would make the fused hop differ between
+#   NumPy and the GPU. +-inf stays +-inf in E5M2 and becomes that NaN code in E4M3fn (no infinity).
+#   Non-finite values are left out of amax, so one inf does not flush its block to zero.
+# - dequantize: decoded * scale in fp32 (one rounding), then cast to the output dtype (RNE).
 
-These are the CPU path of the FP8 collectives and the oracle the numba-CUDA kernels are tested
-against, bit for bit. The policy they implement (docs/fp8.md):
-
-- scale = fp32(amax * fp32(1 / fmax)), one per block of ``block`` elements, amax over the block's
-  finite values. A block whose scale is below 2**-126 (all zeros, or amax < fmax * 2**-126, about
-  5e-36 for E4M3) gets scale 1.0: its finite values then encode as +-0, and 1 / scale is finite.
-- finite values: code = RNE(clamp(x * inv, -fmax, fmax)) with inv = fp32(1 / scale) computed once per
-  block (a multiply per element, not a division: what GPUs do fast), so overflow saturates at +-fmax.
-- every NaN encodes as the format's one NaN code, 0x7f (E4M3fn) / 0x7e (E5M2), without a sign:
-  IEEE 754 leaves the sign of an arithmetic NaN unspecified, x86 propagates an operand's sign while
-  NVIDIA GPUs return the canonical NaN, so a signed NaN code would make the fused hop differ between
-  NumPy and the GPU. +-inf stays +-inf in E5M2 and becomes that NaN code in E4M3fn (no infinity).
-  Non-finite values are left out of amax, so one inf does not flush its block to zero.
-- dequantize: decoded * scale in fp32 (one rounding), then cast to the output dtype (RNE).
-"""
 import numpy as np
 
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format

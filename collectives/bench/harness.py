@@ -1,10 +1,9 @@
-"""One timing and verification harness for every experiment (the nccl-tests recipe).
+"""One timing and verification harness for every experiment (the nccl-tests recipe)."""
+# For each size and variant: prepare buffers, run once and count wrong elements against an
+# independent float64 reference (#wrong), warm up, time ``iters`` barrier-aligned iterations
+# (device events on GPU), keep the slowest rank per iteration, report the median with
+# algbw = S/t and busbw = algbw * factor(N), plus the ratio to a baseline variant.
 
-For each size and variant: prepare buffers, run once and count wrong elements against an
-independent float64 reference (#wrong), warm up, time ``iters`` barrier-aligned iterations
-(device events on GPU), keep the slowest rank per iteration, report the median with
-algbw = S/t and busbw = algbw * factor(N), plus the ratio to a baseline variant.
-"""
 import argparse
 import json
 import math

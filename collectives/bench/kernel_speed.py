@@ -1,9 +1,8 @@
 """GPU kernel speed cases for collectives/bench/harness.py: each kernel's GB/s (bytes read + written) beside a
-device copy, and torch's FP8 casts as peers. Needs CuPy and a GPU; torch is optional.
+device copy, and torch's FP8 casts as peers. Needs CuPy and a GPU; torch is optional."""
+# Every case is checked before it is timed: #wrong counts elements that differ from the NumPy
+# reference (bit for bit for our kernels; against ml_dtypes' cast for torch's, which does not saturate).
 
-Every case is checked before it is timed: #wrong counts elements that differ from the NumPy
-reference (bit for bit for our kernels; against ml_dtypes' cast for torch's, which does not saturate).
-"""
 import functools
 from dataclasses import replace
 

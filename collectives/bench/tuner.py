@@ -1,23 +1,22 @@
-"""``algo="auto"``: pick the all-reduce algorithm per (size, N) from alpha-beta models fitted to this machine.
+"""``algo="auto"``: pick the all-reduce algorithm per (size, N) from alpha-beta models fitted to this machine."""
+# Like NCCL's tuner, each algorithm has a cost model T(S, N) = a(N) alpha + b(N) S / beta whose
+# coefficients come from its schedule, and alpha, beta are fitted per algorithm from a sweep:
+#
+#     ring                 a = 2(N-1)                       b = 2(N-1)/N
+#     ring_bidir           a = 2(N-1)                       b = (N-1)/N  (each direction carries S/2)
+#     recursive_doubling   a = log2 p + 2f                  b = log2 p + 2f
+#     rabenseifner         a = 2 log2 p + 2f                b = 2(p-1)/p + 2f
+#     direct               a = 1                            b = N-1      (all-to-all in one round)
+#
+# (p = largest power of two <= N; f = 1 when N is not a power of two: the fold and unfold steps move S.)
+#
+#     mpirun -n 8 python -m ringlab.bench.tuner          # measure, fit, write the tuning file
+#     python -m ringlab.bench.tuner --nranks 8           # the same, launching mpirun itself
+#
+# The file is $RINGLAB_TUNING or ~/.cache/ringlab/tuning.json; fits are kept per N. Without it auto
+# uses built-in defaults and warns once. Every rank decides from (S, N, table) with the table broadcast
+# from rank 0 once per communicator, so all ranks pick the same algorithm.
 
-Like NCCL's tuner, each algorithm has a cost model T(S, N) = a(N) alpha + b(N) S / beta whose
-coefficients come from its schedule, and alpha, beta are fitted per algorithm from a sweep:
-
-    ring                 a = 2(N-1)                       b = 2(N-1)/N
-    ring_bidir           a = 2(N-1)                       b = (N-1)/N  (each direction carries S/2)
-    recursive_doubling   a = log2 p + 2f                  b = log2 p + 2f
-    rabenseifner         a = 2 log2 p + 2f                b = 2(p-1)/p + 2f
-    direct               a = 1                            b = N-1      (all-to-all in one round)
-
-(p = largest power of two <= N; f = 1 when N is not a power of two: the fold and unfold steps move S.)
-
-    mpirun -n 8 python -m ringlab.bench.tuner          # measure, fit, write the tuning file
-    python -m ringlab.bench.tuner --nranks 8           # the same, launching mpirun itself
-
-The file is $RINGLAB_TUNING or ~/.cache/ringlab/tuning.json; fits are kept per N. Without it auto
-uses built-in defaults and warns once. Every rank decides from (S, N, table) with the table broadcast
-from rank 0 once per communicator, so all ranks pick the same algorithm.
-"""
 import argparse
 import json
 import math

@@ -1,8 +1,7 @@
-"""Benchmark variants shared by the experiments: ringlab's algorithms and the baselines.
+"""Benchmark variants shared by the experiments: ringlab's algorithms and the baselines."""
+# Each returns a ``bench.Variant``; buffers live on the GPU (CuPy) when ``device`` is True, else
+# on the host (NumPy). Inputs come from ``bench.pattern`` so the check is exact and independent.
 
-Each returns a ``bench.Variant``; buffers live on the GPU (CuPy) when ``device`` is True, else
-on the host (NumPy). Inputs come from ``bench.pattern`` so the check is exact and independent.
-"""
 import numpy as np
 from mpi4py import MPI
 

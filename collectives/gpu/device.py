@@ -1,11 +1,10 @@
-"""Which transport moves device (CuPy) buffers: IPC, CUDA-aware MPI, or host staging.
+"""Which transport moves device (CuPy) buffers: IPC, CUDA-aware MPI, or host staging."""
+# IPC when every rank has a GPU on one node (``ipc-shared`` when they all share one GPU, whose
+# processes would otherwise time-slice at every ring step); CUDA-aware MPI when the library says so and a guarded
+# probe (in a child process, since a non-CUDA-aware MPI segfaults on device pointers) agrees;
+# otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, ipc,
+# ipc-host, ipc-shared, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
 
-IPC when every rank has a GPU on one node (``ipc-shared`` when they all share one GPU, whose
-processes would otherwise time-slice at every ring step); CUDA-aware MPI when the library says so and a guarded
-probe (in a child process, since a non-CUDA-aware MPI segfaults on device pointers) agrees;
-otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, ipc,
-ipc-host, ipc-shared, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
-"""
 import subprocess
 import sys
 

@@ -1,24 +1,23 @@
-"""FP8 ring all-reduce over CUDA IPC: every rank pulls its left neighbour's FP8 message from device memory.
+"""FP8 ring all-reduce over CUDA IPC: every rank pulls its left neighbour's FP8 message from device memory."""
+# The ring and the arithmetic are collectives/fp8.py's (same hops, same bytes, bitwise the same result);
+# only the wire changes. Each rank keeps 2N-1 message slots in one device buffer that its right
+# neighbour has mapped; message j goes to slot j, so no slot is written twice in a call:
+#
+#       rank r-1                                 rank r
+#     slot j-1: [codes | pad | scales]  ---->  step j reads it in place (peer memory),
+#                                              writes its own slot j, bumps its counter to j+1
+#
+#     j = 0         Q(x[c])                         the first chunk r sends (reduce-scatter step 0)
+#     j = 1..N-1    hop: Q(x[c] + D(left's j-1))    one fused kernel (dequantize, add, requantize);
+#                                                   j = N-1 is r's own chunk: also out[c] = D(Q(sum))
+#     j = N..2N-2   copy of left's j-1              all-gather: forwarded unchanged, out[c] = D(message)
+#
+# Ordering is on the GPU (device counters, as in collectives/gpu/ipc.py): step j waits until left's
+# counter reaches j (its message j-1 is written). Nobody reads our input or output, only our slots, so
+# a call ends with our own last step; the next call first waits until right has finished reading the
+# previous call's slots. Cost per rank: 2(N-1) messages of about S/N FP8 codes plus scales pulled from
+# the neighbour, one kernel per step.
 
-The ring and the arithmetic are collectives/fp8.py's (same hops, same bytes, bitwise the same result);
-only the wire changes. Each rank keeps 2N-1 message slots in one device buffer that its right
-neighbour has mapped; message j goes to slot j, so no slot is written twice in a call:
-
-      rank r-1                                 rank r
-    slot j-1: [codes | pad | scales]  ---->  step j reads it in place (peer memory),
-                                             writes its own slot j, bumps its counter to j+1
-
-    j = 0         Q(x[c])                         the first chunk r sends (reduce-scatter step 0)
-    j = 1..N-1    hop: Q(x[c] + D(left's j-1))    one fused kernel (dequantize, add, requantize);
-                                                  j = N-1 is r's own chunk: also out[c] = D(Q(sum))
-    j = N..2N-2   copy of left's j-1              all-gather: forwarded unchanged, out[c] = D(message)
-
-Ordering is on the GPU (device counters, as in collectives/gpu/ipc.py): step j waits until left's
-counter reaches j (its message j-1 is written). Nobody reads our input or output, only our slots, so
-a call ends with our own last step; the next call first waits until right has finished reading the
-previous call's slots. Cost per rank: 2(N-1) messages of about S/N FP8 codes plus scales pulled from
-the neighbour, one kernel per step.
-"""
 import numpy as np
 
 from ringlab.errors import resolve_timeout

@@ -1,23 +1,22 @@
-"""CUDA IPC ring: GPU ranks of one node read their left neighbour's device memory directly.
+"""CUDA IPC ring: GPU ranks of one node read their left neighbour's device memory directly."""
+# MPI is only the control plane (handles, small metadata). Each ring step is one fused kernel that
+# reads the peer's chunk and the local input and writes the local output once (reduce-scatter), or a
+# device copy (all-gather). Cross-process ordering is done on the GPU: every rank owns a progress
+# counter in device memory; after each slice it bumps the counter with cuStreamWriteValue32, and
+# before a slice it waits on its neighbours' counters with cuStreamWaitValue32, so no host round trip
+# sits between steps. ``sync="host"`` replaces that with a stream sync + barrier per step (slow,
+# obviously correct, and the fallback where stream memory operations are missing).
+#
+#     reduce-scatter step s (rank r pulls from r-1):  out[c] = src[c] (op) left[c],  c = (r-s-1) mod N
+#         left = left's src at s = 0 (nothing reduced yet), left's out afterwards
+#     all-gather step s:                               out[c] = left.out[c],          c = (r-s) mod N
+#
+# Ordering rules, in slices of the counter (K slices per step, the first "step" is the call's start):
+#     read-after-write : slice k of step j waits until left finished slice k of step j-1
+#     write-after-read : all-gather step s waits until right finished reduce-scatter step s (it read
+#                        the chunk that step overwrites), and a call completes only when right has
+#                        finished it too (right reads our src and out, which the caller may reuse)
 
-MPI is only the control plane (handles, small metadata). Each ring step is one fused kernel that
-reads the peer's chunk and the local input and writes the local output once (reduce-scatter), or a
-device copy (all-gather). Cross-process ordering is done on the GPU: every rank owns a progress
-counter in device memory; after each slice it bumps the counter with cuStreamWriteValue32, and
-before a slice it waits on its neighbours' counters with cuStreamWaitValue32, so no host round trip
-sits between steps. ``sync="host"`` replaces that with a stream sync + barrier per step (slow,
-obviously correct, and the fallback where stream memory operations are missing).
-
-    reduce-scatter step s (rank r pulls from r-1):  out[c] = src[c] (op) left[c],  c = (r-s-1) mod N
-        left = left's src at s = 0 (nothing reduced yet), left's out afterwards
-    all-gather step s:                               out[c] = left.out[c],          c = (r-s) mod N
-
-Ordering rules, in slices of the counter (K slices per step, the first "step" is the call's start):
-    read-after-write : slice k of step j waits until left finished slice k of step j-1
-    write-after-read : all-gather step s waits until right finished reduce-scatter step s (it read
-                       the chunk that step overwrites), and a call completes only when right has
-                       finished it too (right reads our src and out, which the caller may reuse)
-"""
 import atexit
 import os
 import time
@@ -327,8 +326,8 @@ class SharedGpuRing(IpcRing):
     """The same ring schedule for ranks that all share ONE GPU, driven from one CUDA context.
 
     Processes on one GPU time-slice: each of the 2(N-1) steps of the per-rank ring needs all N
-    contexts scheduled in turn, and the context switches, not the bytes, set the time (measured:
-    ~10 ms at 64 MB for N = 8 on an H100). Here rank 0 maps every rank's buffers and issues every
+    contexts scheduled in turn, and the context switches, not the bytes, set the time
+    (docs/gpu_datapath.md has the measurement). Here rank 0 maps every rank's buffers and issues every
     rank's steps, in ring order, on its own stream: identical data movement and results, no
     switches. Ranks signal "input ready" and wait for "done" on device counters, as above.
     """

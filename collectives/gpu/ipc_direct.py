@@ -1,17 +1,16 @@
-"""One-shot and two-shot all-reduce over CUDA IPC: the small-message algorithms.
+"""One-shot and two-shot all-reduce over CUDA IPC: the small-message algorithms."""
+# Every rank maps every peer's buffers and reads them directly, as vLLM's and TensorRT-LLM's custom
+# all-reduce do, trading bytes for steps: 1 or 2 synchronisation points instead of the ring's 2(N-1).
+#
+#     one-shot : out_r = src_0 (op) src_1 (op) ... (op) src_{N-1}          (every rank, whole buffer)
+#     two-shot : out_r[chunk r] = src_0[r] (op) ... (op) src_{N-1}[r]      (reduce-scatter by reads)
+#                out_r[chunk c] = out_c[chunk c] for c != r                (all-gather by reads)
+#
+# Reads happen in rank order 0..N-1 on every rank, so all ranks hold bitwise-identical results.
+# Ordering uses the same device counters as the ring (``ipc.IpcRing``): each phase bumps the rank's
+# counter, the next phase waits until every peer's counter got there, and a call returns only after
+# every peer has finished reading this rank's buffers.
 
-Every rank maps every peer's buffers and reads them directly, as vLLM's and TensorRT-LLM's custom
-all-reduce do, trading bytes for steps: 1 or 2 synchronisation points instead of the ring's 2(N-1).
-
-    one-shot : out_r = src_0 (op) src_1 (op) ... (op) src_{N-1}          (every rank, whole buffer)
-    two-shot : out_r[chunk r] = src_0[r] (op) ... (op) src_{N-1}[r]      (reduce-scatter by reads)
-               out_r[chunk c] = out_c[chunk c] for c != r                (all-gather by reads)
-
-Reads happen in rank order 0..N-1 on every rank, so all ranks hold bitwise-identical results.
-Ordering uses the same device counters as the ring (``ipc.IpcRing``): each phase bumps the rank's
-counter, the next phase waits until every peer's counter got there, and a call returns only after
-every peer has finished reading this rank's buffers.
-"""
 import numpy as np
 
 from ringlab.kernels.cuda_reduce import OP_CODES

@@ -1,27 +1,26 @@
-"""The α-β model of ring all-reduce, fitted to measured sweeps, and the fit's JSON (read by the auto-tuner).
+"""The α-β model of ring all-reduce, fitted to measured sweeps, and the fit's JSON (read by the auto-tuner)."""
+#     T(S, N) = 2(N-1)·α + 2(N-1)/N · S/β
+#
+# 2(N-1) sequential send-receive steps each pay a start-up α; every rank sends 2(N-1)/N·S bytes at the
+# per-direction bandwidth β. the tensor-parallel notes §2.2 writes the latency term as (N-1)·latency: that is one phase
+# (reduce-scatter or all-gather alone); all-reduce runs both phases back to back, so 2(N-1) is right.
+#
+# Fit JSON schema ("ringlab.alphabeta/1"), one entry per algorithm:
+#
+#     {"schema": "ringlab.alphabeta/1",
+#      "model": "T = 2(N-1)*alpha_s + 2(N-1)/N*S/beta_Bps",
+#      "meta": {... run_metadata of the sweep: date, host, mpi, command, backend ...},
+#      "fits": [{"algo": "ring", "collective": "allreduce",
+#                "alpha_s": 2.1e-05,            # per-step latency, seconds
+#                "beta_Bps": 3.2e+09,           # per-direction bandwidth, bytes/second (busbw units)
+#                "nranks": [2, 3, 4], "sizes_bytes": [1024, 4096], "dtype": "float32",
+#                "n_samples": 6, "weighting": "relative",
+#                "rel_rms_error": 0.08, "max_rel_error": 0.2,   # of the model against the samples
+#                "seed_form_latency_s": 4.2e-05,  # the (N-1)*latency of the tensor-parallel notes fitted to the same data = 2*alpha_s
+#                "step_latency_s": 1.9e-05,       # one measured ring step at the smallest size, or null
+#                "machine": {"host": ..., "backend": "numpy"|"cupy", "device": ..., "mpi": ...},
+#                "date": "2025-...Z"}]}
 
-    T(S, N) = 2(N-1)·α + 2(N-1)/N · S/β
-
-2(N-1) sequential send-receive steps each pay a start-up α; every rank sends 2(N-1)/N·S bytes at the
-per-direction bandwidth β. Seed 001 §2.2 writes the latency term as (N-1)·latency: that is one phase
-(reduce-scatter or all-gather alone); all-reduce runs both phases back to back, so 2(N-1) is right.
-
-Fit JSON schema ("ringlab.alphabeta/1"), one entry per algorithm:
-
-    {"schema": "ringlab.alphabeta/1",
-     "model": "T = 2(N-1)*alpha_s + 2(N-1)/N*S/beta_Bps",
-     "meta": {... run_metadata of the sweep: date, host, mpi, command, backend ...},
-     "fits": [{"algo": "ring", "collective": "allreduce",
-               "alpha_s": 2.1e-05,            # per-step latency, seconds
-               "beta_Bps": 3.2e+09,           # per-direction bandwidth, bytes/second (busbw units)
-               "nranks": [2, 3, 4], "sizes_bytes": [1024, 4096], "dtype": "float32",
-               "n_samples": 6, "weighting": "relative",
-               "rel_rms_error": 0.08, "max_rel_error": 0.2,   # of the model against the samples
-               "seed_form_latency_s": 4.2e-05,  # the (N-1)*latency of seed 001 fitted to the same data = 2*alpha_s
-               "step_latency_s": 1.9e-05,       # one measured ring step at the smallest size, or null
-               "machine": {"host": ..., "backend": "numpy"|"cupy", "device": ..., "mpi": ...},
-               "date": "2025-...Z"}]}
-"""
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ def ring_allreduce_time(size, nranks, alpha, beta):
 
 
 def seed_allreduce_time(size, nranks, latency, bandwidth):
-    """Seed 001 §2.2's formula, T = 2(N-1)/N·S/B + (N-1)·latency (its latency term counts one phase)."""
+    """the tensor-parallel notes §2.2's formula, T = 2(N-1)/N·S/B + (N-1)·latency (its latency term counts one phase)."""
     n = np.asarray(nranks, dtype=float)
     return 2 * (n - 1) / n * np.asarray(size, dtype=float) / bandwidth + (n - 1) * latency
 
@@ -144,7 +143,7 @@ def format_fit_report(fit, samples):
     if fit.step_latency_s is not None:
         lines.append(f"#   one ring step measured alone at the smallest size: {fit.step_latency_s * 1e6:.2f} us "
                      f"(compare alpha)")
-    lines.append(f"#   seed 001 form T = 2(N-1)/N*S/B + (N-1)*latency fits the same data only with latency = "
+    lines.append(f"#   the tensor-parallel notes form T = 2(N-1)/N*S/B + (N-1)*latency fits the same data only with latency = "
                  f"{fit.seed_form_latency_s * 1e6:.2f} us = 2*alpha: the ring has 2(N-1) sequential steps "
                  f"(N-1 reduce-scatter + N-1 all-gather), the seed counts N-1")
     lines.append(f"#{'N':>3s} {'size (B)':>12s} {'measured':>12s} {'model':>12s} {'err':>7s} "

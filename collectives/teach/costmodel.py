@@ -1,16 +1,15 @@
-"""Communication cost of DP, TP and PP for a transformer (seeds 000, 001, 003), from the ring's α-β model.
+"""Communication cost of DP, TP and PP for a transformer (the DP, TP and 3D-parallelism notes), from the ring's α-β model."""
+# Conventions (stated because the seeds mix them):
+# - B is the batch of one data-parallel replica per step, split into M micro-batches; S sequence, H hidden.
+# - A TP all-reduce carries one activation, B·S·H·dtype bytes (the tensor-parallel notes §1.2); 2 per layer forward
+#   (attention output, FFN output) and 2 more backward (the tensor-parallel notes §1.1).
+# - Ring all-reduce of S bytes on N ranks: 2(N-1)/N·S/β + 2(N-1)·α, with β the *per-direction* link
+#   bandwidth (each rank sends and receives 2(N-1)/N·S at the same time).
+# - Forward FLOPs of one layer: 24·B·S·H² + 4·B·S²·H (QKV 6, attention output 2, FFN 16 in units of
+#   B·S·H², two multiply-adds of B·S²·H for scores and context; Narayanan et al., SC'21); training = 3×.
+# - PP sends one micro-batch activation B/M·S·H·dtype across each of the PP-1 stage boundaries,
+#   forward (and its gradient backward when training). DP all-reduces params/(TP·PP) gradients per rank.
 
-Conventions (stated because the seeds mix them):
-- B is the batch of one data-parallel replica per step, split into M micro-batches; S sequence, H hidden.
-- A TP all-reduce carries one activation, B·S·H·dtype bytes (seed 001 §1.2); 2 per layer forward
-  (attention output, FFN output) and 2 more backward (seed 001 §1.1).
-- Ring all-reduce of S bytes on N ranks: 2(N-1)/N·S/β + 2(N-1)·α, with β the *per-direction* link
-  bandwidth (each rank sends and receives 2(N-1)/N·S at the same time).
-- Forward FLOPs of one layer: 24·B·S·H² + 4·B·S²·H (QKV 6, attention output 2, FFN 16 in units of
-  B·S·H², two multiply-adds of B·S²·H for scores and context; Narayanan et al., SC'21); training = 3×.
-- PP sends one micro-batch activation B/M·S·H·dtype across each of the PP-1 stage boundaries,
-  forward (and its gradient backward when training). DP all-reduces params/(TP·PP) gradients per rank.
-"""
 import math
 from dataclasses import dataclass
 
@@ -62,7 +61,7 @@ class Link:
     latency_s: float = 0.0
 
 
-# Bandwidths as seed 001 §3 quotes them. NVLink's "600 GB/s" is A100's total of both directions
+# Bandwidths as the tensor-parallel notes §3 quotes them. NVLink's "600 GB/s" is A100's total of both directions
 # (12 links × 25 GB/s each way); the ring sees 300 GB/s per direction: see nvlink3-per-direction.
 LINKS = {
     "nvlink3": Link("NVLink 3.0 as the seed quotes it (600 GB/s)", 600e9, 2e-6),
@@ -74,7 +73,7 @@ LINKS = {
 }
 
 MODELS = {
-    # seed 001 §1.2 / seed 000 §2: GPT-3 175B, B = 32, S = 2048, fp16
+    # the tensor-parallel notes §1.2 / the data-parallel cost notes §2: GPT-3 175B, B = 32, S = 2048, fp16
     "gpt3-175b": ModelSpec("GPT-3 175B", layers=96, hidden=12288, heads=96, seq=2048, batch=32, params=175e9),
     "gpt-j-6b": ModelSpec("GPT-J 6B", layers=28, hidden=4096, heads=16, seq=2048, batch=8, params=6e9),
     "llama2-70b": ModelSpec("Llama-2 70B (dense-attention approximation)", layers=80, hidden=8192, heads=64,
@@ -210,7 +209,7 @@ def _arith(seed, computed, tol=0.02):
 
 
 def seed_claims():
-    """Every worked number of seeds 000, 001 and 003, recomputed exactly, with a verdict."""
+    """Every worked number of the DP, TP and 3D-parallelism notes, recomputed exactly, with a verdict."""
     g = MODELS["gpt3-175b"]
     nv, nv1, ib = LINKS["nvlink3"], LINKS["nvlink3-per-direction"], LINKS["ib-hdr"]
     seed_nv, seed_ib = Link("seed", 600e9), Link("seed", 25e9)      # the seed's numbers leave α out
@@ -266,13 +265,13 @@ def seed_claims():
                                        ("DP 350 GB / 25 GB/s = 14 s", 14.0, 350e9, seed_ib)):
         ring = ring_allreduce_seconds(nbytes, 8, link)
         add("000 §3", what, seed_s, ring, "s", _arith(seed_s, ring),
-            "S/B leaves out the ring's 2(N-1)/N (seed 001's own formula): x1.75 at N=8")
+            "S/B leaves out the ring's 2(N-1)/N (the tensor-parallel notes' own formula): x1.75 at N=8")
     add("000 §5", "pipeline speedup N/(1+(N-1)/M), N=8, M=32", pipeline_speedup(8, 32),
         8 * 32 / (32 + 8 - 1), "x", "ok", "M micro-batches take M+N-1 stage-times: speedup = N*M/(M+N-1), the same")
     add("000 §6", "GPT-J TP=8: 58 ms/sample -> 55 samples/s", 55, 1 / 0.058, "1/s", _arith(55, 1 / 0.058),
         "one sample at a time through 58 ms gives 17 samples/s; DP=8 at 50 ms gives 8/0.05 = 160, so DP is 9.3x, not 3x")
     add("003", "TP comm ~5 ms per layer (NVLink)", 5e-3, comm8, "s", _arith(5e-3, comm8),
-        "5 ms is one all-reduce; a layer's forward has two (seed 001 §4.1: 9.34 ms)")
+        "5 ms is one all-reduce; a layer's forward has two (the tensor-parallel notes §4.1: 9.34 ms)")
     add("003", "PP over IB ~50 ms per batch", 0.050, ar / seed_ib.bandwidth_Bps, "s", "order of magnitude",
         "one boundary, B=32 activation of 1.61 GB at 25 GB/s = 64 ms (divide by M for micro-batches)")
     add("003", "GPT-3 on 512 GPUs, TP=8 x PP=64: '8 nodes x 8 stages/node'", 8, 512 / 8, "nodes",

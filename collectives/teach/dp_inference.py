@@ -1,17 +1,16 @@
-"""Data-parallel inference (seed 002): model replicas on ranks 1..W serve a request stream that rank 0 routes.
+"""Data-parallel inference (the DP-inference notes): model replicas on ranks 1..W serve a request stream that rank 0 routes."""
+# Replicas never talk to each other (inference DP needs no all-reduce); the only decision is routing:
+#
+#     round_robin           request i -> replica i mod W
+#     least_loaded          fewest requests outstanding (seed's "least connections"); ties rotate
+#     response_time_aware   smallest predicted finish time: (queued work + this request's size) x the
+#                           replica's observed seconds per unit of work (EWMA of its reported service times)
+#
+# A request of size k costs k units of real NumPy work (a fixed matmul loop), so service time is
+# proportional to size. Replica speeds may differ (``slowdown``), as when one GPU is shared or older:
+# round robin ignores that, least-loaded sees it only through queue lengths, response-time aware learns it.
+# Ranks wait by polling with short sleeps, not in blocking MPI calls, so idle ranks leave the CPU to busy ones.
 
-Replicas never talk to each other (inference DP needs no all-reduce); the only decision is routing:
-
-    round_robin           request i -> replica i mod W
-    least_loaded          fewest requests outstanding (seed's "least connections"); ties rotate
-    response_time_aware   smallest predicted finish time: (queued work + this request's size) x the
-                          replica's observed seconds per unit of work (EWMA of its reported service times)
-
-A request of size k costs k units of real NumPy work (a fixed matmul loop), so service time is
-proportional to size. Replica speeds may differ (``slowdown``), as when one GPU is shared or older:
-round robin ignores that, least-loaded sees it only through queue lengths, response-time aware learns it.
-Ranks wait by polling with short sleeps, not in blocking MPI calls, so idle ranks leave the CPU to busy ones.
-"""
 import os
 import time
 from dataclasses import dataclass, field

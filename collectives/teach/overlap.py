@@ -1,19 +1,18 @@
-"""Overlap communication with computation: DDP-style gradient buckets and a TP-style matmul pipeline.
+"""Overlap communication with computation: DDP-style gradient buckets and a TP-style matmul pipeline."""
+# Data parallel (DDP): backward produces gradients from the last layer to the first. Gradients are
+# written straight into flat *buckets* of about ``bucket_bytes``; a bucket's all-reduce starts the
+# moment its last gradient is written, while backward goes on with earlier layers:
+#
+#     compute  | L7 | L6 | L5 | L4 | L3 | L2 | L1 | L0 |
+#     comm               [bucket L7+L6] [bucket L5+L4] [L3+L2]  [L1+L0]  <- only this tail is exposed
+#
+# Tensor parallel (row-parallel linear): rank r holds X[:, K_r] and W[K_r, :]; Y = sum_r X_r W_r
+# needs an all-reduce of an m x n partial product. Split the m rows into k blocks: block i's
+# all-reduce runs while block i+1 is multiplied, so only the last block's all-reduce is exposed.
+#
+# Both patterns offer ``compute()``, ``communicate()`` and ``overlapped()`` with the same kernels,
+# so T_comp, T_comm and T_both are measured on identical work (experiments/overlap.py).
 
-Data parallel (DDP): backward produces gradients from the last layer to the first. Gradients are
-written straight into flat *buckets* of about ``bucket_bytes``; a bucket's all-reduce starts the
-moment its last gradient is written, while backward goes on with earlier layers:
-
-    compute  | L7 | L6 | L5 | L4 | L3 | L2 | L1 | L0 |
-    comm               [bucket L7+L6] [bucket L5+L4] [L3+L2]  [L1+L0]  <- only this tail is exposed
-
-Tensor parallel (row-parallel linear): rank r holds X[:, K_r] and W[K_r, :]; Y = sum_r X_r W_r
-needs an all-reduce of an m x n partial product. Split the m rows into k blocks: block i's
-all-reduce runs while block i+1 is multiplied, so only the last block's all-reduce is exposed.
-
-Both patterns offer ``compute()``, ``communicate()`` and ``overlapped()`` with the same kernels,
-so T_comp, T_comm and T_both are measured on identical work (experiments/overlap.py).
-"""
 import numpy as np
 from mpi4py import MPI
 

@@ -1,21 +1,20 @@
 """3D parallelism on ringlab collectives: TP, PP and DP groups, Megatron tensor parallelism, sequence
-parallelism, pipeline stages and the data-parallel gradient all-reduce (seeds 000, 001, 003).
+parallelism, pipeline stages and the data-parallel gradient all-reduce (the DP, TP and 3D-parallelism notes)."""
+# Rank mapping (the 3D-parallelism notes): tp = r % TP, pp = (r // TP) % PP, dp = r // (TP * PP). With TP = PP = DP = 2:
+#
+#     rank  tp pp dp   TP group   PP group   DP group
+#       0    0  0  0   0,1        0,2        0,4
+#       5    1  0  1   4,5        5,7        1,5
+#
+# Tensor parallelism (Megatron, the tensor-parallel notes): a column-parallel matmul needs no communication (each rank
+# computes its own output columns); the row-parallel matmul that follows produces partial sums that one
+# all-reduce of B*S*H elements completes. Attention (heads split) and the MLP (hidden split) each end in
+# one, so a layer's forward costs 2 all-reduces. Sequence parallelism replaces each all-reduce with an
+# all-gather (before the column-parallel matmul) and a reduce-scatter (after the row-parallel one) on
+# sequence shards: the same bytes, but activations outside the matmuls are stored 1/TP each.
+#
+# Every function here is checked against ``*_reference`` (the same maths on one rank, NumPy).
 
-Rank mapping (seed 003): tp = r % TP, pp = (r // TP) % PP, dp = r // (TP * PP). With TP = PP = DP = 2:
-
-    rank  tp pp dp   TP group   PP group   DP group
-      0    0  0  0   0,1        0,2        0,4
-      5    1  0  1   4,5        5,7        1,5
-
-Tensor parallelism (Megatron, seed 001): a column-parallel matmul needs no communication (each rank
-computes its own output columns); the row-parallel matmul that follows produces partial sums that one
-all-reduce of B*S*H elements completes. Attention (heads split) and the MLP (hidden split) each end in
-one, so a layer's forward costs 2 all-reduces. Sequence parallelism replaces each all-reduce with an
-all-gather (before the column-parallel matmul) and a reduce-scatter (after the row-parallel one) on
-sequence shards: the same bytes, but activations outside the matmuls are stored 1/TP each.
-
-Every function here is checked against ``*_reference`` (the same maths on one rank, NumPy).
-"""
 import math
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ __all__ = ["coordinates", "ParallelGroups", "build_groups", "format_group_table"
 
 
 def coordinates(rank, tp, pp):
-    """(tp_rank, pp_rank, dp_rank) of ``rank`` (seed 003's formulas)."""
+    """(tp_rank, pp_rank, dp_rank) of ``rank`` (the 3D-parallelism notes' formulas)."""
     return rank % tp, (rank // tp) % pp, rank // (tp * pp)
 
 
@@ -118,7 +117,7 @@ class TrafficMeter:
 
 
 def ring_bytes_per_rank(nbytes, n, collective="allreduce"):
-    """Seed 001's formula: a ring all-reduce sends 2(N-1)/N * S per rank; RS and AG (N-1)/N * S each."""
+    """the tensor-parallel notes's formula: a ring all-reduce sends 2(N-1)/N * S per rank; RS and AG (N-1)/N * S each."""
     factor = 2 * (n - 1) / n if collective == "allreduce" else (n - 1) / n
     return factor * nbytes
 

@@ -1,8 +1,7 @@
-"""The ring, step by step, recorded from a real run (seed 004's a, b, c, d tables).
+"""The ring, step by step, recorded from a real run (the ring derivation's a, b, c, d tables)."""
+# Rank r contributes the value 2**r to every element, so a held value decodes to the set of ranks
+# whose addends it contains: 9 = 0b1001 is a + d. Element values are checked by eye and by code.
 
-Rank r contributes the value 2**r to every element, so a held value decodes to the set of ranks
-whose addends it contains: 9 = 0b1001 is a + d. Element values are checked by eye and by code.
-"""
 from dataclasses import dataclass
 
 import numpy as np

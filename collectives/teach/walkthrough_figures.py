@@ -1,10 +1,9 @@
-"""Pictures and Markdown tables of a recorded ring all-reduce (one per step), for docs/walkthrough.md.
+"""Pictures and Markdown tables of a recorded ring all-reduce (one per step), for docs/walkthrough.md."""
+# Input is what ``walkthrough.record_ring_allreduce`` returns on rank 0: ``everyone[rank][i]`` is rank's
+# i-th StepRecord (i = 0 is the start, then N-1 reduce-scatter and N-1 all-gather steps). Every value
+# is a bit set of the ranks whose addends it holds (rank r contributed 2**r), so a chunk's colour
+# stripes and its label are read straight off the recorded value: the figures are the run, not a drawing.
 
-Input is what ``walkthrough.record_ring_allreduce`` returns on rank 0: ``everyone[rank][i]`` is rank's
-i-th StepRecord (i = 0 is the start, then N-1 reduce-scatter and N-1 all-gather steps). Every value
-is a bit set of the ranks whose addends it holds (rank r contributed 2**r), so a chunk's colour
-stripes and its label are read straight off the recorded value: the figures are the run, not a drawing.
-"""
 import math
 import os
 
