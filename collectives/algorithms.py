@@ -25,6 +25,7 @@
 import numpy as np
 from mpi4py import MPI
 
+from ringlab.kernels.optable import OP_TABLE
 from ringlab.ops import reduce_into
 from ringlab.ring import divide_inplace, scratch_buffer
 from ringlab.schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_schedule, ring_reduce_scatter_schedule
@@ -34,7 +35,7 @@ from ringlab.transport import MpiTransport, wait_all
 __all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "recursive_doubling_allreduce_into", "rabenseifner_allreduce_inplace",
            "ring_bidir_allreduce_inplace", "direct_allreduce_inplace", "register_all", "HOST_ALGORITHMS"]
 
-_UFUNC = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
+_UFUNC = {name: getattr(np, op.ufunc) for name, op in OP_TABLE.items()}   # kernels/optable.py
 
 
 class NonblockingTransport(MpiTransport):

@@ -16,6 +16,7 @@ from ringlab.arrays import as_array, is_device_array, returns_input_type
 from ringlab.commstate import comm_state
 from ringlab.errors import CollectiveError, CollectiveTimeout, resolve_timeout
 from ringlab.ops import check_op_dtype, dtype_label
+from ringlab.kernels.optable import DEVICE_DTYPES
 from ringlab.gpu.device import cuda_aware_mpi, select_transport
 from ringlab.ring import ring_allgather_inplace, ring_allreduce_inplace
 from ringlab.ring_outofplace import ring_allreduce_into, ring_reduce_scatter_into
@@ -37,7 +38,7 @@ ALLREDUCE_ALGORITHMS = {"ring": _ring}
 # reduce_scatter and allgather run the ring (the algo= argument is there for one call shape)
 RING_ONLY = ("ring",)
 # dtypes the IPC ring's CuPy kernels reduce (bfloat16 device arrays are staged)
-IPC_DTYPES = ("float16", "float32", "float64", "int32", "int64")
+IPC_DTYPES = DEVICE_DTYPES
 # device-only algorithms: every rank reads every peer's buffers over CUDA IPC (collectives/gpu/ipc_direct.py)
 DEVICE_ALGORITHMS = ("oneshot", "twoshot")
 

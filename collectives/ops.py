@@ -1,6 +1,8 @@
 """Reduction operators and the dtypes each accepts, for NumPy and CuPy arrays alike."""
 import numpy as np
 
+from ringlab.kernels import optable
+
 __all__ = ["OPS", "SUPPORTED_DTYPES", "check_op_dtype", "reduce_into", "dtype_name", "dtype_label", "bfloat16"]
 
 try:  # bfloat16 for NumPy comes from ml_dtypes (a core dependency)
@@ -8,12 +10,11 @@ try:  # bfloat16 for NumPy comes from ml_dtypes (a core dependency)
 except ImportError:  # pragma: no cover - ml_dtypes is in install_requires
     bfloat16 = None
 
-OPS = ("sum", "prod", "max", "min", "avg")
+OPS = optable.OPS                                               # kernels/optable.py: the one op table
+_UFUNC = {name: op.ufunc for name, op in optable.OP_TABLE.items()}
 
-_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
-if bfloat16 is not None:
-    _FLOATS.add(np.dtype(bfloat16))
-_INTS = {np.dtype(np.int32), np.dtype(np.int64)}
+_FLOATS = {np.dtype(bfloat16 if d == "bfloat16" else d) for d in optable.FLOAT_DTYPES if d != "bfloat16" or bfloat16}
+_INTS = {np.dtype(d) for d in optable.INT_DTYPES}
 SUPPORTED_DTYPES = _FLOATS | _INTS
 
 
@@ -52,13 +53,7 @@ def check_op_dtype(op, dtype):
 
 def reduce_into(dst, src, op, xp=np):
     """dst = dst (op) src, in place; ``avg`` accumulates as a sum (the caller divides once)."""
-    if op in ("sum", "avg"):
-        xp.add(dst, src, out=dst)
-    elif op == "prod":
-        xp.multiply(dst, src, out=dst)
-    elif op == "max":
-        xp.maximum(dst, src, out=dst)
-    elif op == "min":
-        xp.minimum(dst, src, out=dst)
-    else:
+    ufunc = _UFUNC.get(op)
+    if ufunc is None:
         raise ValueError(f"unknown op {op!r}")
+    getattr(xp, ufunc)(dst, src, out=dst)

@@ -28,6 +28,7 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import abort_job, handle_timeout
+from ringlab.kernels.optable import OP_TABLE
 from ringlab.kernels.cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
 from ringlab import settings
 from ringlab.commstate import comm_state
@@ -35,13 +36,7 @@ from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_
 
 __all__ = ["IpcRing", "SharedGpuRing", "ring_pull_plan", "ipc_usable", "get_ipc_ring", "all_ranks_share_one_gpu", "cached_executor", "open_ipc_handles", "close_all"]
 
-_EXPR = {
-    "sum": "out = a + b",
-    "avg": "out = a + b",
-    "prod": "out = a * b",
-    "max": "out = (b > a || b != b) ? b : a",   # NaN propagates like numpy.maximum
-    "min": "out = (b < a || b != b) ? b : a",
-}
+_EXPR = {name: op.c_expr for name, op in OP_TABLE.items()}    # kernels/optable.py (NaN as numpy.maximum)
 _kernels = {}
 _live = set()      # every open executor, for the atexit close and the leak check
 _TRACE = settings.get("RINGLAB_IPC_TRACE")   # leader prints its wait/ops split per call
