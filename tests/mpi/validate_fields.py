@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-import ringlab as collectives
+import ringlab
 from ringlab import validate as validate_module
 from ringlab.api import ALLREDUCE_ALGORITHMS, register_allreduce
 from ringlab.bench.harness import pattern, reference
@@ -27,32 +27,32 @@ def f32(count=COUNT, dtype=np.float32):
 
 # name -> (call(odd: bool), substrings the message must contain, with {odd} = the odd rank)
 CASES = {
-    "count": (lambda odd: collectives.allreduce(f32(COUNT + odd)),
+    "count": (lambda odd: ringlab.allreduce(f32(COUNT + odd)),
               ["count differs across ranks", "102 on rank {odd}"]),
-    "dtype": (lambda odd: collectives.allreduce(f32(dtype=np.float64 if odd else np.float32)),
+    "dtype": (lambda odd: ringlab.allreduce(f32(dtype=np.float64 if odd else np.float32)),
               ["dtype differs across ranks", "'float64' on rank {odd}"]),
-    "bad-dtype": (lambda odd: collectives.allreduce(f32(dtype=np.complex64 if odd else np.float32)),
+    "bad-dtype": (lambda odd: ringlab.allreduce(f32(dtype=np.complex64 if odd else np.float32)),
                   ["rank {odd}: TypeError: unsupported dtype complex64", "'complex64' on rank {odd}"]),
-    "op": (lambda odd: collectives.allreduce(f32(), op="max" if odd else "sum"),
+    "op": (lambda odd: ringlab.allreduce(f32(), op="max" if odd else "sum"),
            ["op differs across ranks", "'max' on rank {odd}"]),
-    "bad-op": (lambda odd: collectives.allreduce(f32(), op="xor" if odd else "sum"),
+    "bad-op": (lambda odd: ringlab.allreduce(f32(), op="xor" if odd else "sum"),
                ["rank {odd}: ValueError: unknown op 'xor'"]),
-    "int-avg": (lambda odd: collectives.allreduce(f32(dtype=np.int32), op="avg" if odd else "sum"),
+    "int-avg": (lambda odd: ringlab.allreduce(f32(dtype=np.int32), op="avg" if odd else "sum"),
                 ["rank {odd}: TypeError: op 'avg' needs a floating dtype"]),
-    "algo": (lambda odd: collectives.allreduce(f32(), algo="ring-alias" if odd else "ring"),
+    "algo": (lambda odd: ringlab.allreduce(f32(), algo="ring-alias" if odd else "ring"),
              ["algo differs across ranks", "'ring-alias' on rank {odd}"]),
-    "unknown-algo": (lambda odd: collectives.allreduce(f32(), algo="nope" if odd else "ring"),
+    "unknown-algo": (lambda odd: ringlab.allreduce(f32(), algo="nope" if odd else "ring"),
                      ["rank {odd}: ValueError: unknown algo 'nope'"]),
-    "inplace": (lambda odd: (lambda x: collectives.allreduce(x, out=x if odd else None))(f32()),
+    "inplace": (lambda odd: (lambda x: ringlab.allreduce(x, out=x if odd else None))(f32()),
                 ["inplace differs across ranks", "True on rank {odd}"]),
-    "collective": (lambda odd: (collectives.reduce_scatter if odd else collectives.allreduce)(f32()),
+    "collective": (lambda odd: (ringlab.reduce_scatter if odd else ringlab.allreduce)(f32()),
                    ["allreduce / reduce_scatter called inconsistently", "collective differs across ranks",
                     "'reduce_scatter' on rank {odd}"]),
-    "out-shape": (lambda odd: collectives.allreduce(f32(), out=np.empty(COUNT - odd, np.float32)),
+    "out-shape": (lambda odd: ringlab.allreduce(f32(), out=np.empty(COUNT - odd, np.float32)),
                   ["rank {odd}: ValueError: allreduce: out has shape (100,)"]),
-    "allgather-count": (lambda odd: collectives.allgather(f32(7 + 2 * odd)),
+    "allgather-count": (lambda odd: ringlab.allgather(f32(7 + 2 * odd)),
                         ["allgather called inconsistently", "9 on rank {odd}"]),
-    "reduce-scatter-op": (lambda odd: collectives.reduce_scatter(f32(), op="min" if odd else "sum"),
+    "reduce-scatter-op": (lambda odd: ringlab.reduce_scatter(f32(), op="min" if odd else "sum"),
                           ["reduce_scatter called inconsistently", "'min' on rank {odd}"]),
 }
 
@@ -60,7 +60,7 @@ CASES = {
 def check_correct_allreduce_still_works():
     """After an InvalidCollectiveCall nothing is left in flight: the next collective is exact."""
     x = pattern(COUNT, "float32", rank)
-    y = collectives.allreduce(x)
+    y = ringlab.allreduce(x)
     assert np.array_equal(y.astype(np.float64), reference(COUNT, n)), f"rank {rank}: corrupted after mismatch"
 
 
@@ -70,7 +70,7 @@ def run_mismatch_cases():
         message = None
         try:
             call(rank == odd_rank)
-        except collectives.InvalidCollectiveCall as exc:
+        except ringlab.InvalidCollectiveCall as exc:
             message = str(exc)
         assert message is not None, f"rank {rank}: case {name}: no error raised"
         messages = comm.allgather(message)
@@ -90,12 +90,12 @@ def run_validation_off():
         raise AssertionError("validation exchange ran although validation is off")
     validate_module._bounded_allgather = no_exchange
     x = pattern(COUNT, "float32", rank)
-    assert np.array_equal(collectives.allreduce(x, validate=False).astype(np.float64), reference(COUNT, n))
-    assert np.array_equal(collectives.allreduce(x).astype(np.float64), reference(COUNT, n))
+    assert np.array_equal(ringlab.allreduce(x, validate=False).astype(np.float64), reference(COUNT, n))
+    assert np.array_equal(ringlab.allreduce(x).astype(np.float64), reference(COUNT, n))
     # A locally bad call (on every rank) still raises, locally, without any communication.
     try:
-        collectives.allreduce(f32(dtype=np.complex64))
-    except collectives.InvalidCollectiveCall as exc:
+        ringlab.allreduce(f32(dtype=np.complex64))
+    except ringlab.InvalidCollectiveCall as exc:
         assert "unsupported dtype complex64" in str(exc)
     else:
         raise AssertionError("bad dtype accepted with validation off")
