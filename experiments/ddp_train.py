@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=128, help="FP8 elements per scale; default %(default)s")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="hooks all-reduce in backward's thread (blocking) instead of on ringlab's progress thread")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: model and buckets on the GPU (hooks take the CuPy paths; gloo stays the baseline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--png", help="plot the loss curves here (rank 0)")
@@ -102,7 +104,7 @@ class TrainingRun:
     def __init__(self, variant, args, comm, groups):
         self.variant, self.args, self.comm = variant, args, comm
         self.dtype = DTYPES[args.dtype]
-        self.model = make_model(args, self.dtype)
+        self.model = make_model(args, self.dtype).to(args.device)
         pg = groups["ringlab"] if variant == "ringlab-pg" else groups["gloo"]
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, process_group=pg, bucket_cap_mb=args.bucket_mb)
         self.sizes = {}
@@ -124,12 +126,15 @@ class TrainingRun:
 
     def step(self, i):
         x, y = teacher_data(self.args, self.args.batch, seed=1 + i * self.comm.size + self.comm.rank, dtype=self.dtype)
+        x, y = x.to(self.args.device), y.to(self.args.device)
         self.comm.Barrier()
         t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(self.ddp(x).float(), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.args.device == "cuda":
+            torch.cuda.synchronize()      # the step's kernels, not only their launches
         self.times.append(time.perf_counter() - t0)
         self.losses.append(loss.item())
 
@@ -137,9 +142,10 @@ class TrainingRun:
         """The run's numbers, identical on every rank (collective: every rank calls it)."""
         comm, args = self.comm, self.args
         x, y = teacher_data(args, 4096, seed=2 ** 31 - 1, dtype=self.dtype)
+        x, y = x.to(args.device), y.to(args.device)
         with torch.no_grad():
             final = torch.nn.functional.cross_entropy(self.model(x).float(), y).item()
-        flat = torch.cat([p.detach().float().reshape(-1) for p in self.model.parameters()]).numpy()
+        flat = torch.cat([p.detach().float().reshape(-1) for p in self.model.parameters()]).cpu().numpy()
         everyone = comm.allgather(flat)
         warm = min(5, len(self.times) - 1)
         step_time = max(comm.allgather(float(np.median(self.times[warm:]))))
@@ -175,7 +181,8 @@ def plot(results, path, meta):
         dx.plot(curve - ref, linewidth=1.0)
     ax.set_ylabel("training loss (mean over ranks)")
     ax.set_yscale("log")
-    ax.set_title(f"DDP, {meta['nranks']} ranks on CPU, {meta['params']:,} parameters, {meta['dtype']}")
+    where = meta.get("device", "cpu").upper()
+    ax.set_title(f"DDP, {meta['nranks']} ranks on {where}, {meta['params']:,} parameters, {meta['dtype']}")
     ax.legend(fontsize=8)
     dx.set_yscale("symlog", linthresh=1e-4)
     dx.set_xlabel("step")
@@ -188,6 +195,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
+    if args.device == "cuda":   # rank r -> GPU (local rank) % count: ranks may share a GPU
+        from ringlab.arrays import use_local_gpu
+        torch.cuda.set_device(use_local_gpu(comm))
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -207,7 +217,8 @@ def main(argv=None):
             agree = "bitwise" if r["params_bitwise_equal"] else f"{r['params_max_abs_diff']:.1e}"
             print(f"{r['variant']:>11} {r['final_loss']:11.5f} {gap:>9} {r['step_time_ms']:8.2f} "
                   f"{r['wire_bytes_per_step']:11,d} {agree:>12}")
-        meta = run_metadata(comm, torch=torch.__version__, dtype=args.dtype, params=results[0]["params"],
+        meta = run_metadata(comm, torch=torch.__version__, dtype=args.dtype, device=args.device,
+                            params=results[0]["params"],
                             args=vars(args))
         if args.json:
             with open(args.json, "w") as f:

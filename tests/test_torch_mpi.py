@@ -65,3 +65,15 @@ def test_bucket_sizes_that_differ_across_ranks_raise_on_every_rank(run_mpi):
 def test_torch_distributed_backend_ringlab(run_mpi):
     res = run_mpi(3, WORKER, "backend", timeout=120, env=ENV)
     _ok_lines(res, 3)
+
+
+@pytest.mark.gpu
+def test_ddp_hooks_on_cuda_tensors(run_mpi):
+    """CUDA buckets through the hooks' CuPy paths (for a device run: skipped without a GPU)."""
+    from ringlab.arrays import gpu_available
+    import torch
+    if not gpu_available() or not torch.cuda.is_available():
+        pytest.skip("no usable CUDA GPU with CuPy and torch.cuda")
+    res = run_mpi(2, WORKER, "train", json.dumps({"exact": ["ring", "ring-inline"], "rtol": 1e-4}), *TINY,
+                  "--device", "cuda", "--variants", "gloo,ring,ring-inline,fp8,fp8-ef", timeout=300, env=ENV)
+    _ok_lines(res, 2)

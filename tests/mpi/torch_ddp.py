@@ -30,9 +30,10 @@ def mode_train(argv):
     rows = {r["variant"]: r for r in ddp_train.main(argv[1:])}
     exact = rows["gloo"]["final_loss"]
     for name in checks.get("exact", []):
-        assert abs(rows[name]["final_loss"] - exact) <= 1e-5 * exact, (name, rows[name]["final_loss"], exact)
+        rtol = checks.get("rtol", 1e-5)
+        assert abs(rows[name]["final_loss"] - exact) <= rtol * exact, (name, rows[name]["final_loss"], exact)
         curve, ref = np.array(rows[name]["loss_curve"]), np.array(rows["gloo"]["loss_curve"])
-        assert np.allclose(curve, ref, rtol=checks.get("rtol", 1e-5)), (name, np.abs(curve - ref).max())
+        assert np.allclose(curve, ref, rtol=rtol), (name, np.abs(curve - ref).max())
     for r in rows.values():
         assert r["params_bitwise_equal"], (r["variant"], r["params_max_abs_diff"])
     if "ef" in checks:
