@@ -77,7 +77,6 @@ def test_allreduce_on_one_rank_in_and_out_of_place(dtype):
     assert torch.equal(out, t)
 
 
-@pytest.mark.xfail(reason="waits for @returns_input_type on api.py's collectives", strict=False)
 def test_torch_in_torch_out():
     """out=None returns a torch tensor for torch input (``@returns_input_type`` on the api's collectives)."""
     t = torch.arange(8, dtype=torch.bfloat16)
@@ -88,7 +87,6 @@ def test_torch_in_torch_out():
     assert isinstance(ringlab.allreduce(np.ones(3)), np.ndarray)
 
 
-@pytest.mark.xfail(reason="allreduce_fp8 (fp8.py) does not carry @returns_input_type yet", strict=False)
 def test_torch_in_torch_out_fp8():
     assert isinstance(ringlab.allreduce_fp8(torch.ones(8)), torch.Tensor)
 
