@@ -5,6 +5,7 @@
 #   bash experiments/device_run.sh bench     # one GPU, ranks sharing it: the data-path, small-message, FP8, overlap, sweep benchmarks
 #   bash experiments/device_run.sh kernels   # kernel speed (device time vs a device copy) and host cost per launch
 #   bash experiments/device_run.sh multigpu  # one rank per GPU: FP8 bit-exact across GPUs, FP8 and fp32 rings vs NCCL
+#   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks: the persistent-kernel ring, MPS on then off
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -25,6 +26,11 @@ kernel_speed() {  # kernel_speed SECONDS: quick bit-exact sweep, then the kernel
   step kernels_check "$1" python3 experiments/device_kernels_check.py --quick --n 65539 --iters 10 \
     --json "$RES/kernels_speed_gpu.json"
 }
+mps_start() {  # MPS control daemon, pipe and log directories under /tmp (README: ranks sharing one GPU)
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"; nvidia-cuda-mps-control -d; sleep 1
+}
+mps_stop() { echo quit | nvidia-cuda-mps-control; sleep 2; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; }
 nvidia-smi -L | tee -a "$summary"
 case "${1:-check}" in
 check)
@@ -56,6 +62,18 @@ bench)
 kernels)  # kernel speed (device time, queued launches) and what one launch costs the host
   kernel_speed 330
   step launch_overhead 60 python3 experiments/launch_overhead.py --json "$RES/launch_overhead.json"
+  ;;
+device-ring)  # the persistent-kernel ring (docs/device_ring.md): bit-exact checks, stalled peer, benchmarks
+  stall="env RINGLAB_ABORT_ON_TIMEOUT=0 RINGLAB_TIMEOUT=2 mpirun -n 3 python3 tests/mpi/device_ring_check.py --stall --mode per-rank"
+  bench="env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_ring_bench.py --iters 10"
+  mps_start
+  step device_ring_check_n2 90 mpirun -n 2 python3 tests/mpi/device_ring_check.py
+  step device_ring_check_n8 120 mpirun -n 8 python3 tests/mpi/device_ring_check.py
+  step device_ring_stall 60 $stall
+  step device_ring_mps 150 $bench --json "$RES/h200_n8_mps.json"
+  mps_stop
+  step device_ring_nomps 120 $bench --variants ipc-shared,oneshot,twoshot --large-variants ipc-shared \
+    --json "$RES/h200_n8_nomps.json"
   ;;
 multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp32 rings vs NCCL
   nvidia-smi topo -m > "$RES/topology.txt" 2>&1; cat "$RES/topology.txt"
