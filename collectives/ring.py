@@ -1,30 +1,36 @@
-"""Ring reduce-scatter, ring all-gather, and ring all-reduce = reduce-scatter then all-gather.
+"""Ring reduce-scatter, ring all-gather, and ring all-reduce, run as the ring's primitives (primitives.py).
 
-The executor walks the pure schedule in ``schedule.py`` over a transport that moves host bytes;
-the picture below is that schedule for N = 4 ranks a, b, c, d and chunks 0..3 (the ring derivation).
-
-    reduce-scatter: at step s rank r sends chunk (r-s) to r+1, receives chunk (r-s-1) from r-1, adds
-
-              a ──▶ b ──▶ c ──▶ d ──┐
-              ▲                     │
-              └─────────────────────┘
-      step   a sends        b sends        c sends        d sends
-        0    a0             b1             c2             d3
-        1    a3+d3          b0+a0          c1+b1          d2+c2
-        2    a2+c2+d2       b3+a3+d3       c0+a0+b0       d1+b1+c1
-      after: a owns chunk 1 (a1+b1+c1+d1), b owns 2, c owns 3, d owns 0   -> rank r owns (r+1) mod N
-
-    all-gather: the same walk without the addition: at step s rank r sends chunk (r+1-s),
-    receives chunk (r-s) and overwrites its copy. After N-1 steps every rank holds every sum.
-
-    Per rank: 2(N-1) messages of S/N bytes = 2(N-1)/N * S, which does not grow with N.
+On a host transport each neighbouring pair of primitives is one sendrecv; the picture is the schedule.
 """
+# The schedule for N = 4 ranks a, b, c, d and chunks 0..3 (the ring derivation):
+#
+#     reduce-scatter: at step s rank r sends chunk (r-s) to r+1, receives chunk (r-s-1) from r-1, adds
+#
+#               a ──▶ b ──▶ c ──▶ d ──┐
+#               ▲                     │
+#               └─────────────────────┘
+#       step   a sends        b sends        c sends        d sends
+#         0    a0             b1             c2             d3
+#         1    a3+d3          b0+a0          c1+b1          d2+c2
+#         2    a2+c2+d2       b3+a3+d3       c0+a0+b0       d1+b1+c1
+#       after: a owns chunk 1 (a1+b1+c1+d1), b owns 2, c owns 3, d owns 0   -> rank r owns (r+1) mod N
+#
+#     all-gather: the same walk without the addition: at step s rank r sends chunk (r+1-s),
+#     receives chunk (r-s) and overwrites its copy. After N-1 steps every rank holds every sum.
+#
+#     As primitives (NCCL's runRing): send, recv_reduce_send x N-2, recv_reduce_copy_send (avg divides
+#     here, at the owner), recv_copy_send x N-2, recv.
+#
+#     Per rank: 2(N-1) messages of S/N bytes = 2(N-1)/N * S, which does not grow with N.
+
 import numpy as np
 
 from ringlab.arrays import array_module
 from ringlab import faults
 from ringlab.ops import reduce_into
-from ringlab.schedule import chunk_bounds, ring_allgather_schedule, ring_reduce_scatter_schedule
+from ringlab.primitives import (program_steps, ring_allgather_program, ring_allreduce_program,
+                                ring_reduce_scatter_program)
+from ringlab.schedule import chunk_bounds
 
 __all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace", "scratch_buffer",
            "divide_inplace"]
@@ -44,64 +50,63 @@ def divide_inplace(chunk, n):
     array_module(chunk).divide(chunk, n, out=chunk, casting="unsafe")
 
 
+def _run_program(buf, transport, program, op="sum", trace=None, cache=None):
+    """Execute one rank's primitives over ``transport``: each step sends one primitive's chunk and
+    receives the next primitive's, reducing it (into a scratch buffer first) or receiving in place
+    (the chunk being overwritten is never the one being sent)."""
+    n = transport.comm.size
+    bounds = chunk_bounds(buf.size, n)
+    xp = array_module(buf)
+    fault = faults.ring_step_hook(transport.comm.rank)  # None unless a test planned a fault (RINGLAB_FAULT)
+    recv_all = None
+    for out, into in program_steps(program):
+        st = out.send                                   # the schedule step this sendrecv is (= into.recv)
+        if fault is not None:
+            fault(st)
+        s0, s1 = bounds[st.send_chunk]
+        r0, r1 = bounds[st.recv_chunk]
+        what = f"ring {st.phase} step {st.step}"
+        if into.reduce:
+            if recv_all is None:
+                largest = bounds[0][1] - bounds[0][0]
+                recv_all = scratch_buffer(cache if cache is not None else {}, "recv" if xp is np else "recv-device",
+                                          largest * buf.itemsize, buf.dtype, xp)
+            recv = recv_all[: r1 - r0]
+            transport.sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from, what=what)
+            reduce_into(buf[r0:r1], recv, op, xp)
+        else:
+            transport.sendrecv(buf[s0:s1], st.send_to, buf[r0:r1], st.recv_from, what=what)
+        if trace is not None:
+            trace(st, buf)
+        if into.final and op == "avg":
+            divide_inplace(buf[r0:r1], n)               # avg's post-op, once, at the chunk's owner
+
+
 def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, cache=None):
     """Reduce-scatter a flat buffer in place around the ring (host memory, or device memory when
     the transport is CUDA-aware).
 
     Afterwards this rank's chunk ``reduce_scatter_owner(rank, N, rotate)`` holds the reduction of
     every rank's copy of that chunk; other chunks hold partial sums. ``trace(step, buf)`` is called
-    after each step (the walkthrough uses it).
+    after each step (the walkthrough uses it). ``avg`` accumulates a sum here (the caller divides).
     """
     comm = transport.comm
-    n, r = comm.size, comm.rank
-    bounds = chunk_bounds(buf.size, n)
-    largest = bounds[0][1] - bounds[0][0]
-    xp = array_module(buf)
-    recv_all = scratch_buffer(cache if cache is not None else {}, "recv" if xp is np else "recv-device",
-                              largest * buf.itemsize, buf.dtype, xp)
-    fault = faults.ring_step_hook(r)  # None unless a test planned a fault (RINGLAB_FAULT) for this rank
-    for st in ring_reduce_scatter_schedule(r, n, rotate):
-        if fault is not None:
-            fault(st)
-        s0, s1 = bounds[st.send_chunk]
-        r0, r1 = bounds[st.recv_chunk]
-        recv = recv_all[: r1 - r0]
-        transport.sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from,
-                           what=f"ring reduce-scatter step {st.step}")
-        reduce_into(buf[r0:r1], recv, op, xp)
-        if trace is not None:
-            trace(st, buf)
+    _run_program(buf, transport, ring_reduce_scatter_program(comm.rank, comm.size, rotate),
+                 "sum" if op == "avg" else op, trace, cache)
 
 
 def ring_allgather_inplace(buf, transport, rotate=0, trace=None):
     """All-gather a flat host buffer in place: every rank starts owning chunk
     ``reduce_scatter_owner(rank, N, rotate)`` and ends with all chunks."""
     comm = transport.comm
-    n, r = comm.size, comm.rank
-    bounds = chunk_bounds(buf.size, n)
-    fault = faults.ring_step_hook(r)
-    for st in ring_allgather_schedule(r, n, rotate):
-        if fault is not None:
-            fault(st)
-        s0, s1 = bounds[st.send_chunk]
-        r0, r1 = bounds[st.recv_chunk]
-        # Receive straight into place: the chunk being overwritten is never the one being sent.
-        transport.sendrecv(buf[s0:s1], st.send_to, buf[r0:r1], st.recv_from,
-                           what=f"ring all-gather step {st.step}")
-        if trace is not None:
-            trace(st, buf)
+    _run_program(buf, transport, ring_allgather_program(comm.rank, comm.size, rotate), trace=trace)
 
 
 def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
-    """Ring all-reduce of a flat host buffer, in place: reduce-scatter, then all-gather.
+    """Ring all-reduce of a flat host buffer, in place: the 2N-1 primitives of ``ring_allreduce_program``.
 
-    ``avg`` divides once, at the chunk's owner, between the phases; every rank then receives the
-    owner's bytes, so all ranks end bitwise identical.
+    ``avg`` divides once, at the chunk's owner (recv_reduce_copy_send's post-op); every rank then
+    receives the owner's bytes, so all ranks end bitwise identical.
     """
-    n = transport.comm.size
-    ring_reduce_scatter_inplace(buf, transport, op, trace=trace, cache=cache)
-    if op == "avg":
-        from ringlab.schedule import reduce_scatter_owner
-        lo, hi = chunk_bounds(buf.size, n)[reduce_scatter_owner(transport.comm.rank, n)]
-        divide_inplace(buf[lo:hi], n)
-    ring_allgather_inplace(buf, transport, trace=trace)
+    comm = transport.comm
+    _run_program(buf, transport, ring_allreduce_program(comm.rank, comm.size), op, trace, cache)
