@@ -28,6 +28,7 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import abort_job, handle_timeout
+from ringlab.gpu.peer_memory import _check, _driver   # the CUDA driver calls, checked
 from ringlab.kernels.optable import OP_TABLE
 from ringlab.kernels.cuda_reduce import TASK_DTYPE, reduce_kernel_vec, step_kernel
 from ringlab import settings
@@ -54,18 +55,6 @@ def _kernel(op, last_avg=False):
         else:
             _kernels[key] = cupy.ElementwiseKernel("T a, T b", "T out", _EXPR[op], f"ringlab_{op}")
     return _kernels[key]
-
-
-def _driver():
-    from cuda.bindings import driver
-    return driver
-
-
-def _check(result, what):
-    err = result[0] if isinstance(result, tuple) else result
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: CUresult {int(err)}")
-    return result[1:] if isinstance(result, tuple) and len(result) > 1 else None
 
 
 def _wrap(ptr, count, dtype, owner):
