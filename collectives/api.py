@@ -199,7 +199,8 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     ``out=None`` allocates, ``out=x`` works in place. ``op``: sum, prod, max, min, avg. Every rank
     ends bitwise identical. ``timeout`` (s) bounds each wait; ``validate=False`` skips the
     cross-rank argument check (for benchmarks). ``transport`` (device arrays): settings.TRANSPORTS
-    ("auto", "ipc", "ipc:K" for K pipeline slices, "ipc-host", "ipc-shared", "mpi", "staged").
+    ("auto", "device" for the persistent-kernel ring, "ipc", "ipc:K" for K pipeline slices, "ipc-host", "ipc-shared",
+    "mpi", "staged").
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
     box = []
@@ -247,6 +248,10 @@ def _device_allreduce(a, res, op, algo, comm, timeout, transport):
     if algo != "ring":
         return False
     name, slices, _ = select_transport(comm, transport)
+    if name == "device" and a.dtype.name in IPC_DTYPES:
+        from ringlab.gpu.device_ring import get_device_ring
+        get_device_ring(comm, timeout).allreduce(src, res.reshape(-1), op, timeout=timeout)
+        return True
     if name in ("ipc", "ipc-host", "ipc-shared") and a.dtype.name in IPC_DTYPES:
         from ringlab.gpu.ipc import get_ipc_ring
         ring = get_ipc_ring(comm, slices, {"ipc": "stream", "ipc-host": "host", "ipc-shared": "shared"}[name])
@@ -267,7 +272,7 @@ def _device_ring_transport(comm, transport, what):
     Neither has a CUDA IPC executor yet: an explicit IPC transport is an error, auto falls back.
     """
     name, _, _ = select_transport(comm, transport)
-    if name in ("ipc", "ipc-host", "ipc-shared"):
+    if name in ("device", "ipc", "ipc-host", "ipc-shared"):
         if transport is not None and parse_transport(transport)[0] != "auto":
             raise ValueError(f"{what} has no CUDA IPC path yet: use transport 'mpi' (CUDA-aware MPI) or 'staged'")
         name = "mpi" if cuda_aware_mpi(comm) else "staged"

@@ -141,7 +141,7 @@ def fp8_transport(transport, a):
     if transport is None:
         return None
     name, slices = parse_transport(transport)
-    if name in ("ipc-host", "ipc-shared") or slices != 1:
+    if name in ("device", "ipc-host", "ipc-shared") or slices != 1:
         raise ValueError(f"transport {transport!r}: the FP8 ring over IPC has one flavour, 'ipc'; "
                          f"expected one of {', '.join(FP8_TRANSPORTS)}")
     if name not in ("auto", "mpi") and not is_device_array(a):
@@ -216,7 +216,7 @@ def _device_route(comm, algo, transport):
     if transport in ("ipc", "mpi", "staged"):
         return transport
     name, _, _ = select_transport(comm, None)
-    if name in ("ipc", "ipc-shared", "ipc-host"):
+    if name in ("device", "ipc", "ipc-shared", "ipc-host"):
         return "ipc" if algo == "fp8-ring" else ("mpi" if cuda_aware_mpi(comm) else "staged")
     return "mpi" if name == "mpi" else "staged"
 

@@ -73,7 +73,7 @@ def _tristate(raw):
 
 # The one transport vocabulary for device buffers (``transport=`` and $RINGLAB_TRANSPORT); "ipc:K" adds
 # K pipeline slices per ring step.
-TRANSPORTS = ("auto", "ipc", "ipc-host", "ipc-shared", "mpi", "staged")
+TRANSPORTS = ("auto", "device", "ipc", "ipc-host", "ipc-shared", "mpi", "staged")
 
 
 def parse_transport(text, default_slices=1):
@@ -119,7 +119,7 @@ SETTINGS = {s.name: s for s in [
             "declared node size for the hierarchical algorithms (default: MPI's shared-memory split)"),
     Setting("RINGLAB_TUNING", None, _path, "a file path",
             "algo='auto' tuning file (default ~/.cache/ringlab/tuning.json; `python -m ringlab.bench.tuner`)"),
-    Setting("RINGLAB_TRANSPORT", "auto", _transport, "auto, ipc[:K], ipc-host, ipc-shared, mpi, staged",
+    Setting("RINGLAB_TRANSPORT", "auto", _transport, "auto, device, ipc[:K], ipc-host, ipc-shared, mpi, staged",
             "device-buffer transport (same vocabulary as transport=)"),
     Setting("RINGLAB_IPC_SLICES", 1, _positive_int, "a whole number >= 1",
             "pipeline slices per ring step of the CUDA IPC ring when transport= names none"),

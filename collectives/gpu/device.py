@@ -1,9 +1,9 @@
 """Which transport moves device (CuPy) buffers: IPC, CUDA-aware MPI, or host staging."""
-# IPC when every rank has a GPU on one node (``ipc-shared`` when they all share one GPU, whose
+# IPC when every rank has a GPU on one node (``device``, the persistent-kernel ring, when they all share one GPU, whose
 # processes would otherwise time-slice at every ring step); CUDA-aware MPI when the library says so and a guarded
 # probe (in a child process, since a non-CUDA-aware MPI segfaults on device pointers) agrees;
-# otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, ipc,
-# ipc-host, ipc-shared, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
+# otherwise staging through pinned host memory. $RINGLAB_TRANSPORT overrides: auto, device (persistent kernel),
+# ipc, ipc-host, ipc-shared, mpi (CUDA-aware), staged; ``ipc:4`` sets 4 pipeline slices per step.
 
 import subprocess
 import sys
@@ -80,7 +80,8 @@ def select_transport(comm, requested=None):
         if ok:
             from ringlab.gpu.ipc import all_ranks_share_one_gpu
             if comm.size > 1 and all_ranks_share_one_gpu(comm):
-                state["transport"] = ("ipc-shared", f"{why}; all {comm.size} ranks share one GPU: one context drives the ring")
+                state["transport"] = ("device", f"{why}; all {comm.size} ranks share one GPU: the persistent-kernel "
+                                      "ring (per-rank kernels under MPS, else one context drives every rank)")
             else:
                 state["transport"] = ("ipc", why)
         elif cuda_aware_mpi(comm):
