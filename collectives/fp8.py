@@ -106,7 +106,7 @@ def fp8_direct_allreduce(x, out, transport, codec, op="sum"):
     bounds = chunk_bounds(x.size, n)
     send, recv = _message_pair(codec, bounds)
     lo, hi = bounds[r]
-    acc = codec.accumulator(x[lo:hi])          # own addend: exact, never quantized
+    acc = codec.accumulator(x[lo:hi], out[lo:hi])    # own addend, exact; in out's slice when out is fp32
     for k, (dest, chunk, source) in enumerate(direct_exchange_schedule(r, n)):
         c0, c1 = bounds[chunk]
         codec.quantize(x[c0:c1], send[: codec.nbytes(c1 - c0)])

@@ -11,7 +11,21 @@ from ringlab.kernels.formats import check_block, fp8_format
 from ringlab.kernels.reference import (dequant_accumulate_reference, dequant_add_requant_reference, dequantize_fp8_blockwise,
                         fp8_message_nbytes, quantize_fp8_blockwise, split_fp8_message)
 
-__all__ = ["HostFp8Codec", "DeviceFp8Codec", "codec_for"]
+__all__ = ["HostFp8Codec", "DeviceFp8Codec", "codec_for", "PIECE_BLOCKS"]
+
+# The host codec works through a chunk PIECE_BLOCKS blocks at a time: blocks are independent (one scale
+# each), so the bytes are those of one whole-chunk call, while the fp32 temporaries stay a few pieces
+# (about 64 KB each) instead of several chunk-sized arrays (the FP8 collectives' peak memory, issue 15).
+PIECE_BLOCKS = 128
+
+
+def _pieces(count, block):
+    """(p0, p1, b0, b1): element and block ranges of consecutive block-aligned pieces of a chunk."""
+    step = max(1, PIECE_BLOCKS) * block
+    if count <= step:
+        return [(0, count, 0, -(-count // block))]
+    return [(p0, min(p0 + step, count), p0 // block, -(-min(p0 + step, count) // block))
+            for p0 in range(0, count, step)]
 
 
 class HostFp8Codec:
@@ -34,27 +48,37 @@ class HostFp8Codec:
 
     def quantize(self, x, msg):
         codes, scales = self._split(msg, x.size)
-        quantize_fp8_blockwise(x, self.fmt, self.block, codes=codes, scales=scales)
+        for p0, p1, b0, b1 in _pieces(x.size, self.block):
+            quantize_fp8_blockwise(x[p0:p1], self.fmt, self.block, codes=codes[p0:p1], scales=scales[b0:b1])
 
     def dequantize(self, msg, out):
         codes, scales = self._split(msg, out.size)
-        dequantize_fp8_blockwise(codes, scales, self.fmt, self.block, out=out)
+        for p0, p1, b0, b1 in _pieces(out.size, self.block):
+            dequantize_fp8_blockwise(codes[p0:p1], scales[b0:b1], self.fmt, self.block, out=out[p0:p1])
 
     def hop(self, local, peer_msg, new_msg, out=None, divide_by=1):
         """new_msg = quantize((local + dequantize(peer_msg)) / divide_by); out = dequantize(new_msg)."""
         codes, scales = self._split(peer_msg, local.size)
         new_codes, new_scales = self._split(new_msg, local.size)
-        c, s = dequant_add_requant_reference(local, codes, scales, self.fmt, self.block, divide_by, out=out)
-        new_codes[...] = c
-        new_scales[...] = s
+        for p0, p1, b0, b1 in _pieces(local.size, self.block):
+            c, s = dequant_add_requant_reference(local[p0:p1], codes[p0:p1], scales[b0:b1], self.fmt, self.block,
+                                                 divide_by, out=None if out is None else out[p0:p1])
+            new_codes[p0:p1] = c
+            new_scales[b0:b1] = s
 
-    def accumulator(self, x):
-        """An fp32 copy of ``x`` to accumulate dequantized peers into."""
+    def accumulator(self, x, into=None):
+        """An fp32 copy of ``x`` to accumulate dequantized peers into: ``into`` itself when it is a host
+        fp32 array (the owner's slice of the output: no extra chunk), else a new array."""
+        if into is not None and into.dtype == np.float32 and isinstance(into, np.ndarray):
+            if into.ctypes.data != x.ctypes.data:      # out is x: the slice already holds the addend
+                into[...] = x
+            return into
         return x.astype(np.float32, copy=True)
 
     def accumulate(self, acc, peer_msg):
         codes, scales = self._split(peer_msg, acc.size)
-        dequant_accumulate_reference(acc, codes, scales, self.fmt, self.block)
+        for p0, p1, b0, b1 in _pieces(acc.size, self.block):
+            dequant_accumulate_reference(acc[p0:p1], codes[p0:p1], scales[b0:b1], self.fmt, self.block)
 
     def exchange(self, transport, send_msg, send_count, dest, recv_msg, recv_count, source, what=""):
         """Send the first message to ``dest`` while receiving one from ``source`` (raw bytes)."""
@@ -96,7 +120,7 @@ class DeviceFp8Codec(HostFp8Codec):
         self._k.dequant_add_requant_device(local, codes, scales, new_codes, new_scales, self.fmt, self.block,
                                            out=out, divide_by=divide_by)
 
-    def accumulator(self, x):
+    def accumulator(self, x, into=None):
         return x.astype(np.float32, copy=True) if str(x.dtype) != "bfloat16" else self._bf16_to_f32(x)
 
     def _bf16_to_f32(self, x):

@@ -305,3 +305,48 @@ def _device_module():
         return np, np.asarray
     cupy = pytest.importorskip("cupy")
     return cupy, cupy.asnumpy
+
+
+# ---- the host codec works piece by piece: the bytes of one whole-chunk call -------------------------
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, bfloat16])
+def test_host_codec_pieces_are_bitwise_the_whole_chunk_reference(monkeypatch, fmt, block, dtype):
+    """PIECE_BLOCKS bounds the codec's temporaries (peak memory); blocks are independent, so no bit may change."""
+    from ringlab.kernels import codec as codec_mod
+    rng = np.random.default_rng(block)
+    n = 10 * block + 17                                       # several pieces and a short last block
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)).astype(dtype)
+    x[block:2 * block] = 0
+    x[[3, 5 * block + 1]] = np.nan
+    x[7] = np.inf
+    y = (rng.standard_normal(n) * 100).astype(dtype)
+    whole_c, whole_s = quantize_fp8_blockwise(x, fmt, block)
+    peer_c, peer_s = quantize_fp8_blockwise(y, fmt, block)
+    hop_c, hop_s = dequant_add_requant_reference(x, peer_c, peer_s, fmt, block, divide_by=3)
+    hop_out = np.empty(n, dtype)
+    dequant_add_requant_reference(x, peer_c, peer_s, fmt, block, divide_by=3, out=hop_out)
+    acc_ref = dequant_accumulate_reference(x.astype(np.float32), peer_c, peer_s, fmt, block)
+    for piece_blocks in (1, 3, 128):
+        monkeypatch.setattr(codec_mod, "PIECE_BLOCKS", piece_blocks)
+        codec = codec_mod.HostFp8Codec(fmt, block)
+        msg, peer, new = codec.message(n), codec.message(n), codec.message(n)
+        codec.quantize(x, msg)
+        codes, scales = split_fp8_message(msg, n, block)
+        assert np.array_equal(codes, whole_c) and np.array_equal(scales.view(np.uint32), whole_s.view(np.uint32))
+        decoded = np.empty(n, dtype)
+        codec.dequantize(msg, decoded)
+        ref = dequantize_fp8_blockwise(whole_c, whole_s, fmt, block, dtype=dtype)
+        assert np.array_equal(decoded.view(np.uint8), np.asarray(ref, dtype).view(np.uint8))
+        codec.quantize(y, peer)
+        out = np.empty(n, dtype)
+        codec.hop(x, peer, new, out=out, divide_by=3)
+        codes, scales = split_fp8_message(new, n, block)
+        assert np.array_equal(codes, hop_c) and np.array_equal(scales.view(np.uint32), hop_s.view(np.uint32))
+        assert np.array_equal(out.view(np.uint8), hop_out.view(np.uint8))
+        into = np.empty(n, dtype)
+        acc = codec.accumulator(x, into)
+        assert (acc is into) == (dtype == np.float32) and acc.dtype == np.float32
+        codec.accumulate(acc, peer)
+        assert np.array_equal(acc.view(np.uint32), acc_ref.view(np.uint32))

@@ -10,6 +10,12 @@ def test_fp8_allreduce(run_mpi, nprocs):
     assert f"checks on {nprocs} ranks" in res.stdout and res.stdout.startswith("OK")
 
 
+def test_fp8_allreduce_in_codec_pieces(run_mpi):
+    """Chunks cut into pieces of 2 blocks by the host codec: still bitwise the one-process simulation."""
+    res = run_mpi(3, "tests/mpi/fp8_allreduce_check.py", "--small-pieces", timeout=120)
+    assert "checks on 3 ranks" in res.stdout and res.stdout.startswith("OK")
+
+
 def test_fp8_allreduce_8_ranks(run_mpi):
     res = run_mpi(8, "tests/mpi/fp8_allreduce_check.py", "--quick", timeout=180)
     assert "checks on 8 ranks" in res.stdout

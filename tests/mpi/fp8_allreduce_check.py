@@ -123,6 +123,9 @@ def expect_error(fn, words):
 
 def main():
     quick = "--quick" in sys.argv
+    if "--small-pieces" in sys.argv:     # the host codec's pieces (kernels/codec.py) far below the chunk sizes
+        from ringlab.kernels import codec
+        codec.PIECE_BLOCKS = 2
     counts = [0, 1, N + 1, 1000] if quick else [0, 1, N - 1, 1000, 4099]
     done = 0
     for count in counts:
