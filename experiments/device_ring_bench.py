@@ -24,14 +24,52 @@ from ringlab.gpu.device_ring import DeviceRing, mps_visible  # noqa: E402
 from experiments.gpu_datapath import copy_bandwidth  # noqa: E402
 
 
-def device_ring_variant(comm, ring):
+def device_ring_variant(comm, ring, name=None):
     def prepare(count, dtype, op):
         import cupy
         x, ref = pattern(count, dtype, comm.rank, op, cupy), reference(count, comm.size, op, cupy)
         y = cupy.empty_like(x)
         return Case(run=lambda: ring.allreduce(x, y, op), wrong=lambda: count_wrong(y, ref, dtype, op, comm.size, cupy),
                     sync=ring.synchronize, stream=cupy.cuda.get_current_stream())
-    return Variant(f"device-ring/{ring.mode}", prepare)
+    return Variant(name or f"device-ring/{ring.mode}", prepare)
+
+
+def loop_latency(comm, variants, counts, calls=50, rounds=5):
+    """nccl-tests' timing: ``calls`` back-to-back calls between two events after a barrier, per call, slowest
+    rank, median of ``rounds``. {variant: {bytes: us}}; every case is checked first (AssertionError if wrong)."""
+    import cupy
+    out = {}
+    for v in variants:
+        out[v.name] = {}
+        for count in counts:
+            case = v.prepare(count, "float32", "sum")
+            case.run(), case.sync()
+            wrong = int(comm.allreduce(int(case.wrong()), op=MPI.SUM))
+            assert wrong == 0, f"{v.name} {count * 4} B: #wrong {wrong}"
+            times = []
+            for _ in range(rounds):
+                comm.Barrier()
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record(case.stream)
+                for _ in range(calls):
+                    case.run()
+                end.record(case.stream)
+                end.synchronize()
+                case.sync()
+                times.append(comm.allreduce(cupy.cuda.get_elapsed_time(start, end) * 1e3 / calls, op=MPI.MAX))
+            case.close()
+            out[v.name][count * 4] = float(np.median(times))
+    return out
+
+
+def ring_shape(ring):
+    """Launch shape of a device ring's fp32-sum kernel (threads, max blocks per rank, registers per thread)."""
+    import cupy
+    if ring.fallback is not None:
+        return {}
+    fast = ring._launchers.get((cupy.dtype("float32"), "sum")) or ring._launcher(cupy.dtype("float32"), "sum")
+    return {"threads": fast.threads, "max_parts": fast.max_parts, "registers": fast.attribute("NUM_REGS"),
+            "stage_bytes": ring.stage_bytes}
 
 
 def host_per_call(comm, variant, latency_s):
@@ -142,6 +180,9 @@ def main():
     p.add_argument("--large-variants", default="ipc-shared,ipc")
     p.add_argument("--mode", default="auto", help="device ring mode: auto, per-rank, single-context")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--loop", type=int, default=50, help="back-to-back calls per timed round (nccl-tests style)")
+    p.add_argument("--shapes", default="1024x1,512x2", help="large-message launch shapes THREADSxBLOCKS_PER_SM "
+                   "tried beside the default 512x1")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     comm = MPI.COMM_WORLD
@@ -155,9 +196,19 @@ def main():
             return allreduce_variant(comm, name, algo=name, device=True)
         return allreduce_variant(comm, name, algo="ring", device=True, transport=name)
 
+    shapes = {"default": ring_shape(ring)}
+    counts = [s // 4 or 1 for s in args.sizes]
     small = [device_ring_variant(comm, ring)] + [today(v) for v in args.variants.split(",") if v]
-    rows = measure(comm, small, [s // 4 or 1 for s in args.sizes], iters=args.iters, warmup=5,
-                   baseline=small[0].name, progress=print)
+    zero_copy = None
+    if ring.mode == "per-rank":      # the same ring without the staging buffer: a handle swap per call
+        zero_copy = DeviceRing(comm, mode="per-rank", stage_bytes=0)
+        small.insert(1, device_ring_variant(comm, zero_copy, "device-ring/zero-copy"))
+        small.insert(1, allreduce_variant(comm, "api transport=device", algo="ring", device=True, transport="device"))
+    rows = measure(comm, small, counts, iters=args.iters, warmup=5, baseline=small[0].name, progress=print)
+    loops = loop_latency(comm, small[:3], counts, calls=args.loop)
+    if comm.rank == 0:
+        print("back-to-back (us/call):", {k: {b: round(t, 1) for b, t in v.items()} for k, v in loops.items()},
+              flush=True)
     first = {r.variant: r.time_us * 1e-6 for r in rows if r.count == rows[0].count}
     host = {v.name: host_per_call(comm, v, first.get(v.name, 1e-3)) * 1e6 for v in small}
     parts = host_breakdown(comm, ring) if ring.mode == "per-rank" else {}
@@ -168,6 +219,16 @@ def main():
     if ring.mode == "per-rank":
         traces = {str(c * 4): timeline(comm, ring, c) for c in (1024, 16384)}
     large = [device_ring_variant(comm, ring)] + [today(v) for v in args.large_variants.split(",") if v]
+    extra = []
+    if ring.mode == "per-rank":
+        for shape in [s for s in args.shapes.split(",") if s]:
+            threads, per_sm = (int(v) for v in shape.split("x"))
+            other = DeviceRing(comm, mode="per-rank", threads=threads, blocks_per_sm=per_sm)
+            shapes[shape] = ring_shape(other)
+            extra.append(other)
+            large.append(device_ring_variant(comm, other, f"device-ring/{shape}"))
+    if comm.rank == 0:
+        print("launch shapes:", shapes, flush=True)
     big = measure(comm, large, [s // 4 for s in args.large], iters=max(5, args.iters // 3), warmup=2, progress=print)
     bw = comm.bcast(copy_bandwidth() if comm.rank == 0 else None, root=0)
     for r in big:
@@ -180,9 +241,13 @@ def main():
             print(f"  {r.variant:>24s} {r.size >> 20:5d} MB  {r.note}")
     meta = run_metadata(comm, mode=ring.mode, mode_why=ring.mode_why, mps_visible=mps_visible(),
                         copy_bandwidth_Bps=bw, host_us_per_call=host, device_ring_host_pieces_us=parts, traces_ns=traces,
+                        back_to_back_us=loops, launch_shapes=shapes,
                         command=" ".join(sys.argv))
     if comm.rank == 0 and args.json:
         write_json(args.json, rows + big, meta)
+    for other in extra + [zero_copy]:
+        if other is not None:
+            other.close()
     ring.close()
 
 

@@ -5,7 +5,8 @@
 #   bash experiments/device_run.sh bench     # one GPU, ranks sharing it: the data-path, small-message, FP8, overlap, sweep benchmarks
 #   bash experiments/device_run.sh kernels   # kernel speed (device time vs a device copy) and host cost per launch
 #   bash experiments/device_run.sh multigpu  # one rank per GPU: FP8 bit-exact across GPUs, FP8 and fp32 rings vs NCCL
-#   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks: the persistent-kernel ring, MPS on then off
+#   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks, MPS on: the persistent-kernel ring's checks and bench
+#   bash experiments/device_run.sh device-ring-more  # the overlap experiment on it (MPS on), the no-MPS fallback rows
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -70,9 +71,18 @@ device-ring)  # the persistent-kernel ring (docs/device_ring.md): bit-exact chec
   step device_ring_check_n2 90 mpirun -n 2 python3 tests/mpi/device_ring_check.py
   step device_ring_check_n8 120 mpirun -n 8 python3 tests/mpi/device_ring_check.py
   step device_ring_stall 60 $stall
-  step device_ring_mps 150 $bench --json "$RES/h200_n8_mps.json"
+  step device_ring_stall_staged 60 $stall --stall-count 4096
+  step device_ring_mps 240 env DEVICE_RING_PROFILE=1 $bench --json "$RES/h200_n8_mps.json"
   mps_stop
-  step device_ring_nomps 120 $bench --variants ipc-shared,oneshot,twoshot --large-variants ipc-shared \
+  ;;
+device-ring-more)  # the overlap experiment over the device ring (MPS on), then the no-MPS fallback rows
+  bench="env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_ring_bench.py --iters 10"
+  mps_start
+  step overlap_device 200 env RINGLAB_TRANSPORT=device mpirun -n 8 python3 experiments/overlap.py --backend cupy \
+    --hidden 2048 --layers 16 --batch 8192 --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 3 \
+    --json "$RES/overlap_gpu_device_mps.json" --plot "$RES/overlap_gpu_device_mps.png"
+  mps_stop
+  step device_ring_nomps 150 $bench --variants ipc-shared,oneshot,twoshot --large-variants ipc-shared --shapes "" \
     --json "$RES/h200_n8_nomps.json"
   ;;
 multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp32 rings vs NCCL
@@ -85,7 +95,7 @@ multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp3
     --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
   ;;
 *)
-  echo "device_run.sh: unknown mode ${1}; modes: check, bench, kernels, multigpu" >&2; exit 2
+  echo "device_run.sh: unknown mode ${1}; modes: check, bench, kernels, multigpu, device-ring, device-ring-more" >&2; exit 2
   ;;
 esac
 cat "$summary"

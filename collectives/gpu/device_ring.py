@@ -1,7 +1,8 @@
 """Device-driven ring all-reduce: each call is ONE launch of the persistent ring kernel per rank.
 
 Under MPS (or one rank per GPU) the per-rank kernels co-run; ``mode="auto"`` probes that once and otherwise
-hands calls to the single-context SharedGpuRing. Stream-ordered, graph-capturable (docs/device_ring.md).
+hands calls to the single-context SharedGpuRing. Messages up to ``stage_bytes`` run in a staging buffer mapped once,
+so a call needs no host message. Stream-ordered, graph-capturable (docs/device_ring.md).
 """
 import ctypes
 import os
@@ -16,9 +17,10 @@ from ringlab.gpu.device_plan import address_row, launch_shape, program_table
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, STATUS_OK
 
-__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "PROBE_LIMIT_NS"]
+__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "PROBE_LIMIT_NS", "STAGE_BYTES"]
 
 THREADS = 512
+STAGE_BYTES = 1 << 20            # per rank: calls up to this size copy in and out of a buffer peers mapped once
 PROBE_LIMIT_NS = 2_000_000       # co-resident ring of <= 64 ranks: tens of us; time-sliced: milliseconds
 _HANDLE = 64                     # bytes of a CUDA IPC handle
 
@@ -33,9 +35,12 @@ class DeviceRing:
     """Ring all-reduce by one persistent kernel per rank. Collective: create and use on all ranks.
 
     ``mode``: "auto" (probe), "per-rank" (trust that kernels co-run) or "single-context" (SharedGpuRing).
+    ``threads`` per block and ``blocks_per_sm`` size the launch (every block of every rank must be resident);
+    ``stage_bytes``: calls up to this size go through the staging buffer (0: never).
     """
 
-    def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None):
+    def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
+                 blocks_per_sm=1, stage_bytes=STAGE_BYTES):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
@@ -50,7 +55,11 @@ class DeviceRing:
         # Every block of every rank must be resident at once (they wait on each other): one block per SM
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))
+        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or int(blocks_per_sm) < 1:
+            raise ValueError(f"threads must be a multiple of 32 in 32..1024 and blocks_per_sm >= 1, "
+                             f"got {threads}, {blocks_per_sm}")
+        self.threads, self.blocks_per_sm = int(threads), int(blocks_per_sm)
+        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms * self.blocks_per_sm // self.sharing)))
         self.peers = PeerMemory(comm)
         # words 0..MAX_PARTS-1: part p's progress counter (peers read it); MAX_PARTS..: part p's call count
         self.flags, mapped = self.peers.shared_words(2 * MAX_PARTS, {self.left, self.right})
@@ -71,6 +80,11 @@ class DeviceRing:
                                    f"no single-context fallback ({self.mode_why})")
             self.fallback = SharedGpuRing(comm, timeout=timeout)
         self.mode = mode
+        stage_bytes = comm.allreduce(int(stage_bytes), op=MPI.MIN)     # every rank must take the same path
+        self.stage_bytes = 0 if mode == "single-context" or self.n == 1 else stage_bytes // 16 * 16
+        if self.stage_bytes:        # ours, and our mapping of the left's: the same addresses every call
+            self.stage, mapped = self.peers.shared_words(self.stage_bytes // 8, {self.left})
+            self.left_stage = mapped[self.left]
 
     # -- the collective ---------------------------------------------------------------------------
     def allreduce(self, src, out, op="sum", timeout=None):
@@ -89,41 +103,70 @@ class DeviceRing:
             if out.data.ptr != src.data.ptr:
                 out[...] = src
             return True
-        self._launch(src, out, op, self.timeout if timeout is None else resolve_timeout(timeout))
+        limit = self.timeout if timeout is None else resolve_timeout(timeout)
+        if src.nbytes <= self.stage_bytes:
+            self._launch_staged(src, out, op, limit)
+        else:
+            self._launch(src, out, op, limit)
         return True
 
-    def _launch(self, src, out, op, limit, trace=None):
+    def _launch_staged(self, src, out, op, limit):
+        """copy src -> our stage; the ring in place on the stages (the left's mapped once); stage -> out."""
         import cupy
-        from ringlab.kernels.device import launch
-        from ringlab.kernels.ring_kernel import ring_kernel
+        rt = cupy.cuda.runtime
+        stream = cupy.cuda.get_current_stream()
+        trace = self.trace_enabled
+        table = self._tables.get(("stage", trace))
+        if table is None:
+            table = self._table(("stage", trace), self.stage, self.stage, self.left_stage, self.left_stage, trace)
+        rt.memcpyAsync(self.stage, src.data.ptr, src.nbytes, rt.memcpyDeviceToDevice, stream.ptr)
+        self._run(src, op, table, limit, stream)
+        rt.memcpyAsync(out.data.ptr, self.stage, src.nbytes, rt.memcpyDeviceToDevice, stream.ptr)
+
+    def _launch(self, src, out, op, limit, trace=None):
+        """The ring on the caller's buffers: swap their handles with the neighbours first (zero copy)."""
+        import cupy
         left_src, left_out = self._swap_with_neighbours(src, out)
         trace = self.trace_enabled if trace is None else trace
-        capturing = cupy.cuda.get_current_stream().is_capturing()
         key = (src.data.ptr, out.data.ptr, left_src, left_out, trace)
         table = self._tables.get(key)
         if table is None:
-            row = address_row(src.data.ptr, out.data.ptr, left_src, left_out, self.flags + 0, self.left_flags,
-                              self.right_flags, self.status_dev, self.trace_dev if trace else 0,
-                              self.flags + 8 * MAX_PARTS, self.rank, self.n)
-            table = self._cached(self._tables, key, np.array([row], np.int64), capturing)
+            table = self._table(key, src.data.ptr, out.data.ptr, left_src, left_out, trace)
+        self._run(src, op, table, limit, cupy.cuda.get_current_stream())
+
+    def _table(self, key, src, out, left_src, left_out, trace):
+        row = address_row(src, out, left_src, left_out, self.flags + 0, self.left_flags, self.right_flags,
+                          self.status_dev, self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS, self.rank, self.n)
+        return self._cached(self._tables, key, np.array([row], np.int64))
+
+    def _run(self, src, op, table, limit, stream):
+        """One cuLaunchKernel of the (dtype, op) kernel for ``src.size`` elements on ``stream``."""
         prog = self._progs.get(src.size)
         if prog is None:
-            prog = self._cached(self._progs, src.size, program_table(self.n, src.size, [self.rank]), capturing)
-        parts, slices = launch_shape(self.n, src.size, src.itemsize, self.max_parts)
-        limit_ns = 0 if limit is None else int(limit * 1e9)
-        kern = ring_kernel(src.dtype, op)
-        fast = self._launchers.get(kern)
-        if fast is None:      # first launch through numba (compiles, checks), then straight to the driver
-            launch(kern, (parts, 1), (THREADS, 1), np.uint64(table.data.ptr), np.uint64(prog.data.ptr),
-                   np.int64(2 * self.n - 1), np.int64(slices), np.uint64(limit_ns))
-            self._launchers[kern] = DriverLaunch.for_kernel(kern)
-            return
-        fast(parts, THREADS, cupy.cuda.get_current_stream().ptr, table.data.ptr, prog.data.ptr, 2 * self.n - 1,
-             slices, limit_ns)
+            prog = self._cached(self._progs, src.size, program_table(self.n, src.size, [self.rank]))
+        fast = self._launchers.get((src.dtype, op))
+        if fast is None:
+            fast = self._launcher(src.dtype, op)
+        parts, slices = launch_shape(self.n, src.size, src.itemsize, fast.max_parts)
+        fast(parts, fast.threads, stream.ptr, table.data.ptr, prog.data.ptr, 2 * self.n - 1, slices,
+             0 if limit is None else int(limit * 1e9))
 
-    def _cached(self, cache, key, host_table, capturing):
+    def _launcher(self, dtype, op):
+        """The compiled kernel's driver launcher, with threads and parts it can hold resident."""
+        from ringlab.kernels.ring_kernel import ring_kernel
+        fast = DriverLaunch.for_kernel(ring_kernel(dtype, op))
+        fast.threads = min(self.threads, fast.attribute("MAX_THREADS_PER_BLOCK") // 32 * 32)
+        resident = fast.blocks_per_sm(fast.threads)
+        if resident < 1:
+            raise RuntimeError(f"device ring: the {np.dtype(dtype).name} {op} kernel cannot run {fast.threads} threads")
+        fast.max_parts = self.max_parts if resident >= self.blocks_per_sm else \
+            max(1, self.max_parts * resident // self.blocks_per_sm)
+        self._launchers[(dtype, op)] = fast
+        return fast
+
+    def _cached(self, cache, key, host_table):
         import cupy
-        if capturing:
+        if cupy.cuda.get_current_stream().is_capturing():
             raise RuntimeError("device ring: the first call with these buffers (or this size) cannot be captured "
                                "in a CUDA graph (it uploads a table); run it once before capturing")
         if len(cache) > 64:
@@ -228,6 +271,7 @@ class DriverLaunch:
     def __init__(self, function):
         from cuda.bindings import driver
         self.d, self.function, self.streams = driver, function, {}
+        self.threads, self.max_parts = THREADS, 1
         self.values = (ctypes.c_uint64 * 5)()
         self.pointers = (ctypes.c_void_p * 5)(*[ctypes.addressof(self.values) + 8 * k for k in range(5)])
         self.params = ctypes.addressof(self.pointers)
@@ -242,6 +286,20 @@ class DriverLaunch:
             if int(err) != 0:
                 raise RuntimeError(f"cuKernelGetFunction failed: CUresult {int(err)}")
         return cls(handle)
+
+    def attribute(self, name):
+        """cuFuncGetAttribute(CU_FUNC_ATTRIBUTE_<name>) of the kernel, e.g. MAX_THREADS_PER_BLOCK, NUM_REGS."""
+        a = getattr(self.d.CUfunction_attribute, f"CU_FUNC_ATTRIBUTE_{name}")
+        err, value = self.d.cuFuncGetAttribute(a, self.function)
+        if int(err) != 0:
+            raise RuntimeError(f"cuFuncGetAttribute({name}) failed: CUresult {int(err)}")
+        return int(value)
+
+    def blocks_per_sm(self, threads):
+        err, value = self.d.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: CUresult {int(err)}")
+        return int(value)
 
     def __call__(self, parts, threads, stream_ptr, *args):
         stream = self.streams.get(stream_ptr)

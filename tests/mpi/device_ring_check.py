@@ -1,8 +1,9 @@
 """MPI worker (GPU): the device ring against the host ring, bit for bit; exits non-zero on failure.
 
-usage: device_ring_check.py [--mode auto|per-rank|single-context] [--stall]
+usage: device_ring_check.py [--mode auto|per-rank|single-context] [--stall [--stall-count C]]
 Checks every op and dtype, fp32 sum bit-exact vs the host MPI ring, all ranks identical, in place,
-repeated calls, CUDA-graph capture and replay. ``--stall``: rank 1 never calls; the others must get
+repeated calls, CUDA-graph capture and replay, the staged and the zero-copy paths, the public API's
+transport="device". ``--stall``: rank 1 never calls; the others must get
 CollectiveTimeout naming their stalled neighbour (needs RINGLAB_ABORT_ON_TIMEOUT=0).
 """
 import argparse
@@ -25,6 +26,7 @@ use_local_gpu(comm)
 p = argparse.ArgumentParser()
 p.add_argument("--mode", default="auto")
 p.add_argument("--stall", action="store_true")
+p.add_argument("--stall-count", type=int, default=1 << 20, help="elements of the stalled call (small: staged path)")
 args = p.parse_args()
 ring = DeviceRing(comm, timeout=2.0 if args.stall else 60.0, mode=args.mode)
 if rank == 0:
@@ -45,8 +47,8 @@ def same_everywhere(arr):
 
 if args.stall:
     if rank != 1:
-        x = cupy.ones(1 << 16, cupy.float32)
-        try:           # the neighbours of rank 1 stop at the host handshake, the others in the kernel
+        x = cupy.ones(args.stall_count, cupy.float32)
+        try:           # zero-copy: rank 1's neighbours stop at the host handshake; staged: every rank in the kernel
             ring.allreduce(x, cupy.empty_like(x))
             ring.synchronize()
             bad.append("no timeout")
@@ -61,7 +63,11 @@ if args.stall:
         print("device_ring_check stall OK" if ok else "device_ring_check stall FAIL", flush=True)
     sys.exit(0 if ok else 1)
 
-# fp32 sum: bit-exact vs the host ring, all ranks identical; sizes around chunk/slice/part edges
+# fp32 sum: bit-exact vs the host ring, all ranks identical; sizes around chunk/slice/part edges, through the
+# staging buffer (<= ring.stage_bytes), zero copy (a second ring without staging), alternating, and the public API
+import ringlab  # noqa: E402
+
+zero_copy = DeviceRing(comm, timeout=60.0, mode=ring.mode, stage_bytes=0)
 for count in (1, max(n - 1, 1), 1009, 100003, 1 << 20, (1 << 22) + 7):
     g = np.random.default_rng([rank, count])
     x = g.standard_normal(count).astype(np.float32)
@@ -75,6 +81,16 @@ for count in (1, max(n - 1, 1), 1009, 100003, 1 << 20, (1 << 22) + 7):
     ring.allreduce(dx, dx, "sum")                     # in place
     if not np.array_equal(dx.get().view(np.uint32), want.view(np.uint32)):
         bad.append(f"fp32 sum in place count={count}")
+    dx = cupy.asarray(x)
+    for other, what in ((zero_copy, "zero-copy"), (ring, "staged again"), (zero_copy, "zero-copy again")):
+        dy = cupy.full_like(dx, np.nan)
+        other.allreduce(dx, dy, "sum")
+        if not np.array_equal(dy.get().view(np.uint32), want.view(np.uint32)):
+            bad.append(f"fp32 sum {what} count={count}")
+    api = ringlab.allreduce(dx, transport="device")
+    if not np.array_equal(api.get().view(np.uint32), want.view(np.uint32)):
+        bad.append(f"fp32 sum ringlab.allreduce(transport='device') count={count}")
+zero_copy.close()
 
 # every op and dtype: against the host ring's rules (float64 reference for floats, exact for ints)
 for dtype in ("float32", "float16", "float64", "int32", "int64"):
