@@ -27,10 +27,10 @@ from ringlab.bench.harness import pattern, reference, rss_kib
 
 
 def ipc_handle_count():
-    """Sum of ``open_ipc_handles()`` over loaded collectives modules that offer it, else None."""
-    counts = [m.open_ipc_handles() for name, m in list(sys.modules.items())
-              if name.startswith("ringlab.") and callable(getattr(m, "open_ipc_handles", None))]
-    return sum(counts) if counts else None
+    """Sum of ``open_ipc_handles()`` over loaded ringlab modules that offer it (each function once), else None."""
+    found = {id(f): f for name, m in list(sys.modules.items()) if name.startswith("ringlab.")
+             for f in [getattr(m, "open_ipc_handles", None)] if callable(f)}
+    return sum(f() for f in found.values()) if found else None
 
 
 def snapshot(comm, cupy):

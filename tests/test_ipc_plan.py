@@ -1,13 +1,15 @@
-"""The pull plan the IPC rings execute on the GPU, run here with NumPy (no GPU, no MPI).
+"""The pull plan the IPC rings execute on the GPU, run here with NumPy (no GPU, no MPI); the executors' shape.
 
 Each step's entries must be independent of each other (the shared-GPU ring issues them in one
 launch, the per-rank ring runs them concurrently), so the plan is executed in both rank orders,
 in place and out of place, and must give every rank the exact sum.
 """
+import inspect
+
 import numpy as np
 import pytest
 
-from ringlab.gpu.ipc import ring_pull_plan
+from ringlab.gpu.ring_steps import ring_pull_plan
 
 
 def run_plan(srcs, outs, order):
@@ -46,3 +48,20 @@ def test_plan_follows_the_schedule_and_moves_5_n_minus_1_s(n):
     assert all(e[3] == (j == 0) for j, step in enumerate(plan) for e in step)
     moved = sum((3 if e[2] else 2) * (e[1] - e[0]) for step in plan for e in step)   # elements read + written
     assert moved == 5 * (n - 1) * count
+
+
+def test_gpu_executors_are_siblings_with_one_call_shape():
+    """No executor inherits another; each is composed from PeerMemory and is called allreduce(src, out, op, timeout)."""
+    from ringlab.gpu.device_ring import DeviceRing
+    from ringlab.gpu.fp8_ipc import Fp8IpcRing
+    from ringlab.gpu.ipc import IpcRing, SharedGpuRing, ring_pull_plan as reexported
+    from ringlab.gpu.ipc_direct import IpcDirect
+    assert reexported is ring_pull_plan
+    for cls in (IpcRing, SharedGpuRing, IpcDirect, Fp8IpcRing, DeviceRing):
+        assert cls.__bases__ == (object,), cls
+        params = list(inspect.signature(cls.allreduce).parameters)
+        assert params == ["self", "src", "out", "op", "timeout"], (cls, params)
+        assert inspect.signature(cls.allreduce).parameters["timeout"].default is None
+        assert isinstance(inspect.getattr_static(cls, "opened"), property), cls      # the leak check counts it
+    assert "algo" in inspect.signature(IpcDirect).parameters
+    assert {"fmt", "block"} <= set(inspect.signature(Fp8IpcRing).parameters)

@@ -7,15 +7,15 @@
 #                out_r[chunk c] = out_c[chunk c] for c != r                (all-gather by reads)
 #
 # Reads happen in rank order 0..N-1 on every rank, so all ranks hold bitwise-identical results.
-# Ordering uses the same device counters as the ring (``ipc.IpcRing``): each phase bumps the rank's
-# counter, the next phase waits until every peer's counter got there, and a call returns only after
-# every peer has finished reading this rank's buffers.
+# Ordering uses device counters, as the ring does (peer_memory.PeerMemory.counters): each phase bumps the
+# rank's counter, the next phase waits until every peer's counter got there, and a call returns only after
+# every peer has finished reading this rank's buffers. The algorithm is bound at construction.
 
 import numpy as np
 
-from ringlab.kernels.cuda_reduce import OP_CODES
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.ipc import IpcRing, cached_executor
+from ringlab.gpu.peer_memory import PeerMemory, cached_executor, forget_executor, stream_wait, stream_write
+from ringlab.kernels.cuda_reduce import OP_CODES
 from ringlab.schedule import chunk_bounds
 
 __all__ = ["IpcDirect", "get_ipc_direct", "DIRECT_ALGORITHMS"]
@@ -71,16 +71,28 @@ def _grid(n):
     return (int(min(max(1, -(-n // 256)), 132 * 8)),), (256,)
 
 
-class IpcDirect(IpcRing):
-    """One-shot / two-shot all-reduce for the ranks of ``comm`` (collective creation and calls)."""
+class IpcDirect:
+    """One-shot or two-shot (``algo``) all-reduce for the ranks of ``comm`` (collective creation and calls)."""
 
-    def __init__(self, comm, timeout=None):
-        super().__init__(comm, slices=1, sync="stream", timeout=timeout)
-        if self.sync != "stream":
-            raise RuntimeError("one-shot/two-shot need CUDA stream memory operations")
+    def __init__(self, comm, algo="oneshot", timeout=None):
+        import cupy
+        if algo not in DIRECT_ALGORITHMS:
+            raise ValueError(f"algo must be one of {', '.join(DIRECT_ALGORITHMS)}, got {algo!r}")
+        self.comm, self.algo, self.timeout = comm, algo, resolve_timeout(timeout)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.progress = 0                      # value our counter reaches after all enqueued work
+        self.peers = PeerMemory(comm)
         n = comm.size
-        self.all_counters = [self.counter if k == comm.rank else self._open(self.counter_handles[k], pin=True)
-                             for k in range(n)] if n > 1 else [self.counter]
+        self.counter, mapped, stream_ops = self.peers.counters(self.stream, set(range(n)))
+        if not stream_ops:
+            raise RuntimeError("one-shot/two-shot need CUDA stream memory operations")
+        self.all_counters = [mapped[k] for k in range(n)] if n > 1 else [self.counter]
+        comm.Barrier()
+
+    @property
+    def opened(self):
+        """Peer mappings held (the leak check counts them)."""
+        return self.peers.opened
 
     def _scratch(self, like):
         """A private buffer for in-place one-shot results (kept, grown on demand)."""
@@ -93,32 +105,33 @@ class IpcDirect(IpcRing):
     def _wait_all(self, value):
         for k, addr in enumerate(self.all_counters):
             if k != self.comm.rank:
-                self._wait(addr, value)
+                stream_wait(self.stream, addr, value)
 
-    def allreduce(self, src, out, op="sum", algo="oneshot", timeout=None):
+    def allreduce(self, src, out, op="sum", timeout=None):
+        """out = reduction of every rank's flat ``src`` by the bound algorithm; the host waits at most ``timeout``
+        s (default: the executor's) for completion."""
         import cupy
-        comm, n, r = self.comm, self.comm.size, self.comm.rank
-        if n == 1 or src.size == 0:
-            return IpcRing.allreduce(self, src, out, op, timeout)
-        self._call_timeout = self.timeout if timeout is None else resolve_timeout(timeout)
-        caller = self._after_caller()
-        everyone = comm.allgather((self._export(src), self._export(out)))
-        srcs = [src if k == r else self._peer_view(everyone[k][0], src) for k in range(n)]
-        outs = [out if k == r else self._peer_view(everyone[k][1], src) for k in range(n)]
+        caller, limit, done = self.peers.begin(self.stream, src, out, timeout, self.timeout)
+        if done:
+            return True
+        n, r = self.comm.size, self.comm.rank
+        everyone = self.peers.exchange(src, out)
+        srcs = [src if k == r else self.peers.view(everyone[k][0], src) for k in range(n)]
+        outs = [out if k == r else self.peers.view(everyone[k][1], src) for k in range(n)]
         src_ptrs = cupy.asarray(np.array([a.data.ptr for a in srcs], dtype=np.uint64))
         code, scale = OP_CODES["avg_last" if op == "avg" else op], src.dtype.type(n)
         base = self.progress
         with self.stream:
-            self._write(self.counter, base + 1)          # my input is ready
+            stream_write(self.stream, self.counter, base + 1)          # my input is ready
             self._wait_all(base + 1)
-            if algo == "oneshot":
+            if self.algo == "oneshot":
                 # In place, peers still read our input while we reduce: write to scratch, copy after.
                 inplace = out.data.ptr < src.data.ptr + src.nbytes and src.data.ptr < out.data.ptr + out.nbytes
                 dst = self._scratch(src) if inplace else out
                 grid, block = _grid(src.size)
                 _fn("rl_reduce_n", src.dtype)(grid, block, (src_ptrs, np.int32(n), dst, np.int64(0),
                                                             np.int64(src.size), np.int32(code), scale))
-                self._write(self.counter, base + 2)      # done reading everyone's input
+                stream_write(self.stream, self.counter, base + 2)      # done reading everyone's input
                 self._wait_all(base + 2)
                 if inplace:
                     cupy.cuda.runtime.memcpyAsync(out.data.ptr, dst.data.ptr, out.nbytes, 3, self.stream.ptr)
@@ -129,20 +142,44 @@ class IpcDirect(IpcRing):
                 grid, block = _grid(hi - lo)
                 _fn("rl_reduce_n", src.dtype)(grid, block, (src_ptrs, np.int32(n), out, np.int64(lo), np.int64(hi),
                                                             np.int32(code), scale))
-                self._write(self.counter, base + 2)      # my chunk is reduced
+                stream_write(self.stream, self.counter, base + 2)      # my chunk is reduced
                 self._wait_all(base + 2)
                 out_ptrs = cupy.asarray(np.array([a.data.ptr for a in outs], dtype=np.uint64))
                 starts = cupy.asarray(np.array([b[0] for b in bounds], dtype=np.int64))
                 grid, block = _grid(src.size)
                 _fn("rl_gather", src.dtype)(grid, block, (out_ptrs, starts, np.int32(n), np.int32(r), out,
                                                           np.int64(src.size)))
-                self._write(self.counter, base + 3)      # done reading everyone's output
+                stream_write(self.stream, self.counter, base + 3)      # done reading everyone's output
                 self._wait_all(base + 3)
                 self.progress = base + 3
             # Keep the pointer arrays alive until the kernels that read them have run.
             self._keepalive = (src_ptrs, locals().get("out_ptrs"), locals().get("starts"))
-        return self._finish(caller)
+        return self.peers.finish(self.stream, caller, limit)
+
+    def close(self):
+        """Release peer mappings and our counter (no barrier: see IpcRing.close)."""
+        try:
+            self.stream.synchronize()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            pass
+        self.peers.close()
+        forget_executor(self)
 
 
-def get_ipc_direct(comm):
-    return cached_executor(comm, ("direct",), lambda: IpcDirect(comm))
+class _AlgoPerCall:
+    """Transition shim for api.py's call ``get_ipc_direct(comm).allreduce(..., algo=, timeout=)``: forwards to
+    the executor bound to ``algo``. Remove once api.py calls ``get_ipc_direct(comm, algo)``."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def allreduce(self, src, out, op="sum", algo="oneshot", timeout=None):
+        return get_ipc_direct(self.comm, algo).allreduce(src, out, op, timeout)
+
+
+def get_ipc_direct(comm, algo=None):
+    """The ``algo`` ("oneshot" or "twoshot") executor cached on ``comm``, created collectively on first use.
+    ``algo=None``: the transition shim that takes ``algo`` per call."""
+    if algo is None:
+        return _AlgoPerCall(comm)
+    return cached_executor(comm, ("direct", algo), lambda: IpcDirect(comm, algo))

@@ -1,7 +1,8 @@
 """MPI worker (GPU): the device transports against a float64 reference; exits non-zero on failure.
 
 usage: gpu_check.py TRANSPORTS COUNTS    e.g. ipc,ipc:4,ipc-host,staged,oneshot 0,1,1009,100003
-(oneshot and twoshot are algorithms over IPC rather than transports of the ring)
+(oneshot and twoshot are algorithms over IPC rather than transports of the ring). Then the IPC executors
+named there are also called directly, in their one call shape ``allreduce(src, out, op, timeout)``.
 """
 import hashlib
 import sys
@@ -13,6 +14,8 @@ from mpi4py import MPI
 
 from ringlab import allreduce
 from ringlab.arrays import use_local_gpu
+from ringlab.gpu.ipc import get_ipc_ring, ipc_usable
+from ringlab.gpu.ipc_direct import get_ipc_direct
 
 comm = MPI.COMM_WORLD
 n, rank = comm.size, comm.rank
@@ -59,5 +62,25 @@ for transport in transports:
     comm.Barrier()
     if rank == 0:
         print(f"  {transport}: ok ({time.perf_counter() - t_start:.1f} s)", flush=True)
+# The executors themselves, each bound to its algorithm at construction: integer-valued floats, so exact.
+direct = {"oneshot": lambda: get_ipc_direct(comm, "oneshot"), "twoshot": lambda: get_ipc_direct(comm, "twoshot"),
+          "ipc": lambda: get_ipc_ring(comm), "ipc-host": lambda: get_ipc_ring(comm, 1, "host"),
+          "ipc-shared": lambda: get_ipc_ring(comm, 1, "shared")}
+named = [t for t in transports if t in direct] if ipc_usable(comm)[0] else []
+for name in named:
+    for count in counts:
+        x = cupy.asarray((np.arange(count) % 7 + rank).astype(np.float32))
+        want = {"sum": (np.arange(count) % 7) * n + n * (n - 1) / 2, "max": np.arange(count) % 7 + n - 1}
+        for op, ref in want.items():
+            for inplace in (False, True):
+                src = x.copy()
+                out = src if inplace else cupy.full_like(x, -1)
+                assert direct[name]().allreduce(src, out, op, timeout=60) is True
+                if not np.array_equal(out.get(), ref.astype(np.float32)):
+                    raise AssertionError(f"rank {rank} executor {name} {op} count={count} inplace={inplace}: wrong")
+                cases += 1
+comm.Barrier()
 if rank == 0:
+    if named:
+        print(f"  executors called directly: {', '.join(named)}: ok", flush=True)
     print(f"gpu_check OK: N={n} transports={transports} cases={cases}")
