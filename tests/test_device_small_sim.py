@@ -248,3 +248,41 @@ def test_crossovers_from_measured_rows():
     rows = {"oneshot": {8: 10.0, 1024: 11.0, 65536: 40.0}, "twoshot": {8: 15.0, 1024: 16.0, 65536: 30.0},
             "ring": {8: 50.0, 1024: 50.0, 65536: 35.0}}
     assert crossovers_from_rows(rows) == {"oneshot_max_bytes": 1024, "twoshot_max_bytes": 65536}
+
+
+_PTX_CHECK = r"""
+import os, sys, types
+from ringlab.kernels import patch_numpy_for_numba
+patch_numpy_for_numba()
+import numba.cuda.dispatcher as disp
+import numba.cuda.cudadrv.nvrtc as nv
+import numba.cuda.cuda_paths as cp
+from numba import cuda
+root = sys.argv[1]
+disp.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))   # no GPU here
+nv.get_arch_option = lambda major, minor: f"compute_{major}{minor}"
+cp.get_cuda_paths._cached_result = {"nvrtc": None, "nvvm": types.SimpleNamespace(by="test", info=root + "/lib/libnvvm.so"),
+    "libdevice": types.SimpleNamespace(by="test", info=root + "/nvvm/libdevice/libdevice.10.bc"),
+    "cudalib_dir": None, "static_cudalib_dir": None, "include_dir": None}
+from ringlab.kernels.small_kernel import _SIGNATURE, small_kernel_source
+for algo, dtype, op in (("oneshot", "float32", "sum"), ("twoshot", "float16", "avg"), ("twoshot", "int64", "max")):
+    ptx, _ = cuda.compile_ptx(small_kernel_source(dtype, op, algo), _SIGNATURE, cc=(9, 0))
+    assert ptx.count("ld.acquire.sys") >= 2 and ptx.count("st.release.sys") >= 2 and ".nc" not in ptx, algo
+    assert ".f64" not in ptx, f"{algo} {dtype}: float64 arithmetic crept in (an int64/uint64 mix?)"
+print("ptx ok")
+"""
+
+
+def test_kernels_compile_to_ptx_for_sm90():
+    """The real (non-simulated) kernels type and lower for sm_90 (libNVVM without a GPU; skipped without it)."""
+    import glob
+    import subprocess
+    import sys
+    roots = sorted(p[:-len("/lib/libnvvm.so")] for p in glob.glob("/usr/local/cuda*/lib/libnvvm.so")
+                   if os.path.exists(p[:-len("/lib/libnvvm.so")] + "/nvvm/libdevice/libdevice.10.bc"))
+    if not roots:
+        pytest.skip("no libNVVM + libdevice under /usr/local/cuda*")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    res = subprocess.run([sys.executable, "-c", _PTX_CHECK, roots[-1]], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0 and "ptx ok" in res.stdout, res.stderr[-3000:]
