@@ -1,17 +1,18 @@
-"""What the persistent ring kernel reads: the primitive program as an int64 table, launch sizes, counters.
+"""What the persistent ring kernels read: the primitive program as an int64 table, launch sizes, counters.
 
-Pure NumPy, no GPU: the device executor (device_ring.py) and the simulator tests build the same tables.
+Pure NumPy, no GPU: the device executors (device_ring.py, device_fp8.py) and the simulator tests build the same tables.
 """
 from functools import lru_cache
 
 import numpy as np
 
-from ringlab.kernels.ring_kernel import (ALIGNED, FINAL, FROM_SRC, LEFT, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
-                                         TABLE_COLS)
+from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
+                                         LEFT_CODES, LEFT_SCALES, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
+                                         SEND_CODES, SEND_SCALES, TABLE_COLS)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
-__all__ = ["program_table", "launch_shape", "address_row"]
+__all__ = ["program_table", "launch_shape", "address_row", "chunk_blocks", "first_chunk", "fp8_send_layout"]
 
 
 @lru_cache(maxsize=128)
@@ -21,12 +22,12 @@ def _program_rows(nranks, count, rank):
     for prim in ring_allreduce_program(rank, nranks)[1:]:       # primitive 0 (send) moves no data
         lo, hi = bounds[prim.chunk]
         bits = (REDUCE if prim.reduce else 0) | (FINAL if prim.final else 0) | (FROM_SRC if prim.index == 1 else 0)
-        rows.append((lo, hi, bits, -1 if prim.reread is None else prim.reread))
+        rows.append((lo, hi, bits, -1 if prim.reread is None else prim.reread, prim.chunk))
     return tuple(rows)
 
 
 def program_table(nranks, count, ranks):
-    """int64 [len(ranks) * (2N-2), PROG_COLS]: each listed rank's primitives 1..2N-2 (lo, hi, bits, reread)."""
+    """int64 [len(ranks) * (2N-2), PROG_COLS]: each listed rank's primitives 1..2N-2 (lo, hi, bits, reread, chunk)."""
     rows = [row for r in ranks for row in _program_rows(nranks, count, r)]
     return np.array(rows, dtype=np.int64).reshape(-1, PROG_COLS)
 
@@ -40,10 +41,41 @@ def launch_shape(nranks, count, itemsize, max_parts):
     return parts, slices
 
 
-def address_row(src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls, rank, nranks):
-    """One rank's row of the kernel's address table (integers: device addresses and ranks)."""
-    row = [src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls, 0, 0, 0, 0]
+def chunk_blocks(count, nranks, block):
+    """Scale slots per chunk: blocks of the largest chunk (chunk c's block t has slot c * this + t)."""
+    return -(-(-(-count // max(nranks, 1))) // block)
+
+
+def first_chunk(count, nranks, rank):
+    """(lo, hi, chunk) of what ``rank``'s primitive 0 (send) sends."""
+    c = ring_allreduce_program(rank, nranks)[0].chunk
+    lo, hi = chunk_bounds(count, nranks)[c]
+    return lo, hi, c
+
+
+def fp8_send_layout(capacity, nranks, block):
+    """(codes bytes, scales bytes) of one rank's FP8 send buffer for calls of up to ``capacity`` elements."""
+    codes = -(-max(int(capacity), 1) // 256) * 256
+    return codes, 4 * nranks * max(chunk_blocks(capacity, nranks, block), 1)
+
+
+def address_row(src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls, rank, nranks,
+                *, send_codes=0, send_scales=0, left_codes=0, left_scales=0, blocks_per_chunk=0, first=(0, 0, 0)):
+    """One rank's row of the kernel's address table (integers: device addresses and ranks); the keywords are the
+    FP8 codec's columns (send buffers, scale slots per chunk, primitive 0's (lo, hi, chunk)), 0 for identity."""
+    row = [src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls] + [0] * (TABLE_COLS - 10)
     row[LEFT], row[RIGHT], row[NRANKS] = (rank - 1) % nranks, (rank + 1) % nranks, nranks
     row[ALIGNED] = int(all(int(a) % 16 == 0 for a in (src, out, left_src, left_out)))
+    row[SEND_CODES], row[SEND_SCALES], row[LEFT_CODES], row[LEFT_SCALES] = send_codes, send_scales, left_codes, left_scales
+    row[CHUNK_BLOCKS] = blocks_per_chunk
+    row[FIRST_LO], row[FIRST_HI], row[FIRST_CHUNK] = first
     assert len(row) == TABLE_COLS
+    return row
+
+
+def direct_row(src, out, codes, scales, flags, status, trace, calls, rank, blocks_per_chunk, peers):
+    """One rank's row of the fp8-direct kernel's table; ``peers``: address of its int64 [N, 3] peer table."""
+    from ringlab.kernels.fp8_direct_kernel import DIRECT_COLS
+    row = [src, out, codes, scales, flags, status, trace, calls, rank, blocks_per_chunk, peers]
+    assert len(row) == DIRECT_COLS
     return row

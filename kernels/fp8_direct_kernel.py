@@ -1,0 +1,150 @@
+"""The persistent fp8-direct kernel: quantize once, owners accumulate in fp32, FP8 all-gather (collectives/fp8.py).
+
+One launch per rank, three phases separated by flag barriers with every peer; the codec is fp8_ring_codec.py's.
+"""
+# Rank r's send buffer holds Q(x[chunk c]) at chunk c's positions for every c != r (owner c pulls it) and,
+# after phase 2, Q(sum of chunk r) at chunk r's (everyone pulls it). Part p of every chunk is block p's:
+#   phase 1: encode x[c], c != r                                      -> flags[p] = base + 1
+#   phase 2: wait all >= base + 1; acc = x[r] + D(from r-1) + ... + D(from r-N+1) in fp32 (the host's order),
+#            avg: / N; encode acc into chunk r, out[r] = D(it)         -> base + 2
+#   phase 3: wait all >= base + 2; out[c] = D(owner c's chunk c)      -> base + 3
+#   exit:    wait all >= base + 3 (nobody reads our buffer any more), calls[p] += 1
+import numpy as np
+from numba import float32
+
+from ringlab.kernels.device import cuda
+from ringlab.kernels.flags import flag_load, flag_store, global_ns, pointer_access
+from ringlab.kernels.formats import check_block, fp8_format
+from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, GROUP, block_part, fp8_block_ops
+from ringlab.kernels.ring_layout import STATUS_TIMEOUT
+
+__all__ = ["direct_kernel", "DIRECT_COLS", "PEER_COLS", "PHASES"]
+
+# Per rank in the launch: one row. Per peer (indexed by rank): our mapping of its codes, scales, flags.
+(D_SRC, D_OUT, D_CODES, D_SCALES, D_FLAGS, D_STATUS, D_TRACE, D_CALLS, D_RANK, D_CHUNK_BLOCKS, D_PEERS) = range(11)
+DIRECT_COLS = 11
+PEER_COLS = 3
+PHASES = 4                     # counter values per call: base = call * PHASES
+_SIGNATURE = "void(uint64, int64, int64, int64, uint64)"
+_kernels = {}
+
+
+def direct_kernel(dtype, op, fmt, block):
+    """The compiled fp8-direct kernel. Parameters: table address, nranks, count, unused (0), timeout_ns."""
+    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block))
+    if key not in _kernels:
+        _kernels[key] = cuda.jit(_SIGNATURE)(direct_kernel_source(dtype, op, fmt, block))
+    return _kernels[key]
+
+
+def direct_kernel_source(dtype, op, fmt, block):
+    """The kernel as a Python function, before compilation."""
+    from ringlab.kernels.ring_kernel import rank_barrier
+    ops = fp8_block_ops(dtype, op, fmt, block)
+    move, load_values, add_decoded, encode_store = ops.move, ops.load_values, ops.add_decoded, ops.encode_store
+    per, divide = ops.per, ops.divide
+    addr_load, _ = pointer_access(np.int64)
+
+    @cuda.jit(device=True)
+    def bounds(c, count, nranks):
+        q, r = count // nranks, count % nranks
+        lo = c * q + min(c, r)
+        return lo, lo + q + (1 if c < r else 0)
+
+    @cuda.jit(device=True)
+    def wait_all(peers, me, nranks, p, target, deadline, status, phase):
+        """Lane 0: every peer's flags[p] >= target (acquire), nearest left first; 0 on timeout (recorded)."""
+        for k in range(1, nranks):
+            q = (me - k) % nranks
+            f = np.uint64(addr_load(peers, q * PEER_COLS + 2))
+            while flag_load(f, p) < target:
+                if deadline != 0 and global_ns() > deadline:
+                    flag_store(status, 2, np.uint64(phase))
+                    flag_store(status, 1, np.uint64(q))
+                    flag_store(status, 0, np.uint64(STATUS_TIMEOUT))
+                    return 0
+        return 1
+
+    def kernel(table, nranks, count, unused, timeout_ns):
+        y = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+        p, nparts = cuda.blockIdx.x, cuda.gridDim.x
+        lane, nlanes = cuda.threadIdx.x, cuda.blockDim.x
+        ok = cuda.shared.array(64, np.int32)
+        v = cuda.local.array(per, float32)
+        row = y * DIRECT_COLS
+        src, out = np.uint64(addr_load(table, row + D_SRC)), np.uint64(addr_load(table, row + D_OUT))
+        mc, ms = np.uint64(addr_load(table, row + D_CODES)), np.uint64(addr_load(table, row + D_SCALES))
+        mine, status = np.uint64(addr_load(table, row + D_FLAGS)), np.uint64(addr_load(table, row + D_STATUS))
+        trace, calls = np.uint64(addr_load(table, row + D_TRACE)), np.uint64(addr_load(table, row + D_CALLS))
+        me, nbc = addr_load(table, row + D_RANK), addr_load(table, row + D_CHUNK_BLOCKS)
+        peers = np.uint64(addr_load(table, row + D_PEERS))
+        groups = max(nlanes // GROUP, 1)
+        t = lane % GROUP
+        deadline, base, call = np.uint64(0), np.uint64(0), np.uint64(0)
+        if lane == 0:
+            call = flag_load(calls, p)
+            base = call * np.uint64(PHASES)
+            ok[cuda.threadIdx.y] = 1
+            t0 = global_ns()
+            if timeout_ns != 0:
+                deadline = t0 + np.uint64(timeout_ns)
+            if trace != 0 and p == 0:
+                flag_store(trace, 0, t0)
+        for k in range(1, nranks):                     # phase 1: quantize every chunk another rank owns
+            c = (me + k) % nranks
+            lo, hi = bounds(c, count, nranks)
+            ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
+            g = ta + lane // GROUP
+            while g < tb:
+                e0 = lo + g * block
+                move(ENCODE, src, src, mc, ms, mc, ms, e0, min(e0 + block, hi), c * nbc + g, t, nranks, False)
+                g += groups
+        for phase in range(1, 3):
+            rank_barrier()
+            if lane == 0:
+                flag_store(mine, p, base + np.uint64(phase))
+                if trace != 0 and p == 0:
+                    flag_store(trace, phase, global_ns())
+                ok[cuda.threadIdx.y] = wait_all(peers, me, nranks, p, base + np.uint64(phase), deadline, status, phase)
+            rank_barrier()
+            if ok[cuda.threadIdx.y] == 0:
+                return
+            if phase == 1:                             # phase 2: the owner's fp32 sum, quantized once
+                lo, hi = bounds(me, count, nranks)
+                ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
+                g = ta + lane // GROUP
+                while g < tb:
+                    e0 = lo + g * block
+                    e1, slot = min(e0 + block, hi), me * nbc + g
+                    load_values(v, src, e0, e1, t)
+                    for k in range(1, nranks):
+                        q = (me - k) % nranks
+                        add_decoded(v, np.uint64(addr_load(peers, q * PEER_COLS)),
+                                    np.uint64(addr_load(peers, q * PEER_COLS + 1)), e0, e1, slot, t)
+                    if divide:
+                        for m in range(per):
+                            v[m] = v[m] / float32(nranks)
+                    encode_store(v, mc, ms, out, e0, e1, slot, t, True)
+                    g += groups
+            else:                                      # phase 3: every other owner's chunk, decoded
+                for k in range(1, nranks):
+                    c = (me - k) % nranks
+                    lo, hi = bounds(c, count, nranks)
+                    lc = np.uint64(addr_load(peers, c * PEER_COLS))
+                    ls = np.uint64(addr_load(peers, c * PEER_COLS + 1))
+                    ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
+                    g = ta + lane // GROUP
+                    while g < tb:
+                        e0 = lo + g * block
+                        move(DECODE, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), c * nbc + g, t, nranks,
+                             False)
+                        g += groups
+        rank_barrier()
+        if lane == 0:
+            flag_store(mine, p, base + np.uint64(3))
+            wait_all(peers, me, nranks, p, base + np.uint64(3), deadline, status, 3)
+            flag_store(calls, p, call + np.uint64(1))
+            if trace != 0 and p == 0:
+                flag_store(trace, 3, global_ns())
+
+    return kernel

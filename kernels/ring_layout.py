@@ -1,0 +1,21 @@
+"""The persistent ring kernels' table layout: address-table columns, program columns, flag bits, status codes.
+
+One place for what the host plan (gpu/device_plan.py) writes and the kernels (ring_kernel, fp8 codecs) read.
+"""
+__all__ = ["TABLE_COLS", "PROG_COLS", "REDUCE", "FROM_SRC", "FINAL", "MAX_SLICES", "SLICE_STRIDE", "MAX_PARTS",
+           "STATUS_OK", "STATUS_TIMEOUT", "MAX_RANKS_PER_LAUNCH"]
+
+# Per rank in the launch, one row of addresses (uint64): buffers, counters, status, trace, and ranks; then the
+# codec's columns (0 for the identity codec): our send buffer's codes and scales, our mapping of the left's,
+# scale slots per chunk, and primitive 0's chunk (lo, hi, index).
+(SRC, OUT, LEFT_SRC, LEFT_OUT, MY_FLAGS, LEFT_FLAGS, RIGHT_FLAGS, STATUS, TRACE, CALLS, LEFT, RIGHT, NRANKS,
+ ALIGNED, SEND_CODES, SEND_SCALES, LEFT_CODES, LEFT_SCALES, CHUNK_BLOCKS, FIRST_LO, FIRST_HI, FIRST_CHUNK) = range(22)
+TABLE_COLS = 22                     # ALIGNED: 1 when src, out and the left's buffers are 16-byte aligned
+# Per rank, per primitive 1..2N-2 (send, primitive 0, has no row): lo, hi, flag bits, reread (-1: none), chunk.
+PROG_COLS = 5
+REDUCE, FROM_SRC, FINAL = 1, 2, 4
+MAX_SLICES = 8
+SLICE_STRIDE = 64                   # counter values per primitive per call: base = call * (2N-1) * SLICE_STRIDE
+MAX_PARTS = 64                      # blocks per rank; flags[p] is part p's counter, calls[p] its call count
+STATUS_OK, STATUS_TIMEOUT = 0, 1    # status words: code, peer rank waited on, primitive index
+MAX_RANKS_PER_LAUNCH = 64

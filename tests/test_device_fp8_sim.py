@@ -1,0 +1,230 @@
+"""The FP8 device ring and fp8-direct kernels in numba's CUDA simulator, bit for bit against the host FP8 paths.
+
+N ranks are threads of one block; the oracle is collectives/fp8.py run in-process (threads, HostFp8Codec).
+"""
+import os
+import queue
+import threading
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ringlab.kernels import patch_numpy_for_numba  # noqa: E402
+
+patch_numpy_for_numba()
+from ringlab.kernels.device import SIMULATED  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not SIMULATED, reason="simulator tests (NUMBA_ENABLE_CUDASIM=1)")
+
+import ml_dtypes  # noqa: E402
+
+from ringlab.fp8 import fp8_direct_allreduce, fp8_ring_allreduce  # noqa: E402
+from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, first_chunk, fp8_send_layout,  # noqa: E402
+                                     program_table)
+from ringlab.kernels import flags  # noqa: E402
+from ringlab.kernels.codec import HostFp8Codec  # noqa: E402
+from ringlab.kernels.fp8_direct_kernel import direct_kernel  # noqa: E402
+from ringlab.kernels.ring_kernel import STATUS_TIMEOUT, fp8_codec, ring_kernel  # noqa: E402
+
+
+class _Comm:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+class ThreadTransport:
+    """sendrecv between threads of one process: the host FP8 executors run unchanged, N ranks at once."""
+
+    def __init__(self, rank, size, boxes):
+        self.comm, self.boxes = _Comm(rank, size), boxes
+
+    def sendrecv(self, send, dest, recv, source, what=""):
+        self.boxes[(self.comm.rank, dest)].put(np.array(send, copy=True))
+        recv[...] = self.boxes[(source, self.comm.rank)].get(timeout=30)
+
+
+def host_fp8(srcs, op, fmt, block, algo):
+    """Every rank's result of the host FP8 executor (fp8_ring_allreduce / fp8_direct_allreduce) on ``srcs``."""
+    n = len(srcs)
+    boxes = {(a, b): queue.Queue() for a in range(n) for b in range(n)}
+    outs = [np.zeros_like(s) for s in srcs]
+    fn = fp8_ring_allreduce if algo == "fp8-ring" else fp8_direct_allreduce
+    errors = []
+
+    def run(r):
+        try:
+            fn(srcs[r].copy(), outs[r], ThreadTransport(r, n, boxes), HostFp8Codec(fmt, block), op)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return outs
+
+
+def _reg(a):
+    """Register ``a`` (bf16 as its uint16 bits, what the kernel reads) and return its address."""
+    return flags.register(a.view(np.uint16) if a.dtype == ml_dtypes.bfloat16 else a)
+
+
+class SimFp8Ranks:
+    """N ranks' send buffers, counters and status words in simulated device memory; calls share counters."""
+
+    def __init__(self, n, fmt, block, capacity, parts=1):
+        self.n, self.parts, self.fmt, self.block = n, parts, fmt, block
+        cb, sb = fp8_send_layout(capacity, n, block)
+        self.codes = [np.zeros(cb, np.uint8) for _ in range(n)]
+        self.scales = [np.zeros(sb // 4, np.float32) for _ in range(n)]
+        self.flags = [np.zeros(128, np.uint64) for _ in range(n)]
+        self.status = [np.zeros(4, np.uint64) for _ in range(n)]
+        self.trace = [np.zeros(64, np.uint64) for _ in range(n)]
+        self.calls = [np.zeros(64, np.uint64) for _ in range(n)]
+        for a in self.codes + self.scales + self.flags + self.status + self.trace + self.calls:
+            flags.register(a)
+
+    def ring(self, srcs, outs, op, slices=1, timeout_ns=0, skip_rank=None):
+        n, count, R = self.n, srcs[0].size, _reg
+        ranks = [r for r in range(n) if r != skip_rank]
+        rows = [address_row(R(srcs[r]), R(outs[r]), 0, 0, R(self.flags[r]), R(self.flags[r - 1]),
+                            R(self.flags[(r + 1) % n]), R(self.status[r]), R(self.trace[r]), R(self.calls[r]), r, n,
+                            send_codes=R(self.codes[r]), send_scales=R(self.scales[r]), left_codes=R(self.codes[r - 1]),
+                            left_scales=R(self.scales[r - 1]), blocks_per_chunk=chunk_blocks(count, n, self.block),
+                            first=first_chunk(count, n, r)) for r in ranks]
+        table, prog = np.array(rows, np.int64), program_table(n, count, ranks)
+        kern = ring_kernel(srcs[0].dtype, op, fp8_codec(self.fmt, self.block))
+        kern[(self.parts, 1), (1, len(ranks))](R(table), R(prog), 2 * n - 1, slices, timeout_ns)
+
+    def direct(self, srcs, outs, op, timeout_ns=0, skip_rank=None):
+        n, count, R = self.n, srcs[0].size, _reg
+        ranks = [r for r in range(n) if r != skip_rank]
+        peers = np.array([[R(self.codes[q]), R(self.scales[q]), R(self.flags[q])] for q in range(n)], np.int64)
+        rows = [direct_row(R(srcs[r]), R(outs[r]), R(self.codes[r]), R(self.scales[r]), R(self.flags[r]),
+                           R(self.status[r]), R(self.trace[r]), R(self.calls[r]), r,
+                           chunk_blocks(count, n, self.block), R(peers)) for r in ranks]
+        table = np.array(rows, np.int64)
+        kern = direct_kernel(srcs[0].dtype, op, self.fmt, self.block)
+        kern[(self.parts, 1), (1, len(ranks))](R(table), n, count, 0, timeout_ns)
+
+
+def _inputs(n, count, dtype, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(count) * scale).astype(dtype) for _ in range(n)]
+
+
+def _run(sim, algo, srcs, op, slices=1):
+    outs = [np.full(srcs[0].size, np.nan, srcs[0].dtype) for _ in srcs]
+    if sim.n == 1:
+        outs[0][...] = srcs[0]                 # the executor copies: nothing travels
+    elif algo == "fp8-ring":
+        sim.ring(srcs, outs, op, slices=slices)
+    else:
+        sim.direct(srcs, outs, op)
+    return outs
+
+
+def _assert_bitwise(outs, want, what):
+    bits = outs[0].view(np.uint8)
+    for r, o in enumerate(outs):
+        assert np.array_equal(o.view(np.uint8), bits), f"{what}: rank {r} differs from rank 0"
+        assert np.array_equal(o.view(np.uint8), want[r].view(np.uint8)), f"{what}: rank {r} differs from the host"
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_counts_formats_blocks_bit_exact(algo, n):
+    for fmt, block in (("e4m3", 32), ("e5m2", 256)):
+        sim = SimFp8Ranks(n, fmt, block, capacity=600, parts=2)
+        for count in sorted({1, max(n - 1, 1), 37, 293 if n <= 3 else 97}):
+            srcs = _inputs(n, count, np.float32, count + n, scale=3.0)
+            want = host_fp8(srcs, "sum", fmt, block, algo)
+            _assert_bitwise(_run(sim, algo, srcs, "sum", slices=2), want, (algo, n, fmt, block, count))
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_avg_and_narrow_dtypes(algo, dtype):
+    n, count = 3, 71
+    sim = SimFp8Ranks(n, "e4m3", 32, capacity=count)
+    for op in ("sum", "avg"):
+        srcs = _inputs(n, count, dtype, 7)
+        _assert_bitwise(_run(sim, algo, srcs, op), host_fp8(srcs, op, "e4m3", 32, algo), (algo, dtype, op))
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+def test_block_256_and_32_both_formats_n4(algo):
+    n, count = 4, 263
+    for fmt in ("e4m3", "e5m2"):
+        for block in (32, 256):
+            sim = SimFp8Ranks(n, fmt, block, capacity=count, parts=3)
+            srcs = _inputs(n, count, np.float32, block)
+            _assert_bitwise(_run(sim, algo, srcs, "sum", slices=3), host_fp8(srcs, "sum", fmt, block, algo),
+                            (algo, fmt, block))
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_and_inf_follow_the_policy(algo):
+    """docs/fp8.md: NaN stays NaN; inf stays inf in E5M2 and becomes NaN in E4M3; finite neighbours keep their
+    block's scale (inf is left out of amax). Bit-exact against the host path, all ranks identical."""
+    n, count = 3, 40
+    for fmt in ("e4m3", "e5m2"):
+        sim = SimFp8Ranks(n, fmt, 32, capacity=count)
+        srcs = _inputs(n, count, np.float32, 11)
+        srcs[0][3], srcs[1][20], srcs[2][35] = np.nan, np.inf, -np.inf
+        srcs[1][36], srcs[2][36] = np.inf, -np.inf   # both infinities: inf + -inf = NaN
+        outs = _run(sim, algo, srcs, "sum")
+        _assert_bitwise(outs, host_fp8(srcs, "sum", fmt, 32, algo), (algo, fmt))
+        assert np.isnan(outs[0][3]) and np.isnan(outs[0][36])
+        if fmt == "e5m2":
+            assert outs[0][20] == np.inf and outs[0][35] == -np.inf
+        else:
+            assert np.isnan(outs[0][20]) and np.isnan(outs[0][35])
+        assert np.isfinite(outs[0][21]) and abs(outs[0][21]) > 0
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+def test_repeated_calls_and_in_place(algo):
+    n, count = 4, 45
+    sim = SimFp8Ranks(n, "e4m3", 32, capacity=64, parts=2)
+    for call in range(3):
+        srcs = _inputs(n, count - call, np.float32, call)
+        want = host_fp8(srcs, "sum", "e4m3", 32, algo)
+        if algo == "fp8-ring":
+            sim.ring(srcs, srcs, "sum", slices=2)        # out is src
+        else:
+            sim.direct(srcs, srcs, "sum")
+        _assert_bitwise(srcs, want, (algo, call))
+
+
+def test_integer_dtype_is_a_type_error():
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ring_kernel(np.int32, "sum", fp8_codec("e4m3", 128))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        direct_kernel(np.int64, "sum", "e4m3", 128)
+    with pytest.raises(ValueError, match="sum or avg"):
+        ring_kernel(np.float32, "max", fp8_codec("e4m3", 128))
+    with pytest.raises(ValueError):
+        fp8_codec("e3m4", 128)
+    with pytest.raises(ValueError):
+        fp8_codec("e4m3", 48)
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+def test_stalled_peer_times_out_naming_it(algo):
+    n, count = 3, 12
+    sim = SimFp8Ranks(n, "e4m3", 32, capacity=count)
+    srcs = _inputs(n, count, np.float32, 0)
+    outs = [np.zeros(count, np.float32) for _ in range(n)]
+    if algo == "fp8-ring":
+        sim.ring(srcs, outs, "sum", timeout_ns=50_000_000, skip_rank=1)      # rank 1 never starts
+        assert sim.status[2][0] == STATUS_TIMEOUT and sim.status[2][1] == 1  # rank 2 waited on its left, 1
+        assert sim.status[0][0] == STATUS_TIMEOUT and sim.status[0][1] == 2
+    else:
+        sim.direct(srcs, outs, "sum", timeout_ns=50_000_000, skip_rank=1)
+        for r in (0, 2):
+            assert sim.status[r][0] == STATUS_TIMEOUT and sim.status[r][1] == 1, (r, sim.status[r])
