@@ -1,0 +1,247 @@
+"""Device FP8 all-reduce: ONE launch per call of the ring kernel with the FP8 codec, or of the fp8-direct kernel.
+
+Send buffers (codes + block scales) are mapped once per communicator; without co-resident kernels (no MPS)
+the ring falls back to the host-driven FP8 IPC ring (gpu/fp8_ipc.py). Same bits as collectives/fp8.py.
+"""
+import numpy as np
+from mpi4py import MPI
+
+from ringlab.errors import CollectiveTimeout, resolve_timeout
+from ringlab.faults import handle_timeout
+from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, first_chunk, fp8_send_layout,
+                                     launch_shape, program_table)
+from ringlab.gpu.device_ring import PROBE_LIMIT_NS, THREADS, DriverLaunch, mps_visible
+from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
+from ringlab.kernels.formats import check_fp8_input_dtype
+from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS
+from ringlab.kernels.ring_kernel import MAX_PARTS, STATUS_OK, fp8_codec
+
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS"]
+
+DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
+DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
+_ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
+
+
+class DeviceFp8Ring:
+    """FP8 all-reduce by one persistent kernel per rank; ``algo`` "fp8-ring" or "fp8-direct", ``fmt`` and
+    ``block`` fixed here. ``mode``: "auto" (probe), "per-rank" (trust co-residency) or "host" (fp8_ipc ring)."""
+
+    def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
+                 mode="auto", trace=False, max_parts=None, threads=THREADS):
+        import cupy
+        from ringlab.gpu.ipc import ipc_usable
+        self.codec = fp8_codec(fmt, block)
+        self.algo = _ALIASES.get(algo, algo)
+        if self.algo not in DEVICE_FP8_ALGOS:
+            raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
+        if mode not in ("auto", "per-rank", "host"):
+            raise ValueError(f"mode must be auto, per-rank or host, got {mode!r}")
+        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0):
+            raise ValueError(f"threads must be a multiple of 32 in 32..1024, got {threads}")
+        usable, why = ipc_usable(comm)
+        if not usable:
+            raise ValueError(f"the device FP8 all-reduce needs CUDA IPC between all ranks, unusable here: {why}")
+        self.comm, self.n, self.rank = comm, comm.size, comm.rank
+        self.left, self.right = (self.rank - 1) % self.n, (self.rank + 1) % self.n
+        self.timeout, self.trace_enabled, self.threads = resolve_timeout(timeout), bool(trace), int(threads)
+        self.capacity = comm.allreduce(int(capacity), op=MPI.MIN)      # the same bound on every rank
+        self.sharing = len(same_gpu_ranks(comm))
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))
+        self.peers = PeerMemory(comm)
+        self.fallback, self.mode_why = None, "requested"
+        self._tables, self._progs, self._keep, self._launchers = {}, {}, [], {}
+        self._map_buffers()
+        comm.Barrier()
+        if mode == "auto":
+            mode, self.mode_why = self._probe()
+        if mode == "host":
+            if self.algo != "fp8-ring":
+                raise RuntimeError("device fp8-direct: the per-rank kernels do not co-run (start MPS) and there is "
+                                   f"no host-driven fp8-direct over IPC; use ringlab.allreduce_fp8(algo='fp8-direct', "
+                                   f"transport='staged' or 'mpi') ({self.mode_why})")
+            from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
+            self.fallback = get_fp8_ipc_ring(comm, self.codec.fmt, self.codec.block)
+        self.mode = mode
+
+    def _map_buffers(self):
+        """Counters and the send buffer (codes | scales), ours and our mappings of the ranks that read them."""
+        readers = {self.left, self.right} if self.algo == "fp8-ring" else set(range(self.n))
+        self.flags, fmap = self.peers.shared_words(2 * MAX_PARTS, readers)
+        self.codes_bytes, scale_bytes = fp8_send_layout(self.capacity, self.n, self.codec.block)
+        self.send, smap = self.peers.shared_words(-(-(self.codes_bytes + scale_bytes) // 8), readers)
+        self.status_dev, self.status = self.peers.host_words(4)
+        self.trace_dev, self.trace = self.peers.host_words(2 * self.n + 1)
+        self.left_flags, self.right_flags = fmap.get(self.left, 0), fmap.get(self.right, 0)
+        self.left_send = smap.get(self.left, 0)
+        self.peer_table = None
+        if self.algo == "fp8-direct":
+            import cupy
+            self.peer_table = cupy.asarray(np.array([[smap[q], smap[q] + self.codes_bytes, fmap[q]]
+                                                     for q in range(self.n)], np.int64))
+
+    # -- the collective ---------------------------------------------------------------------------
+    def allreduce(self, src, out, op="sum", timeout=None):
+        """out = FP8 all-reduce of every rank's flat ``src`` (``out`` may be ``src``), on the current stream."""
+        _check_buffers(src, out, op, self.capacity)
+        if self.fallback is not None:
+            return self.fallback.allreduce(src, out, op, timeout)
+        self.check()
+        if src.size == 0:
+            return out
+        if self.n == 1:
+            if out.data.ptr != src.data.ptr:
+                out[...] = src
+            return out
+        self._launch(src, out, op, self.timeout if timeout is None else resolve_timeout(timeout))
+        return out
+
+    def _launch(self, src, out, op, limit, trace=None):
+        import cupy
+        from ringlab.kernels.device import launch
+        trace = self.trace_enabled if trace is None else trace
+        count, stream = src.size, cupy.cuda.get_current_stream()
+        key = (src.data.ptr, out.data.ptr, count, trace)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._cached(self._tables, key, self._row(src.data.ptr, out.data.ptr, count, trace), stream)
+        parts, slices = launch_shape(self.n, count, src.itemsize, self.max_parts)
+        limit_ns = 0 if limit is None else int(limit * 1e9)
+        if self.algo == "fp8-ring":
+            prog = self._progs.get(count)
+            if prog is None:
+                prog = self._cached(self._progs, count, program_table(self.n, count, [self.rank]), stream)
+            args = (table.data.ptr, prog.data.ptr, 2 * self.n - 1, slices, limit_ns)
+        else:
+            args = (table.data.ptr, self.n, count, 0, limit_ns)
+        kern = self._kernel(src.dtype, op)
+        fast = self._launchers.get(kern)
+        if fast is None:      # first launch through numba (compiles, checks), then straight to the driver
+            launch(kern, (parts, 1), (self.threads, 1), np.uint64(args[0]), *self._typed(args[1:]))
+            self._launchers[kern] = DriverLaunch.for_kernel(kern)
+            return
+        fast(parts, self.threads, stream.ptr, *args)
+
+    def _typed(self, rest):
+        if self.algo == "fp8-ring":
+            return np.uint64(rest[0]), np.int64(rest[1]), np.int64(rest[2]), np.uint64(rest[3])
+        return np.int64(rest[0]), np.int64(rest[1]), np.int64(rest[2]), np.uint64(rest[3])
+
+    def _kernel(self, dtype, op):
+        if self.algo == "fp8-ring":
+            from ringlab.kernels.ring_kernel import ring_kernel
+            return ring_kernel(dtype, op, self.codec)
+        from ringlab.kernels.fp8_direct_kernel import direct_kernel
+        return direct_kernel(dtype, op, self.codec.fmt, self.codec.block)
+
+    def _row(self, src, out, count, trace):
+        nbc, tr, calls = chunk_blocks(count, self.n, self.codec.block), self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS
+        if self.algo == "fp8-direct":
+            row = direct_row(src, out, self.send, self.send + self.codes_bytes, self.flags, self.status_dev, tr, calls,
+                             self.rank, nbc, self.peer_table.data.ptr)
+        else:
+            row = address_row(src, out, 0, 0, self.flags, self.left_flags, self.right_flags, self.status_dev, tr,
+                              calls, self.rank, self.n, send_codes=self.send, send_scales=self.send + self.codes_bytes,
+                              left_codes=self.left_send, left_scales=self.left_send + self.codes_bytes,
+                              blocks_per_chunk=nbc, first=first_chunk(count, self.n, self.rank))
+        return np.array([row], np.int64)
+
+    def _cached(self, cache, key, host_table, stream):
+        import cupy
+        if stream.is_capturing():
+            raise RuntimeError("device FP8 all-reduce: the first call with these buffers (or this size) cannot be "
+                               "captured in a CUDA graph (it uploads a table); run it once before capturing")
+        if len(cache) > 64:
+            self._keep.append(list(cache.values()))   # a queued kernel may still read them: free later
+            self._keep = self._keep[-2:]
+            cache.clear()
+        cache[key] = cupy.asarray(host_table)
+        return cache[key]
+
+    # -- errors, traces, mode -----------------------------------------------------------------------
+    def check(self):
+        """Raise CollectiveTimeout if an earlier call's kernel gave up waiting for a peer (no host sync)."""
+        if self.fallback is None and int(self.status[0]) != STATUS_OK:
+            peer, where = int(self.status[1]), int(self.status[2])
+            what = "primitive" if self.algo == "fp8-ring" else "phase"
+            exc = CollectiveTimeout(f"rank {self.rank}: device {self.algo} kernel gave up after {self.timeout} s "
+                                    f"waiting for rank {peer} ({what} {where}); the communicator is unusable now",
+                                    peer=peer, rank=self.rank)
+            handle_timeout(exc)
+            raise exc
+
+    def synchronize(self):
+        """Wait for the caller's stream, then raise any recorded timeout."""
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+        self.check()
+
+    def _probe(self):
+        """("per-rank" | "host", why): does a traced call finish fast once every rank has started?"""
+        import cupy
+        x = cupy.ones(max(self.n, 1) * self.codec.block, cupy.float32)
+        y = cupy.empty_like(x)
+        ok, span, last = 1, 0, 2 * self.n - 1 if self.algo == "fp8-ring" else 3
+        if self.n > 1:
+            for _ in range(2):                          # the first pays module loading
+                self.comm.Barrier()
+                self._launch(x, y, "sum", 5.0, trace=True)
+                cupy.cuda.get_current_stream().synchronize()
+                ok = int(self.status[0]) == STATUS_OK and bool(cupy.isfinite(y).all())
+                if not ok:
+                    break
+            starts = self.comm.allgather((int(self.trace[0]), int(self.trace[last])))
+            mine = same_gpu_ranks(self.comm)
+            if ok:
+                span = max(starts[k][1] for k in mine) - max(starts[k][0] for k in mine)
+        fast = self.comm.allreduce(int(ok and span < PROBE_LIMIT_NS), op=MPI.MIN)
+        if fast:
+            return "per-rank", f"kernels co-run (probe: {span / 1e3:.0f} us after the last start)"
+        self.status[:] = 0                              # reset every counter before the fallback
+        cupy.cuda.runtime.memset(self.flags, 0, 16 * MAX_PARTS)
+        cupy.cuda.runtime.deviceSynchronize()
+        self.comm.Barrier()
+        why = "no co-residency: MPS not running?" if ok else "probe timed out"
+        return "host", f"{why} (probe span {span / 1e3:.0f} us, MPS pipe visible: {mps_visible()})"
+
+    @property
+    def opened(self):
+        """Peer mappings held (the leak check counts them)."""
+        return self.peers.opened
+
+    def close(self):
+        try:
+            import cupy
+            cupy.cuda.runtime.deviceSynchronize()
+        except Exception:  # pragma: no cover
+            pass
+        self._tables.clear(), self._progs.clear(), self._keep.clear()
+        self.peer_table = None
+        self.peers.close()
+
+
+def _check_buffers(src, out, op, capacity):
+    """Clear errors for what the kernels cannot take (the same answer on every rank for agreed arguments)."""
+    check_fp8_input_dtype(src.dtype)                    # integers: TypeError
+    if src.dtype.name not in ("float32", "float16"):
+        raise TypeError(f"the device FP8 all-reduce takes CuPy float32 or float16 buffers, got {src.dtype.name}")
+    if op not in FP8_KERNEL_OPS:
+        raise ValueError(f"FP8 all-reduce supports op {' or '.join(FP8_KERNEL_OPS)}, got {op!r}")
+    for name, a in (("src", src), ("out", out)):
+        if a.ndim != 1 or not a.flags.c_contiguous or not hasattr(a, "data"):
+            raise ValueError(f"the device FP8 all-reduce needs flat C-contiguous device arrays; {name} is not")
+    if out.size != src.size or out.dtype != src.dtype:
+        raise ValueError(f"out must match src ({src.size} {src.dtype.name}), got {out.size} {out.dtype.name}")
+    if src.size > capacity:
+        raise ValueError(f"the device FP8 all-reduce was built for up to {capacity} elements per call, got {src.size}; "
+                         "create it with a larger capacity= (a split call would not match the host FP8 path's bits)")
+
+
+def get_device_fp8_ring(comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY):
+    """The device FP8 executor for (fmt, block, algo, capacity) cached on ``comm`` (created collectively)."""
+    from ringlab.gpu.ipc import cached_executor
+    codec = fp8_codec(fmt, block)
+    algo = _ALIASES.get(algo, algo)
+    key = ("device-fp8", algo, codec.fmt, codec.block, int(capacity))
+    return cached_executor(comm, key, lambda: DeviceFp8Ring(comm, codec.fmt, codec.block, algo, timeout, capacity))
