@@ -74,10 +74,10 @@ class collective_call:
     exit until the peers' timeouts end the job (faults.linger_at_exit).
     """
 
-    __slots__ = ("comm", "what", "timeout", "state", "lock", "_moving")
+    __slots__ = ("comm", "what", "timeout", "state", "lock", "_moving", "seconds")
 
     def __init__(self, comm, what, timeout=None):
-        self.comm, self.what, self.timeout, self._moving = comm, what, timeout, False
+        self.comm, self.what, self.timeout, self._moving, self.seconds = comm, what, timeout, False, _UNRESOLVED
         self.state = comm_state(comm)
         self.lock = self.state.get("issue-lock")
         if self.lock is None:
@@ -107,6 +107,9 @@ class collective_call:
             self.lock.release()
 
 
+_UNRESOLVED = object()   # collective_call.seconds until validate.checked_call resolves the timeout
+
+
 def _seconds_or_default(timeout):
     try:
         return resolve_timeout(timeout)
@@ -121,6 +124,10 @@ def prepare_out(a, out, shape, what):
             import cupy
             return cupy.empty(shape, dtype=a.dtype)
         return np.empty(shape, dtype=a.dtype)
+    if type(out) is np.ndarray and type(a) is np.ndarray and out.dtype == a.dtype and out.shape == tuple(shape):
+        flags = out.flags
+        if flags.c_contiguous and flags.writeable:     # the common host case, checked in one go
+            return out
     o = as_array(out)
     if is_device_array(o) != is_device_array(a):
         raise TypeError(f"{what}: out is a {'device' if is_device_array(o) else 'host'} array but the "
@@ -169,8 +176,11 @@ def stage_through_host(flat, run):
     flat.set(host)
 
 
-def _transport(comm, timeout, kind=MpiTransport):
-    """A ``kind`` transport on ``comm`` with ``timeout`` (None: the transport's default)."""
+def _transport(comm, timeout, kind=MpiTransport, call=None):
+    """A ``kind`` transport on ``comm`` with ``timeout`` (None: the transport's default), or with the
+    seconds ``call`` already resolved it to (checked_call), so the environment is not read again."""
+    if call is not None and call.seconds is not _UNRESOLVED:
+        return kind(comm, timeout=call.seconds)
     return kind(comm) if timeout is None else kind(comm, timeout=timeout)
 
 
@@ -217,12 +227,12 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
         a = box[0]
         return "allreduce", a.size, dtype_label(a.dtype), op, _route(algo, transport), out is x
     with collective_call(comm, "allreduce", timeout) as call:
-        res = checked_call(comm, validate, signature, local_checks, timeout, "allreduce")
+        res = checked_call(comm, validate, signature, local_checks, timeout, "allreduce", call)
         a = box[0]
         call.moving()
         if is_device_array(a) and _device_allreduce(a, res, op, algo, comm, timeout, transport):
             return res
-        tr, cache, fn = _transport(comm, timeout), _cache(algo), ALLREDUCE_ALGORITHMS[algo]
+        tr, cache, fn = _transport(comm, timeout, call=call), _cache(algo), ALLREDUCE_ALGORITHMS[algo]
         into = getattr(fn, "into", None)     # an out-of-place form that reads the input instead of copying it
         if res is not a and into is not None and not is_device_array(a) and a.flags.c_contiguous:
             into(a.reshape(-1), res.reshape(-1), tr, op, cache)
@@ -302,7 +312,7 @@ def reduce_scatter(x, out=None, op="sum", algo="ring", comm=None, timeout=None, 
         a = box[0]
         return "reduce_scatter", a.size, dtype_label(a.dtype), op, _route(algo, transport), False
     with collective_call(comm, "reduce_scatter", timeout) as call:
-        res = checked_call(comm, validate, signature, local_checks, timeout, "reduce_scatter")
+        res = checked_call(comm, validate, signature, local_checks, timeout, "reduce_scatter", call)
         a = box[0]
         call.moving()
         flat = a.reshape(-1)       # a copy only when x is not contiguous
@@ -310,7 +320,7 @@ def reduce_scatter(x, out=None, op="sum", algo="ring", comm=None, timeout=None, 
             ring_reduce_scatter_into(flat, res, _transport(comm, timeout, CudaAwareMpiTransport), op,
                                      _cache("reduce_scatter-device"))
             return res
-        tr, cache = _transport(comm, timeout), _cache("reduce_scatter")
+        tr, cache = _transport(comm, timeout, call=call), _cache("reduce_scatter")
         if not is_device_array(a):
             ring_reduce_scatter_into(flat, res, tr, op, cache)
             return res
@@ -341,13 +351,13 @@ def allgather(x, out=None, *, algo="ring", comm=None, timeout=None, validate=Tru
         a = box[0]
         return "allgather", a.size, dtype_label(a.dtype), "-", _route(algo, transport), False
     with collective_call(comm, "allgather", timeout) as call:
-        res = checked_call(comm, validate, signature, local_checks, timeout, "allgather")
+        res = checked_call(comm, validate, signature, local_checks, timeout, "allgather", call)
         a = box[0]
         call.moving()
         res[comm.rank] = a
         if is_device_array(a) and _device_ring_transport(comm, transport, "allgather") == "mpi":
             ring_allgather_inplace(res.reshape(-1), _transport(comm, timeout, CudaAwareMpiTransport), rotate=-1)
             return res
-        tr = _transport(comm, timeout)
+        tr = _transport(comm, timeout, call=call)
         stage_through_host(res.reshape(-1), lambda host: ring_allgather_inplace(host, tr, rotate=-1))
         return res

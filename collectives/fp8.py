@@ -185,7 +185,7 @@ def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=Non
         a = box[0]
         return "allreduce_fp8", a.size, dtype_label(a.dtype), op, f"{algo}/{fmt}/{block} via {transport}", out is x
     with collective_call(comm, "allreduce_fp8", timeout) as call:
-        res = checked_call(comm, validate, signature, local_checks, timeout, "allreduce_fp8")
+        res = checked_call(comm, validate, signature, local_checks, timeout, "allreduce_fp8", call)
         a, (name, transport) = box
         call.moving()
         if not a.flags.c_contiguous:
@@ -200,7 +200,7 @@ def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=Non
             tr = _transport(comm, timeout, CudaAwareMpiTransport)
             codec = _device_codec(comm, fmt, block, staged=False)
         else:
-            tr = _transport(comm, timeout)
+            tr = _transport(comm, timeout, call=call)
             codec = codec_for(a, fmt, block) if route == "host" else _device_codec(comm, fmt, block, staged=True)
         _EXECUTORS[name](flat, flat_out, tr, codec, op)
         return res

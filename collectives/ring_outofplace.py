@@ -10,8 +10,9 @@ import numpy as np
 
 from ringlab import faults
 from ringlab.arrays import array_module
-from ringlab.ring import divide_inplace, ring_allgather_inplace, scratch_buffer
-from ringlab.schedule import chunk_bounds, reduce_scatter_owner, ring_reduce_scatter_schedule
+from ringlab.ring import divide_inplace, scratch_buffer
+from ringlab.schedule import (chunk_bounds, reduce_scatter_owner, ring_allgather_schedule,
+                              ring_reduce_scatter_schedule)
 
 __all__ = ["ring_reduce_scatter_into", "ring_allreduce_into", "ring_reduce_scatter_slots"]
 
@@ -83,11 +84,54 @@ def ring_reduce_scatter_slots(x, slots, transport, op="sum", rotate=0):
     return own
 
 
+def _allreduce_plan(count, n, r):
+    """The out-of-place ring all-reduce's steps for (count, N, rank), built once: per step (RingStep,
+    send from x?, send range, dest, receive range, source, what); plus the owned chunk's range."""
+    key = (count, n, r)
+    plan = _PLANS.get(key)
+    if plan is None:
+        bounds = chunk_bounds(count, n)
+
+        def steps(schedule, first_from_x):
+            return tuple((st, first_from_x and st.step == 0) + bounds[st.send_chunk] + (st.send_to,)
+                         + bounds[st.recv_chunk] + (st.recv_from, f"ring {st.phase} step {st.step}")
+                         for st in schedule)
+        plan = (steps(ring_reduce_scatter_schedule(r, n), True), bounds[reduce_scatter_owner(r, n)],
+                steps(ring_allgather_schedule(r, n), False))
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+_PLANS = {}
+
+
 def ring_allreduce_into(x, out, transport, op="sum", cache=None):
     """Ring all-reduce of flat ``x`` into flat ``out`` (not ``x``): bitwise ring.ring_allreduce_inplace's
     result, with peak memory input + output."""
-    lo, hi = ring_reduce_scatter_slots(x, out, transport, op)
+    comm = transport.comm
+    n, r = comm.size, comm.rank
+    if n == 1:
+        out[...] = x
+        if op == "avg":
+            divide_inplace(out, 1)
+        return out
+    rs, (lo, hi), ag = _allreduce_plan(x.size, n, r)
+    # reduce-scatter as ring_reduce_scatter_slots: each chunk is received into its own place in out
+    combine = getattr(array_module(x), _UFUNC[op])
+    fault = faults.ring_step_hook(r)
+    sendrecv = transport.sendrecv
+    for st, from_x, s0, s1, dest, r0, r1, source, what in rs:
+        if fault is not None:
+            fault(st)
+        recv = out[r0:r1]
+        sendrecv((x if from_x else out)[s0:s1], dest, recv, source, what)
+        combine(x[r0:r1], recv, out=recv)
     if op == "avg":
-        divide_inplace(out[lo:hi], transport.comm.size)
-    ring_allgather_inplace(out, transport)
+        divide_inplace(out[lo:hi], n)
+    for st, _, s0, s1, dest, r0, r1, source, what in ag:     # all-gather in place (ring.ring_allgather_inplace)
+        if fault is not None:
+            fault(st)
+        sendrecv(out[s0:s1], dest, out[r0:r1], source, what)
     return out

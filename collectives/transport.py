@@ -18,7 +18,9 @@ _UNSET = object()
 
 
 def _as_bytes(a):
-    return [a.reshape(-1).view(np.uint8), MPI.BYTE]
+    if type(a) is np.ndarray and a.dtype.isbuiltin == 1:    # NumPy's own dtypes export a buffer as they are
+        return [a, MPI.BYTE]
+    return [a.reshape(-1).view(np.uint8), MPI.BYTE]         # bfloat16, fp8 (ml_dtypes), CuPy
 
 
 def _local_ranks():

@@ -62,7 +62,10 @@ class issued_by:
 def _code(value):
     if isinstance(value, (bool, int, np.integer)):
         return int(value)
-    code = _codes.get(value)
+    try:
+        code = _codes.get(value)
+    except TypeError:          # unhashable: its text's hash, so the call still reaches the exchange
+        return zlib.crc32(str(value).encode())
     if code is None:
         code = _codes[value] = zlib.crc32(str(value).encode())
         if len(_codes) > 4096:
@@ -97,13 +100,16 @@ def _describe(rows, errors):
 
 
 def _bounded_allgather(comm, mine, recv, timeout, what):
-    """``comm.Iallgather(mine, recv)`` completed within ``timeout`` seconds or CollectiveTimeout."""
+    """``comm.Iallgather(mine, recv)`` completed within ``timeout`` seconds or CollectiveTimeout;
+    ``what`` names the collective whose argument check this is."""
     req = comm.Iallgather(mine, recv)
+    if req.Test():
+        return
 
     def describe():
         # A collective cannot tell which rank is missing: say what the likely causes are.
-        return (f"rank {comm.rank}: not every rank reached {what} (a rank died or stalled before it, "
-                "skipped it, called another collective, or runs with validation off)", None)
+        return (f"rank {comm.rank}: not every rank reached the argument check of {what} (a rank died or stalled "
+                "before it, skipped it, called another collective, or runs with validation off)", None)
     wait_all([req], timeout, describe)
 
 
@@ -111,11 +117,11 @@ def _bounded_allgather_text(comm, text, timeout, what):
     """Every rank's ``text`` (variable length), gathered with two bounded non-blocking collectives."""
     data = np.frombuffer(text.encode(), dtype=np.uint8)
     lengths = np.empty(comm.size, dtype=np.int64)
-    _bounded_allgather(comm, np.array([data.size], dtype=np.int64), lengths, timeout, what)
+    _bounded_allgather(comm, np.array([data.size], dtype=np.int64), lengths, timeout, what)  # what: a collective
     everyone = np.empty(int(lengths.sum()), dtype=np.uint8)
     offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     req = comm.Iallgatherv([data, MPI.BYTE], [everyone, (lengths, offsets), MPI.BYTE])
-    wait_all([req], timeout, lambda: (f"rank {comm.rank}: a rank left during {what}", None))
+    wait_all([req], timeout, lambda: (f"rank {comm.rank}: a rank left during the argument check of {what}", None))
     return [everyone[o:o + n].tobytes().decode() for o, n in zip(offsets, lengths)]
 
 
@@ -130,13 +136,14 @@ def _exchange_timeout(timeout):
             return DEFAULT_TIMEOUT_S
 
 
-def checked_call(comm, validate, signature, local_checks, timeout=None, what=None):
+def checked_call(comm, validate, signature, local_checks, timeout=None, what=None, call=None):
     """Run ``local_checks()`` (returns the prepared output) and, if validating, agree across ranks.
 
     ``signature``: a tuple in the order of FIELDS, or a callable returning one, called after the checks
     (even failed ones), so converting the arguments can itself be a checked step; if it fails too, the
     fields are UNKNOWN and ``what`` names the collective. ``timeout`` (None: $RINGLAB_TIMEOUT) is checked
-    here as well. Without validation a local failure raises on the failing rank only.
+    here as well (its seconds are left in ``call.seconds`` when ``call`` is given). Without validation a
+    local failure raises on the failing rank only.
     """
     result, error, seconds = None, None, _UNSET
     try:
@@ -153,28 +160,54 @@ def checked_call(comm, validate, signature, local_checks, timeout=None, what=Non
         except Exception:  # noqa: BLE001 - the argument could not even be read: its error is in ``error``
             signature = (what,) + (UNKNOWN,) * (len(FIELDS) - 1)
     what = signature[0]
-    thread = issuing_thread()
-    seqs = comm_state(comm).setdefault("calls-per-thread", {})
+    thread = getattr(_issuer, "name", None) or threading.current_thread().name    # issuing_thread()
+    state = comm_state(comm)
+    seqs = state.get("calls-per-thread")
+    if seqs is None:
+        seqs = state["calls-per-thread"] = {}
     seq = seqs[thread] = seqs.get(thread, 0) + 1      # this thread's call number on comm: the call's identity
-    if not validate or comm.size == 1 or not validation_enabled():
+    if call is not None and error is None:
+        call.seconds = seconds
+    size = comm.size
+    if not validate or size == 1 or not validation_enabled():
         if error is not None:
             raise InvalidCollectiveCall(f"{what}: {_error_text(error)}") from error
         return result
-    mine = np.array([_code(v) for v in signature] + [_code(thread), seq, int(error is not None)], dtype=np.int64)
-    everyone = np.empty((comm.size, _EXCHANGED), dtype=np.int64)
+    mine = _fingerprint(signature, thread)
+    mine[-2:] = seq, int(error is not None)
+    everyone = np.empty((size, _EXCHANGED), dtype=np.int64)
     if seconds is _UNSET:
         seconds = _exchange_timeout(timeout)
-    _bounded_allgather(comm, mine, everyone, seconds, f"the argument check of {what}")
-    if not everyone[:, -1].any() and (everyone == mine).all():
+    _bounded_allgather(comm, mine, everyone, seconds, what)
+    if error is None and everyone.tobytes() == mine.tobytes() * size:   # nobody failed, all fields equal
         return result
     raise InvalidCollectiveCall(_agreed_message(comm, signature, f"{thread!r} call #{seq}", error, seconds)) from error
+
+
+def _fingerprint(signature, thread):
+    """A fresh int64 array: the codes of ``signature`` and ``thread``, then two slots (call number, failed)."""
+    key = (signature, thread)
+    try:
+        base = _fingerprints.get(key)
+    except TypeError:          # an unhashable argument (a bad op=[...]): computed, not cached
+        key = base = None
+    if base is None:
+        base = np.array([_code(v) for v in signature] + [_code(thread), 0, 0], dtype=np.int64)
+        if key is not None:
+            if len(_fingerprints) > 4096:
+                _fingerprints.clear()
+            _fingerprints[key] = base
+    return base.copy()
+
+
+_fingerprints = {}
 
 
 def _agreed_message(comm, signature, thread, error, seconds):
     """The slow path, taken by every rank together: gather readable values, build one identical text."""
     mine_text = "\x1f".join([repr(v) for v in signature] + [thread, "" if error is None else _error_text(error)])
     rows, threads, errors = [], [], []
-    for text in _bounded_allgather_text(comm, mine_text, seconds, f"the argument check of {signature[0]}"):
+    for text in _bounded_allgather_text(comm, mine_text, seconds, signature[0]):
         *values, name, err = text.split("\x1f")
         rows.append(tuple(values))
         threads.append(name)
