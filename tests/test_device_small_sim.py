@@ -1,5 +1,6 @@
 """One-shot / two-shot persistent kernels in numba's CUDA simulator: N ranks as threads of one block."""
 import os
+import sys
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
@@ -286,3 +287,36 @@ def test_kernels_compile_to_ptx_for_sm90():
     res = subprocess.run([sys.executable, "-c", _PTX_CHECK, roots[-1]], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0 and "ptx ok" in res.stdout, res.stderr[-3000:]
+
+
+def _host_ring_worker():
+    """Under mpirun: the real host MPI ring gives host_ring_reference's bits for every op and dtype."""
+    from mpi4py import MPI
+    from ringlab.ring import ring_allreduce_inplace
+    from ringlab.transport import MpiTransport
+    comm = MPI.COMM_WORLD
+    bad = []
+    for dtype in KERNEL_DTYPES:
+        for op in ("sum", "avg", "prod", "max", "min"):
+            if op == "avg" and np.dtype(dtype).kind == "i":
+                continue
+            for count in (1, comm.size - 1 or 1, 7, 101):
+                srcs = _inputs(comm.size, count, dtype, count, op)
+                buf = srcs[comm.rank].copy()
+                ring_allreduce_inplace(buf, MpiTransport(comm), op=op)
+                if not np.array_equal(buf.view(np.uint8), host_ring_reference(srcs, op).view(np.uint8)):
+                    bad.append((dtype, op, count))
+    bad = comm.allreduce(len(bad))
+    if comm.rank == 0:
+        print("host ring reference OK" if bad == 0 else f"host ring reference: {bad} mismatches", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_the_reference_is_the_real_host_ring(run_mpi, n):
+    res = run_mpi(n, "tests/test_device_small_sim.py", "--host-ring-worker", timeout=120)
+    assert "host ring reference OK" in res.stdout
+
+
+if __name__ == "__main__" and "--host-ring-worker" in sys.argv:
+    _host_ring_worker()

@@ -219,6 +219,9 @@ def _check_buffers(src, out, op, algo):
         raise TypeError(f"op 'avg' needs a floating dtype, not {src.dtype.name}")
     if out.size != src.size or out.dtype != src.dtype:
         raise ValueError(f"out must match src ({src.size} {src.dtype.name}), got {out.size} {out.dtype.name}")
+    a, b = src.data.ptr, out.data.ptr
+    if a != b and a < b + out.nbytes and b < a + src.nbytes:
+        raise ValueError(f"device {algo}: src and out overlap without being the same buffer")
 
 
 def get_device_small(comm, algo, timeout=None, mode="auto"):
