@@ -228,3 +228,46 @@ def test_stalled_peer_times_out_naming_it(algo):
         sim.direct(srcs, outs, "sum", timeout_ns=50_000_000, skip_rank=1)
         for r in (0, 2):
             assert sim.status[r][0] == STATUS_TIMEOUT and sim.status[r][1] == 1, (r, sim.status[r])
+
+
+_PTX_CHECK = r"""
+import sys, types
+from ringlab.kernels import patch_numpy_for_numba
+patch_numpy_for_numba()
+import numba.cuda.dispatcher as disp
+import numba.cuda.cudadrv.nvrtc as nv
+import numba.cuda.cuda_paths as cp
+from numba import cuda
+root = sys.argv[1]
+dev = types.SimpleNamespace(compute_capability=(9, 0))          # no GPU here
+disp.get_current_device = cuda.get_current_device = lambda: dev
+nv.get_arch_option = lambda major, minor: f"compute_{major}{minor}"
+cp.get_cuda_paths._cached_result = {"nvrtc": None, "nvvm": types.SimpleNamespace(by="test", info=root + "/lib/libnvvm.so"),
+    "libdevice": types.SimpleNamespace(by="test", info=root + "/nvvm/libdevice/libdevice.10.bc"),
+    "cudalib_dir": None, "static_cudalib_dir": None, "include_dir": None}
+from ringlab.kernels import fp8_direct_kernel as dk
+from ringlab.kernels.ring_kernel import _SIGNATURE, fp8_codec, ring_kernel_source
+for dtype, op, fmt, block in (("float32", "sum", "e4m3", 128), ("float16", "avg", "e5m2", 32),
+                              ("bfloat16", "sum", "e4m3", 256)):
+    for ptx in (cuda.compile_ptx(ring_kernel_source(dtype, op, fp8_codec(fmt, block)), _SIGNATURE, cc=(9, 0))[0],
+                cuda.compile_ptx(dk.direct_kernel_source(dtype, op, fmt, block), dk._SIGNATURE, cc=(9, 0))[0]):
+        assert ptx.count("ld.acquire.sys") >= 1 and ptx.count("st.release.sys") >= 1 and ".nc" not in ptx
+        assert ".f64" not in ptx and ".local" not in ptx, (dtype, fmt, block)
+        assert "shfl.sync.bfly" in ptx, "the block amax is reduced over the warp"
+print("ptx ok")
+"""
+
+
+def test_fp8_kernels_compile_to_ptx_for_sm90():
+    """The real (non-simulated) FP8 ring and direct kernels type and lower for sm_90 (libNVVM, no GPU)."""
+    import glob
+    import subprocess
+    import sys
+    roots = sorted(p[:-len("/lib/libnvvm.so")] for p in glob.glob("/usr/local/cuda*/lib/libnvvm.so")
+                   if os.path.exists(p[:-len("/lib/libnvvm.so")] + "/nvvm/libdevice/libdevice.10.bc"))
+    if not roots:
+        pytest.skip("no libNVVM + libdevice under /usr/local/cuda*")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    res = subprocess.run([sys.executable, "-c", _PTX_CHECK, roots[-1]], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0 and "ptx ok" in res.stdout, res.stderr[-3000:]
