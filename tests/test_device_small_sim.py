@@ -1,5 +1,6 @@
 """One-shot / two-shot persistent kernels in numba's CUDA simulator: N ranks as threads of one block."""
 import os
+import re
 import sys
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
@@ -320,3 +321,31 @@ def test_the_reference_is_the_real_host_ring(run_mpi, n):
 
 if __name__ == "__main__" and "--host-ring-worker" in sys.argv:
     _host_ring_worker()
+
+
+class _FakeDeviceArray:
+    """Just what the executor's argument checks read from a CuPy array (no GPU here)."""
+
+    def __init__(self, size, dtype="float32", ptr=1 << 20, contiguous=True, ndim=1):
+        self.size, self.dtype, self.ndim = size, np.dtype(dtype), ndim
+        self.itemsize, self.nbytes = self.dtype.itemsize, size * self.dtype.itemsize
+        self.data = type("Ptr", (), {"ptr": ptr})()
+        self.flags = type("Flags", (), {"c_contiguous": contiguous})()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_bad_input_gets_a_clear_error(algo):
+    from ringlab.gpu.device_small import _check_buffers
+    x = _FakeDeviceArray(16)
+    _check_buffers(x, x, "sum", algo)                                       # in place is fine
+    _check_buffers(x, _FakeDeviceArray(16, ptr=1 << 30), "avg", algo)        # disjoint is fine
+    cases = [((_FakeDeviceArray(16, contiguous=False), x, "sum"), ValueError, "C-contiguous"),
+             ((np.zeros(16, np.float32), x, "sum"), ValueError, "device (CuPy)"),
+             ((_FakeDeviceArray(16, "int8"), _FakeDeviceArray(16, "int8"), "sum"), TypeError, "no kernel for int8"),
+             ((x, _FakeDeviceArray(10, ptr=1 << 30), "sum"), ValueError, "out must match"),
+             ((x, _FakeDeviceArray(16, ptr=(1 << 20) + 8), "sum"), ValueError, "overlap"),
+             ((_FakeDeviceArray(4, "int32"), _FakeDeviceArray(4, "int32", ptr=1 << 30), "avg"), TypeError, "floating"),
+             ((x, x, "mean"), ValueError, "unknown op")]
+    for args, kind, words in cases:
+        with pytest.raises(kind, match=re.escape(words)):
+            _check_buffers(*args, algo)
