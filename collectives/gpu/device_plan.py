@@ -8,7 +8,7 @@ import numpy as np
 
 from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
                                          LEFT_CODES, LEFT_SCALES, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
-                                         SEND_CODES, SEND_SCALES, TABLE_COLS)
+                                         SEND_CODES, SEND_SCALES, STAGE_IN, STAGE_OUT, TABLE_COLS)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
@@ -60,15 +60,18 @@ def fp8_send_layout(capacity, nranks, block):
 
 
 def address_row(src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls, rank, nranks,
-                *, send_codes=0, send_scales=0, left_codes=0, left_scales=0, blocks_per_chunk=0, first=(0, 0, 0)):
+                *, send_codes=0, send_scales=0, left_codes=0, left_scales=0, blocks_per_chunk=0, first=(0, 0, 0),
+                stage_in=0, stage_out=0):
     """One rank's row of the kernel's address table (integers: device addresses and ranks); the keywords are the
-    FP8 codec's columns (send buffers, scale slots per chunk, primitive 0's (lo, hi, chunk)), 0 for identity."""
+    FP8 codec's columns (send buffers, scale slots per chunk, primitive 0's (lo, hi, chunk)), 0 for identity, and a
+    staged identity call's user buffers (``first`` then names primitive 0's chunk too)."""
     row = [src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls] + [0] * (TABLE_COLS - 10)
     row[LEFT], row[RIGHT], row[NRANKS] = (rank - 1) % nranks, (rank + 1) % nranks, nranks
     row[ALIGNED] = int(all(int(a) % 16 == 0 for a in (src, out, left_src, left_out)))
     row[SEND_CODES], row[SEND_SCALES], row[LEFT_CODES], row[LEFT_SCALES] = send_codes, send_scales, left_codes, left_scales
     row[CHUNK_BLOCKS] = blocks_per_chunk
     row[FIRST_LO], row[FIRST_HI], row[FIRST_CHUNK] = first
+    row[STAGE_IN], row[STAGE_OUT] = stage_in, stage_out
     assert len(row) == TABLE_COLS
     return row
 
@@ -79,3 +82,19 @@ def direct_row(src, out, codes, scales, flags, status, trace, calls, rank, block
     row = [src, out, codes, scales, flags, status, trace, calls, rank, blocks_per_chunk, peers]
     assert len(row) == DIRECT_COLS
     return row
+
+
+def hbm_bytes_per_element(path, nranks, block=128, itemsize=4):
+    """HBM bytes one rank reads + writes per element of the buffer: "fp32-ring" (identity codec, ``itemsize``),
+    "fp8-ring" or "fp8-direct" (codes 1 B, a 4 B scale per ``block``); docs/fp8.md derives them."""
+    n, s = int(nranks), 4.0 / block
+    if n == 1:
+        return 0.0
+    if path == "fp32-ring":            # N-1 reduces (src, left's, out) and N-1 copies (left's, out)
+        return 5 * itemsize * (n - 1) / n
+    x = itemsize
+    if path == "fp8-ring":             # send, N-2 hops, final, N-2 forwards, recv; scales: 4N-4 per chunk
+        return ((x + 1) + (n - 2) * (x + 2) + (2 * x + 2) + (n - 2) * (x + 2) + (x + 1) + (4 * n - 4) * s) / n
+    if path == "fp8-direct":           # encode N-1 chunks; owner: src + N-1 peers' codes + code + out; decode N-1
+        return ((n - 1) * (x + 1) + (x + (n - 1) + 1 + x) + (n - 1) * (1 + x) + (3 * n - 2) * s) / n
+    raise ValueError(f"unknown path {path!r}; expected fp32-ring, fp8-ring or fp8-direct")

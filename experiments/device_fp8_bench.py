@@ -1,0 +1,151 @@
+"""Device FP8 all-reduce (e4m3 ring, fp8-direct) vs the fp32 device ring at 64 and 256 MB, ranks sharing a GPU.
+
+    mpirun -n 8 python experiments/device_fp8_bench.py --json out.json      # (start MPS first: per-rank kernels)
+
+Effective algbw counts the uncompressed fp32 bytes. Every row is checked before it is timed (FP8: bit for bit
+against the host FP8 path up to --oracle-max elements, above it the error bound and all ranks identical).
+Time: --calls back-to-back calls between two events after a barrier, slowest rank, median of --rounds.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _args(argv=None):
+    from ringlab.bench.harness import size_list_arg
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=size_list_arg, default=size_list_arg("64M,256M"), help="fp32 bytes per call")
+    p.add_argument("--paths", default="fp32-ring,fp8-ring,fp8-direct")
+    p.add_argument("--fmt", default="e4m3")
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--mode", default="auto", help="auto, per-rank, or host (FP8) / single-context (fp32)")
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--oracle-max", type=int, default=(1 << 24) + 1, help="largest count checked bit for bit")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = _args(argv)
+    from ringlab.bench.harness import require_gpu
+    require_gpu("device_fp8_bench.py")
+    import cupy
+    from mpi4py import MPI
+
+    import ringlab
+    from ringlab.arrays import use_local_gpu
+    from ringlab.bench.harness import run_metadata
+    from ringlab.fp8 import fp8_allreduce_error_bound
+    from ringlab.gpu.device_fp8 import DeviceFp8Ring
+    from ringlab.gpu.device_plan import hbm_bytes_per_element
+    from ringlab.gpu.device_ring import get_device_ring, mps_visible
+    from experiments.gpu_datapath import copy_bandwidth
+
+    comm = MPI.COMM_WORLD
+    n, rank = comm.size, comm.rank
+    use_local_gpu(comm)
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    bw = comm.bcast(copy_bandwidth() if rank == 0 else None, root=0)
+    say(f"device copy bandwidth (read + write): {bw / 1e9:.0f} GB/s; MPS pipe visible: {mps_visible()}")
+    capacity = max(args.sizes) // 4
+    paths = args.paths.split(",")
+    fp32 = get_device_ring(comm, timeout=120.0, mode="auto" if args.mode in ("auto", "host") else args.mode)
+    execs = {"fp32-ring": fp32}
+    for path in list(paths):
+        if path != "fp32-ring":
+            try:
+                execs[path] = DeviceFp8Ring(comm, args.fmt, args.block, path, timeout=120.0, capacity=capacity,
+                                            mode=args.mode)
+            except RuntimeError as exc:       # fp8-direct without co-resident kernels: no fallback
+                say(f"{path}: skipped: {exc}")
+                paths.remove(path)
+
+    def same_everywhere(a):
+        return len(set(comm.allgather(hashlib.sha1(a.tobytes()).hexdigest()))) == 1
+
+    def check(path, x, y, count):
+        """'' when right, else what is wrong (collective)."""
+        if path == "fp32-ring":      # small integers: the exact sum
+            want = cupy.arange(count, dtype=cupy.float32) % 7 * n + n * (n - 1) // 2
+            ok = comm.allreduce(int(bool((y == want).all())), op=MPI.MIN)
+            return ("" if ok else "fp32 sum wrong"), "exact"
+        got = y.get()
+        if count <= args.oracle_max:
+            want = ringlab.allreduce_fp8(x.get(), algo=path, fmt=args.fmt, block=args.block)
+            ok = np.array_equal(got.view(np.uint32), want.view(np.uint32))
+            how = "bit-exact vs host"
+        else:
+            exact = cupy.empty_like(x)
+            fp32.allreduce(x, exact, "sum")
+            big = comm.allreduce(float(cupy.abs(x).max()), op=MPI.MAX)
+            bound = fp8_allreduce_error_bound(args.fmt, n, big, algo=path)
+            ok = bool((cupy.abs(y - exact) <= bound).all())
+            how = "error bound"
+        ok = comm.allreduce(int(ok and same_everywhere(got)), op=MPI.MIN)
+        return "" if ok else f"{how} check failed", how
+
+    rows = []
+    for nbytes in args.sizes:
+        count = nbytes // 4
+        for path in paths:
+            ex = execs[path]
+            if path == "fp32-ring":
+                x = (cupy.arange(count, dtype=cupy.float32) % 7 + rank).astype(cupy.float32)
+            else:
+                x = cupy.random.default_rng(rank + 17).standard_normal(count, dtype=cupy.float32)
+            y = cupy.empty_like(x)
+            stream = cupy.cuda.get_current_stream()
+            ex.allreduce(x, y, "sum")
+            ex.synchronize()
+            wrong, how = check(path, x, y, count)
+            assert not wrong, f"{path} {nbytes} B: {wrong}"
+            times = []
+            for _ in range(args.rounds):
+                comm.Barrier()
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record(stream)
+                for _ in range(args.calls):
+                    ex.allreduce(x, y, "sum")
+                end.record(stream)
+                end.synchronize()
+                ex.synchronize()
+                times.append(comm.allreduce(cupy.cuda.get_elapsed_time(start, end) * 1e-3 / args.calls, op=MPI.MAX))
+            t = float(np.median(times))
+            bpe = hbm_bytes_per_element(path, n, args.block)
+            floor = n * bpe * count / bw            # every rank's traffic on the one GPU's HBM
+            rows.append({"path": path, "fmt": args.fmt if path != "fp32-ring" else "fp32", "block": args.block,
+                         "bytes": nbytes, "count": count, "nranks": n, "median_ms": t * 1e3,
+                         "algbw_GBps": nbytes / t / 1e9, "hbm_bytes_per_elem": bpe, "hbm_floor_ms": floor * 1e3,
+                         "pct_of_hbm_floor": 100 * floor / t, "mode": getattr(ex, "mode", "?"), "checked": how,
+                         "times_ms": [v * 1e3 for v in times]})
+            del x, y
+    for r in rows:
+        base = next(b for b in rows if b["bytes"] == r["bytes"] and b["path"] == "fp32-ring") \
+            if "fp32-ring" in paths else None
+        r["speedup_vs_fp32_ring"] = base["median_ms"] / r["median_ms"] if base else None
+    meta = run_metadata(comm, copy_bandwidth_Bps=bw, mps_pipe_visible=mps_visible(), fmt=args.fmt, block=args.block,
+                        modes={p: getattr(e, "mode", "?") for p, e in execs.items()})
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    say(f"#{'path':>11s} {'size':>10s} {'mode':>10s} {'time ms':>9s} {'algbw GB/s':>11s} {'x fp32':>7s} "
+        f"{'HBM B/el':>9s} {'% floor':>8s} {'checked':>18s}")
+    for r in rows:
+        sp = f"{r['speedup_vs_fp32_ring']:.2f}" if r["speedup_vs_fp32_ring"] else "-"
+        say(f" {r['path']:>11s} {r['bytes'] >> 20:>8d}MB {r['mode']:>10s} {r['median_ms']:9.3f} {r['algbw_GBps']:11.1f} "
+            f"{sp:>7s} {r['hbm_bytes_per_elem']:9.2f} {r['pct_of_hbm_floor']:7.0f}% {r['checked']:>18s}")
+    for e in execs.values():
+        if e is not fp32:
+            e.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
