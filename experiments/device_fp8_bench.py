@@ -5,6 +5,11 @@
 Effective algbw counts the uncompressed fp32 bytes. Every row is checked before it is timed (FP8: bit for bit
 against the host FP8 path up to --oracle-max elements, above it the error bound and all ranks identical).
 Time: --calls back-to-back calls between two events after a barrier, slowest rank, median of --rounds.
+
+    python experiments/device_fp8_bench.py --hop-error docs/results/device_fp8/hop_error.json   # CPU, no MPI
+
+``--hop-error``: the relative L2 error of both FP8 algos vs the float64 sum, as docs/fp8.md reports it, from the
+host FP8 executors run in-process (threads), after checking that the simulated device kernels give their bits.
 """
 import argparse
 import hashlib
@@ -29,11 +34,102 @@ def _args(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--oracle-max", type=int, default=(1 << 24) + 1, help="largest count checked bit for bit")
     p.add_argument("--json", default=None)
+    p.add_argument("--hop-error", metavar="JSON", default=None, help="CPU only: the error table (see above)")
     return p.parse_args(argv)
+
+
+class _ThreadTransport:
+    """sendrecv between the threads of one process, so collectives/fp8.py's executors run N ranks in-process."""
+
+    def __init__(self, rank, size, boxes):
+        import types
+        self.comm, self.boxes = types.SimpleNamespace(rank=rank, size=size), boxes
+
+    def sendrecv(self, send, dest, recv, source, what=""):
+        self.boxes[(self.comm.rank, dest)].put(np.array(send, copy=True))
+        recv[...] = self.boxes[(source, self.comm.rank)].get(timeout=60)
+
+
+def _in_process(srcs, algo, fmt, block):
+    """Every rank's result of the host FP8 executor for ``algo`` on ``srcs`` (threads, HostFp8Codec)."""
+    import queue
+    import threading
+    from ringlab.fp8 import fp8_direct_allreduce, fp8_ring_allreduce
+    from ringlab.kernels.codec import HostFp8Codec
+    n = len(srcs)
+    boxes = {(a, b): queue.Queue() for a in range(n) for b in range(n)}
+    outs = [np.zeros_like(x) for x in srcs]
+    fn = fp8_ring_allreduce if algo == "fp8-ring" else fp8_direct_allreduce
+    threads = [threading.Thread(target=fn, args=(srcs[r], outs[r], _ThreadTransport(r, n, boxes),
+                                                 HostFp8Codec(fmt, block), "sum")) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outs
+
+
+def _simulated_device(srcs, algo, fmt, block):
+    """Every rank's result of the device kernels in numba's CUDA simulator (ranks = threads of one block)."""
+    from ringlab.gpu.device_plan import address_row, chunk_blocks, direct_row, first_chunk, fp8_send_layout, program_table
+    from ringlab.kernels import flags
+    from ringlab.kernels.fp8_direct_kernel import direct_kernel
+    from ringlab.kernels.ring_kernel import fp8_codec, ring_kernel
+    n, count, R = len(srcs), srcs[0].size, flags.register
+    cb, sb = fp8_send_layout(count, n, block)
+    codes, scales = [np.zeros(cb, np.uint8) for _ in srcs], [np.zeros(sb // 4, np.float32) for _ in srcs]
+    words = [[np.zeros(128, np.uint64) for _ in srcs] for _ in range(4)]      # flags, status, trace, calls
+    outs = [np.zeros_like(x) for x in srcs]
+    nbc = chunk_blocks(count, n, block)
+    if algo == "fp8-ring":
+        rows = [address_row(R(srcs[r]), R(outs[r]), 0, 0, R(words[0][r]), R(words[0][r - 1]), R(words[0][(r + 1) % n]),
+                            R(words[1][r]), R(words[2][r]), R(words[3][r]), r, n, send_codes=R(codes[r]),
+                            send_scales=R(scales[r]), left_codes=R(codes[r - 1]), left_scales=R(scales[r - 1]),
+                            blocks_per_chunk=nbc, first=first_chunk(count, n, r)) for r in range(n)]
+        table, prog = np.array(rows, np.int64), program_table(n, count, range(n))
+        ring_kernel(np.float32, "sum", fp8_codec(fmt, block))[(2, 1), (1, n)](R(table), R(prog), 2 * n - 1, 2, 0)
+    else:
+        peers = np.array([[R(codes[q]), R(scales[q]), R(words[0][q])] for q in range(n)], np.int64)
+        rows = [direct_row(R(srcs[r]), R(outs[r]), R(codes[r]), R(scales[r]), R(words[0][r]), R(words[1][r]),
+                           R(words[2][r]), R(words[3][r]), r, nbc, R(peers)) for r in range(n)]
+        direct_kernel(np.float32, "sum", fmt, block)[(2, 1), (1, n)](R(np.array(rows, np.int64)), n, count, 0, 0)
+    return outs
+
+
+def hop_error(path):
+    """docs/fp8.md's error table for the device path (CPU): simulated kernels == host bits, then the errors."""
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    from ringlab.kernels import patch_numpy_for_numba
+    patch_numpy_for_numba()
+    rows = []
+    for algo in ("fp8-ring", "fp8-direct"):                       # the device kernels give the host's bits
+        for n in (2, 4, 8):
+            srcs = [np.random.default_rng([n, r]).standard_normal(1031).astype(np.float32) for r in range(n)]
+            want, got = _in_process(srcs, algo, "e4m3", 128), _simulated_device(srcs, algo, "e4m3", 128)
+            assert all(np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(want, got)), (algo, n)
+    print("simulated device kernels == host FP8 executors, bit for bit (e4m3/128, N = 2, 4, 8, 1031 elements)")
+    for fmt in ("e4m3", "e5m2"):
+        for block in (32, 128):
+            for algo in ("fp8-direct", "fp8-ring"):
+                errs = {}
+                for n in (2, 4, 8, 16):
+                    srcs = [np.random.default_rng([7, n, r]).standard_normal(65536).astype(np.float32) for r in range(n)]
+                    exact = np.sum([x.astype(np.float64) for x in srcs], axis=0)
+                    out = _in_process(srcs, algo, fmt, block)[0]
+                    errs[n] = float(np.linalg.norm(out - exact) / np.linalg.norm(exact))
+                rows.append({"fmt": fmt, "block": block, "data": "normal", "algo": algo, "rel_l2": errs})
+                print(f"| {fmt} | {block} | normal | {algo} | " + " | ".join(f"{errs[n]:.2e}" for n in errs) + " |")
+    with open(path, "w") as f:
+        json.dump({"meta": {"elements_per_rank": 65536, "seed": "default_rng([7, N, rank])", "how":
+                            "host FP8 executors in-process; device kernels checked bit-identical in the simulator"},
+                   "rows": rows}, f, indent=1)
+    return 0
 
 
 def main(argv=None):
     args = _args(argv)
+    if args.hop_error:
+        return hop_error(args.hop_error)
     from ringlab.bench.harness import require_gpu
     require_gpu("device_fp8_bench.py")
     import cupy
