@@ -69,7 +69,7 @@ def ring_shape(ring):
         return {}
     fast = ring._launchers.get((cupy.dtype("float32"), "sum")) or ring._launcher(cupy.dtype("float32"), "sum")
     return {"threads": fast.threads, "max_parts": fast.max_parts, "registers": fast.attribute("NUM_REGS"),
-            "stage_bytes": ring.stage_bytes}
+            "local_bytes": fast.attribute("LOCAL_SIZE_BYTES"), "stage_bytes": ring.stage_bytes, "scope": ring.scope}
 
 
 def host_per_call(comm, variant, latency_s):
@@ -181,8 +181,8 @@ def main():
     p.add_argument("--mode", default="auto", help="device ring mode: auto, per-rank, single-context")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--loop", type=int, default=50, help="back-to-back calls per timed round (nccl-tests style)")
-    p.add_argument("--shapes", default="1024x1,512x2", help="large-message launch shapes THREADSxBLOCKS_PER_SM "
-                   "tried beside the default 512x1")
+    p.add_argument("--shapes", default="1024x1r64,768x1r80,1024x1r72", help="large-message launch shapes "
+                   "THREADSxBLOCKS_PER_SM[rMAX_REGISTERS] tried beside the default")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     comm = MPI.COMM_WORLD
@@ -199,13 +199,18 @@ def main():
     shapes = {"default": ring_shape(ring)}
     counts = [s // 4 or 1 for s in args.sizes]
     small = [device_ring_variant(comm, ring)] + [today(v) for v in args.variants.split(",") if v]
-    zero_copy = None
-    if ring.mode == "per-rank":      # the same ring without the staging buffer: a handle swap per call
+    zero_copy = sys_scope = None
+    mine = 1
+    if ring.mode == "per-rank":      # the same ring without the staging buffer (a handle swap per call), sys flags
         zero_copy = DeviceRing(comm, mode="per-rank", stage_bytes=0)
-        small.insert(1, device_ring_variant(comm, zero_copy, "device-ring/zero-copy"))
-        small.insert(1, allreduce_variant(comm, "api transport=device", algo="ring", device=True, transport="device"))
+        sys_scope = DeviceRing(comm, mode="per-rank", scope="sys")
+        small[1:1] = [allreduce_variant(comm, "api transport=device", algo="ring", device=True, transport="device"),
+                      device_ring_variant(comm, zero_copy, "device-ring/zero-copy"),
+                      device_ring_variant(comm, sys_scope, f"device-ring/{sys_scope.scope}-scope")]
+        mine = 4
+    shapes["sys-scope"] = ring_shape(sys_scope) if sys_scope is not None else {}
     rows = measure(comm, small, counts, iters=args.iters, warmup=5, baseline=small[0].name, progress=print)
-    loops = loop_latency(comm, small[:3], counts, calls=args.loop)
+    loops = loop_latency(comm, small[:mine], counts, calls=args.loop)
     if comm.rank == 0:
         print("back-to-back (us/call):", {k: {b: round(t, 1) for b, t in v.items()} for k, v in loops.items()},
               flush=True)
@@ -222,8 +227,10 @@ def main():
     extra = []
     if ring.mode == "per-rank":
         for shape in [s for s in args.shapes.split(",") if s]:
-            threads, per_sm = (int(v) for v in shape.split("x"))
-            other = DeviceRing(comm, mode="per-rank", threads=threads, blocks_per_sm=per_sm)
+            launch, _, regs = shape.partition("r")
+            threads, per_sm = (int(v) for v in launch.split("x"))
+            other = DeviceRing(comm, mode="per-rank", threads=threads, blocks_per_sm=per_sm,
+                               max_registers=int(regs) if regs else None)
             shapes[shape] = ring_shape(other)
             extra.append(other)
             large.append(device_ring_variant(comm, other, f"device-ring/{shape}"))
@@ -245,7 +252,7 @@ def main():
                         command=" ".join(sys.argv))
     if comm.rank == 0 and args.json:
         write_json(args.json, rows + big, meta)
-    for other in extra + [zero_copy]:
+    for other in extra + [zero_copy, sys_scope]:
         if other is not None:
             other.close()
     ring.close()

@@ -9,11 +9,16 @@ import numpy as np
 
 from ringlab.kernels.device import SIMULATED, cuda, data_address
 
-__all__ = ["flag_load", "flag_store", "global_ns", "pointer_access", "quad_access", "register", "unregister"]
+__all__ = ["flag_load", "flag_store", "flag_access", "FLAG_SCOPES", "global_ns", "pointer_access", "quad_access",
+           "register", "unregister"]
+
+FLAG_SCOPES = ("sys", "gpu")    # sys: peers on other GPUs or the host; gpu: every peer runs on this GPU
 
 # flag_load(base, i):     ld.acquire.sys.global.u64 of word i at base (a peer's counter in IPC memory)
 # flag_store(base, i, v): fence.acq_rel.sys; st.release.sys.global.u64: publishes every write this thread has
 #                         observed (its block's, after a barrier) before the flag, to every process
+# flag_access(scope):     (load, store) of that scope: "gpu" suffices, and fences far cheaper, when every peer
+#                         kernel runs on the same GPU (ranks sharing it under MPS); "sys" for other GPUs / the host
 # global_ns():            %globaltimer in ns, one clock for all contexts on a GPU (bounded spins, traces)
 # pointer_access(dtype) / quad_access(dtype): element i / elements 4q..4q+3 of a dtype array at an address
 _MEMORY = {}          # simulator only: data address -> the array living there
@@ -45,6 +50,12 @@ if SIMULATED:
         return np.uint64(time.monotonic_ns())
 
     flag_load, flag_store, global_ns = (cuda.jit(device=True)(f) for f in (_flag_load, _flag_store, _global_ns))
+
+    def flag_access(scope):
+        """(load, store) flags of ``scope`` (the simulator's accesses are stronger than any scope)."""
+        if scope not in FLAG_SCOPES:
+            raise ValueError(f"flag scope must be one of {FLAG_SCOPES}, got {scope!r}")
+        return flag_load, flag_store
 
     def pointer_access(dtype):
         """(load, store) device functions for ``dtype`` elements at an address (simulator: registry)."""
@@ -78,26 +89,37 @@ else:
         i = context.cast(builder, args[1], sig.args[1], types.int64)
         return builder.gep(builder.inttoptr(addr, elt.as_pointer()), [i])
 
-    @intrinsic
-    def flag_load(typingctx, base, i):
-        def codegen(context, builder, sig, args):
-            ptr = builder.ptrtoint(_element_pointer(context, builder, sig, args, _I64), _I64)
-            asm = ir.InlineAsm(ir.FunctionType(_I64, [_I64]), "ld.acquire.sys.global.u64 $0, [$1];",
-                               "=l,l,~{memory}", side_effect=True)
-            return builder.call(asm, [ptr])
-        return types.uint64(base, i), codegen
+    def _scoped_flags(scope):
+        @intrinsic
+        def load(typingctx, base, i):
+            def codegen(context, builder, sig, args):
+                ptr = builder.ptrtoint(_element_pointer(context, builder, sig, args, _I64), _I64)
+                asm = ir.InlineAsm(ir.FunctionType(_I64, [_I64]), f"ld.acquire.{scope}.global.u64 $0, [$1];",
+                                   "=l,l,~{memory}", side_effect=True)
+                return builder.call(asm, [ptr])
+            return types.uint64(base, i), codegen
 
-    @intrinsic
-    def flag_store(typingctx, base, i, v):
-        def codegen(context, builder, sig, args):
-            ptr = builder.ptrtoint(_element_pointer(context, builder, sig, args, _I64), _I64)
-            val = context.cast(builder, args[2], sig.args[2], types.uint64)
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I64, _I64]),
-                               "fence.acq_rel.sys;\n\tst.release.sys.global.u64 [$0], $1;",
-                               "l,l,~{memory}", side_effect=True)
-            builder.call(asm, [ptr, val])
-            return context.get_dummy_value()
-        return types.void(base, i, v), codegen
+        @intrinsic
+        def store(typingctx, base, i, v):
+            def codegen(context, builder, sig, args):
+                ptr = builder.ptrtoint(_element_pointer(context, builder, sig, args, _I64), _I64)
+                val = context.cast(builder, args[2], sig.args[2], types.uint64)
+                asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I64, _I64]),
+                                   f"fence.acq_rel.{scope};\n\tst.release.{scope}.global.u64 [$0], $1;",
+                                   "l,l,~{memory}", side_effect=True)
+                builder.call(asm, [ptr, val])
+                return context.get_dummy_value()
+            return types.void(base, i, v), codegen
+        return load, store
+
+    _FLAGS = {scope: _scoped_flags(scope) for scope in FLAG_SCOPES}
+    flag_load, flag_store = _FLAGS["sys"]
+
+    def flag_access(scope):
+        """(load, store) intrinsics: acquire load / fence + release store at ``scope`` ("sys" or "gpu")."""
+        if scope not in FLAG_SCOPES:
+            raise ValueError(f"flag scope must be one of {FLAG_SCOPES}, got {scope!r}")
+        return _FLAGS[scope]
 
     @intrinsic
     def global_ns(typingctx):

@@ -146,6 +146,14 @@ def identity_moves(dtype, op):
         return a, a + q2 + (1 if p < r2 else 0)
 
     @cuda.jit(device=True)
+    def copy(src, dst, a, b, lane, nlanes):
+        """dst[a:b] = src[a:b] (a staged call's copy in or out), vector accesses when both are 16-byte aligned."""
+        if (src & np.uint64(15)) == 0 and (dst & np.uint64(15)) == 0:
+            copy_quads(src, dst, a, b, lane, nlanes)
+        else:
+            copy_range(src, dst, a, b, lane, nlanes)
+
+    @cuda.jit(device=True)
     def first(src, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes):
         pass                                        # never called: primitive 0 moves no data (has_first False)
 
@@ -165,4 +173,4 @@ def identity_moves(dtype, op):
         else:
             copy_range(peer, out, a, b, lane, nlanes)
 
-    return SimpleNamespace(first=first, step=step, has_first=False, uses_codec_columns=False)
+    return SimpleNamespace(first=first, step=step, has_first=False, uses_codec_columns=False, copy=copy, part=part)

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringlab.kernels.device import SIMULATED, cuda
-from ringlab.kernels.flags import flag_load, flag_store, global_ns, pointer_access
+from ringlab.kernels.flags import FLAG_SCOPES, flag_access, flag_store, global_ns, pointer_access
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 from ringlab.kernels.optable import DEVICE_DTYPES, OPS
 from ringlab.kernels.ring_identity import combine_function as _combine, identity_moves
 from ringlab.kernels.ring_layout import (ALIGNED, CALLS, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO,
                                          FROM_SRC, LEFT, LEFT_CODES, LEFT_FLAGS, LEFT_OUT, LEFT_SCALES, LEFT_SRC,
                                          MAX_PARTS, MAX_RANKS_PER_LAUNCH, MAX_SLICES, MY_FLAGS, NRANKS, OUT, PROG_COLS,
-                                         REDUCE, RIGHT, RIGHT_FLAGS, SEND_CODES, SEND_SCALES, SLICE_STRIDE, SRC, STATUS,
-                                         STATUS_OK, STATUS_TIMEOUT, TABLE_COLS, TRACE)
+                                         REDUCE, RIGHT, RIGHT_FLAGS, SEND_CODES, SEND_SCALES, SLICE_STRIDE, SRC, STAGE_IN,
+                                         STAGE_OUT, STATUS, STATUS_OK, STATUS_TIMEOUT, TABLE_COLS, TRACE)
 
 __all__ = ["Codec", "IDENTITY", "fp8_codec", "ring_kernel", "TABLE_COLS", "PROG_COLS", "SLICE_STRIDE", "MAX_SLICES",
            "STATUS_OK", "STATUS_TIMEOUT", "MAX_PARTS", "REDUCE", "FROM_SRC", "FINAL", "KERNEL_DTYPES", "KERNEL_OPS",
@@ -70,13 +70,15 @@ else:
         cuda.syncthreads()                         # a rank's part = one CUDA block
 
 
-def ring_kernel(dtype, op, codec=IDENTITY):
-    """The compiled persistent kernel for (dtype, op, codec). Parameters: table and program addresses,
-    nprims (2N-1), slices K, timeout_ns (0: no limit). No per-call parameter: a block counts its calls on
-    the device (calls[p]), so a CUDA graph replays it correctly."""
-    key = (np.dtype(dtype).name, op, codec)
+def ring_kernel(dtype, op, codec=IDENTITY, scope="sys", max_registers=None):
+    """The compiled persistent kernel for (dtype, op, codec, flag scope). Parameters: table and program
+    addresses, nprims (2N-1), slices K, timeout_ns (0: no limit). No per-call parameter: a block counts its
+    calls on the device (calls[p]), so a CUDA graph replays it correctly. ``scope`` "gpu" when every rank runs
+    on this GPU; ``max_registers`` caps registers per thread (more threads per block)."""
+    key = (np.dtype(dtype).name, op, codec, scope, max_registers)
     if key not in _kernels:
-        _kernels[key] = cuda.jit(_SIGNATURE)(ring_kernel_source(dtype, op, codec))
+        options = {} if max_registers is None else {"max_registers": int(max_registers)}
+        _kernels[key] = cuda.jit(_SIGNATURE, **options)(ring_kernel_source(dtype, op, codec, scope))
     return _kernels[key]
 
 
@@ -98,12 +100,31 @@ def _moves(dtype, op, codec):
     return fp8_moves(dtype, op, codec)
 
 
-def ring_kernel_source(dtype, op, codec=IDENTITY):
+def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
     """The kernel as a Python function, before compilation (for ``cuda.compile_ptx`` checks)."""
+    if scope not in FLAG_SCOPES:
+        raise ValueError(f"flag scope must be one of {FLAG_SCOPES}, got {scope!r}")
     moves = _moves(dtype, op, codec)
     first, step = moves.first, moves.step
     has_first, codec_cols = moves.has_first, moves.uses_codec_columns     # compile-time constants
+    can_stage = codec == IDENTITY
+    copy, part = (moves.copy, moves.part) if can_stage else (None, None)
     addr_load, _ = pointer_access(np.int64)
+    flag_load, flag_put = flag_access(scope)         # the counters; status (host memory) stays sys
+    _, trace_put = pointer_access(np.uint64)         # traces: plain stores, read by the host after a sync
+
+    @cuda.jit(device=True)
+    def stage_copy(fr, to, prog, y, nprims, lo0, hi0, nslices, p, nparts, lane, nlanes):
+        """Part p of every chunk (primitive 0's, then primitives 1..N-1's), every slice: to = fr."""
+        n = (nprims + 1) // 2
+        for i in range(n):
+            lo, hi = lo0, hi0
+            if i > 0:
+                e = (y * (nprims - 1) + i - 1) * PROG_COLS
+                lo, hi = addr_load(prog, e), addr_load(prog, e + 1)
+            for k in range(nslices):
+                a, b = part(lo, hi, k, nslices, p, nparts)
+                copy(fr, to, a, b, lane, nlanes)
 
     @cuda.jit(device=True)
     def wait_geq(flags, p, target, deadline, status, peer, prim):
@@ -130,6 +151,12 @@ def ring_kernel_source(dtype, op, codec=IDENTITY):
         aligned = addr_load(table, row + ALIGNED) != 0
         mc, ms, lc, ls = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
         nbc, lo0, hi0, c0 = 0, 0, 0, 0
+        if can_stage:                        # a staged call: copy the caller's src in before anyone reads ours
+            stage_in = np.uint64(addr_load(table, row + STAGE_IN))
+            if stage_in != 0:
+                stage_copy(stage_in, src, prog, y, nprims, addr_load(table, row + FIRST_LO),
+                           addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
+                rank_barrier()
         if codec_cols:                       # the codec's send buffers (ours, the left's) and primitive 0's chunk
             mc, ms = np.uint64(addr_load(table, row + SEND_CODES)), np.uint64(addr_load(table, row + SEND_SCALES))
             lc, ls = np.uint64(addr_load(table, row + LEFT_CODES)), np.uint64(addr_load(table, row + LEFT_SCALES))
@@ -147,15 +174,15 @@ def ring_kernel_source(dtype, op, codec=IDENTITY):
             if timeout_ns != 0:
                 deadline = t0 + np.uint64(timeout_ns)
             if trace != 0 and p == 0:
-                flag_store(trace, 0, t0)
+                trace_put(trace, 0, t0)
             if not has_first:
-                flag_store(mine, p, base + K)                  # primitive 0, send: my input is ready
+                flag_put(mine, p, base + K)                    # primitive 0, send: my input is ready
         if has_first:                                          # primitive 0 encodes its chunk, slice by slice
             for k in range(nslices):
                 first(src, mc, ms, lo0, hi0, c0, nbc, k, nslices, p, nparts, lane, nlanes)
                 rank_barrier()
                 if lane == 0:
-                    flag_store(mine, p, base + np.uint64(k + 1))
+                    flag_put(mine, p, base + np.uint64(k + 1))
         for i in range(1, nprims):
             e = (y * (nprims - 1) + i - 1) * PROG_COLS
             lo, hi, bits, reread = addr_load(prog, e), addr_load(prog, e + 1), addr_load(prog, e + 2), addr_load(prog, e + 3)
@@ -176,13 +203,18 @@ def ring_kernel_source(dtype, op, codec=IDENTITY):
                      lane, nlanes, nranks, aligned)
                 rank_barrier()
                 if lane == 0:
-                    flag_store(mine, p, base + np.uint64(i) * K + np.uint64(k + 1))
+                    flag_put(mine, p, base + np.uint64(i) * K + np.uint64(k + 1))
             if lane == 0 and trace != 0 and p == 0:
-                flag_store(trace, i, global_ns())
+                trace_put(trace, i, global_ns())
+        if can_stage:     # part p of every chunk is final in our stage: copy it out (the right may still read it)
+            stage_out = np.uint64(addr_load(table, row + STAGE_OUT))
+            if stage_out != 0:
+                stage_copy(src, stage_out, prog, y, nprims, addr_load(table, row + FIRST_LO),
+                           addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
         if lane == 0:     # right reads our buffers until its last primitive; the caller may reuse them after us
             wait_geq(right_f, p, base + np.uint64(nprims) * K, deadline, status, right, nprims)
-            flag_store(calls, p, call + np.uint64(1))
+            flag_put(calls, p, call + np.uint64(1))
             if trace != 0 and p == 0:
-                flag_store(trace, nprims, global_ns())
+                trace_put(trace, nprims, global_ns())
 
     return kernel

@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
-from ringlab.gpu.device_plan import address_row, launch_shape, program_table
+from ringlab.gpu.device_plan import address_row, first_chunk, launch_shape, program_table
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, STATUS_OK
 
@@ -36,11 +36,12 @@ class DeviceRing:
 
     ``mode``: "auto" (probe), "per-rank" (trust that kernels co-run) or "single-context" (SharedGpuRing).
     ``threads`` per block and ``blocks_per_sm`` size the launch (every block of every rank must be resident);
-    ``stage_bytes``: calls up to this size go through the staging buffer (0: never).
+    ``stage_bytes``: calls up to this size go through the staging buffer (0: never). ``scope`` of the flags:
+    None picks "gpu" when every rank runs on this GPU, else "sys"; ``max_registers`` caps the kernel's.
     """
 
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
-                 blocks_per_sm=1, stage_bytes=STAGE_BYTES):
+                 blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=None):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
@@ -52,6 +53,9 @@ class DeviceRing:
         self.timeout, self.trace_enabled = resolve_timeout(timeout), bool(trace)
         self.left, self.right = (self.rank - 1) % self.n, (self.rank + 1) % self.n
         self.sharing = len(same_gpu_ranks(comm))
+        every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
+        self.scope = scope or ("gpu" if every else "sys")
+        self.max_registers = max_registers
         # Every block of every rank must be resident at once (they wait on each other): one block per SM
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
@@ -111,17 +115,17 @@ class DeviceRing:
         return True
 
     def _launch_staged(self, src, out, op, limit):
-        """copy src -> our stage; the ring in place on the stages (the left's mapped once); stage -> out."""
+        """The kernel copies src into our stage, runs the ring in place on the stages (the left's mapped once)
+        and copies the result to out: no host message, one launch."""
         import cupy
-        rt = cupy.cuda.runtime
-        stream = cupy.cuda.get_current_stream()
         trace = self.trace_enabled
-        table = self._tables.get(("stage", trace))
+        key = (src.data.ptr, out.data.ptr, src.size, trace)
+        table = self._tables.get(key)
         if table is None:
-            table = self._table(("stage", trace), self.stage, self.stage, self.left_stage, self.left_stage, trace)
-        rt.memcpyAsync(self.stage, src.data.ptr, src.nbytes, rt.memcpyDeviceToDevice, stream.ptr)
-        self._run(src, op, table, limit, stream)
-        rt.memcpyAsync(out.data.ptr, self.stage, src.nbytes, rt.memcpyDeviceToDevice, stream.ptr)
+            table = self._table(key, self.stage, self.stage, self.left_stage, self.left_stage, trace,
+                                first=first_chunk(src.size, self.n, self.rank), stage_in=src.data.ptr,
+                                stage_out=out.data.ptr)
+        self._run(src, op, table, limit, cupy.cuda.get_current_stream())
 
     def _launch(self, src, out, op, limit, trace=None):
         """The ring on the caller's buffers: swap their handles with the neighbours first (zero copy)."""
@@ -134,9 +138,10 @@ class DeviceRing:
             table = self._table(key, src.data.ptr, out.data.ptr, left_src, left_out, trace)
         self._run(src, op, table, limit, cupy.cuda.get_current_stream())
 
-    def _table(self, key, src, out, left_src, left_out, trace):
+    def _table(self, key, src, out, left_src, left_out, trace, **staged):
         row = address_row(src, out, left_src, left_out, self.flags + 0, self.left_flags, self.right_flags,
-                          self.status_dev, self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS, self.rank, self.n)
+                          self.status_dev, self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS, self.rank, self.n,
+                          **staged)
         return self._cached(self._tables, key, np.array([row], np.int64))
 
     def _run(self, src, op, table, limit, stream):
@@ -154,7 +159,7 @@ class DeviceRing:
     def _launcher(self, dtype, op):
         """The compiled kernel's driver launcher, with threads and parts it can hold resident."""
         from ringlab.kernels.ring_kernel import ring_kernel
-        fast = DriverLaunch.for_kernel(ring_kernel(dtype, op))
+        fast = DriverLaunch.for_kernel(ring_kernel(dtype, op, scope=self.scope, max_registers=self.max_registers))
         fast.threads = min(self.threads, fast.attribute("MAX_THREADS_PER_BLOCK") // 32 * 32)
         resident = fast.blocks_per_sm(fast.threads)
         if resident < 1:
@@ -314,9 +319,12 @@ class DriverLaunch:
             raise RuntimeError(f"cuLaunchKernel of the device ring failed: CUresult {int(err)}")
 
 
+_KERNEL_DTYPES = frozenset(np.dtype(d) for d in KERNEL_DTYPES)    # dtype objects: no name lookup per call
+
+
 def _check_buffers(src, out, op):
     """Clear errors for what the kernel cannot take (the same answer on every rank for agreed arguments)."""
-    if src.dtype.name not in KERNEL_DTYPES:
+    if src.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the device ring has no kernel for {src.dtype.name}; supported: {', '.join(KERNEL_DTYPES)}")
     if op not in KERNEL_OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(KERNEL_OPS)}")
