@@ -65,3 +65,11 @@ def test_gpu_executors_are_siblings_with_one_call_shape():
         assert isinstance(inspect.getattr_static(cls, "opened"), property), cls      # the leak check counts it
     assert "algo" in inspect.signature(IpcDirect).parameters
     assert {"fmt", "block"} <= set(inspect.signature(Fp8IpcRing).parameters)
+
+
+@pytest.mark.parametrize("nprocs", [1, 3])
+def test_ipc_executors_over_a_fake_cupy(run_mpi, nprocs):
+    """Every IPC executor (and the transition shims) over fake device memory: exact results, FP8 equal to the host
+    ring bit for bit, no mapping growth on reused buffers, all mappings and counters released at close."""
+    res = run_mpi(nprocs, "tests/mpi/ipc_fake_cupy_check.py", timeout=240)
+    assert f"ipc_fake_cupy_check OK: N={nprocs}" in res.stdout, res.stdout[-2000:]
