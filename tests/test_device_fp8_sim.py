@@ -271,3 +271,43 @@ def test_fp8_kernels_compile_to_ptx_for_sm90():
     res = subprocess.run([sys.executable, "-c", _PTX_CHECK, roots[-1]], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0 and "ptx ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+def test_executor_rows_and_one_buffer_layout(algo):
+    """DeviceFp8Ring's own table rows (gpu/device_fp8.py) over its layout: one send buffer per rank (codes, then
+    scales at codes_bytes), counters then call counts in one word array; simulated, bit for bit vs the host."""
+    from types import SimpleNamespace
+
+    from ringlab.gpu.device_fp8 import DeviceFp8Ring
+    from ringlab.kernels.ring_kernel import MAX_PARTS
+    n, count, block, cap = 4, 301, 32, 400
+    codes_bytes, scale_bytes = fp8_send_layout(cap, n, block)
+    bufs = [np.zeros(codes_bytes + scale_bytes, np.uint8) for _ in range(n)]
+    words = [np.zeros(2 * MAX_PARTS, np.uint64) for _ in range(n)]
+    status = [np.zeros(4, np.uint64) for _ in range(n)]
+    for r in range(n):
+        flags.register(bufs[r]), flags.register(bufs[r][codes_bytes:].view(np.float32))
+        flags.register(words[r]), flags.register(words[r][MAX_PARTS:]), flags.register(status[r])
+    addr = [flags.register(b) for b in bufs]
+    waddr = [flags.register(w) for w in words]
+    peers = np.array([[addr[q], addr[q] + codes_bytes, waddr[q]] for q in range(n)], np.int64)
+    rows = []
+    srcs = _inputs(n, count, np.float32, 3)
+    outs = [np.zeros(count, np.float32) for _ in range(n)]
+    for r in range(n):
+        ex = object.__new__(DeviceFp8Ring)
+        ex.n, ex.rank, ex.codec, ex.algo, ex.codes_bytes = n, r, fp8_codec("e5m2", block), algo, codes_bytes
+        ex.flags, ex.left_flags, ex.right_flags = waddr[r], waddr[r - 1], waddr[(r + 1) % n]
+        ex.status_dev, ex.trace_dev, ex.send, ex.left_send = flags.register(status[r]), 0, addr[r], addr[r - 1]
+        ex.peer_table = SimpleNamespace(data=SimpleNamespace(ptr=flags.register(peers)))
+        rows.append(ex._row(flags.register(srcs[r]), flags.register(outs[r]), count, False)[0])
+    table = flags.register(np.array(rows, np.int64))
+    for call in range(2):                            # the second call reuses the counters (calls[p] on device)
+        if algo == "fp8-ring":
+            prog = flags.register(program_table(n, count, range(n)))
+            ring_kernel(np.float32, "sum", fp8_codec("e5m2", block))[(2, 1), (1, n)](table, prog, 2 * n - 1, 2, 0)
+        else:
+            direct_kernel(np.float32, "sum", "e5m2", block)[(2, 1), (1, n)](table, n, count, 0, 0)
+        _assert_bitwise(outs, host_fp8(srcs, "sum", "e5m2", block, algo), (algo, call))
+        assert all(int(s[0]) == 0 for s in status)
