@@ -247,13 +247,25 @@ def _device_allreduce(a, res, op, algo, comm, timeout, transport):
     """Run a device-native all-reduce of ``a`` into ``res``; False leaves it to host staging."""
     import cupy
     src = a.reshape(-1) if a.flags.c_contiguous else cupy.ascontiguousarray(a).reshape(-1)
+    if algo == "auto" and a.dtype.name in IPC_DTYPES:     # one-shot, two-shot or the device ring, by size and N
+        from ringlab import settings
+        from ringlab.gpu.ipc import ipc_usable
+        wanted = parse_transport(transport or settings.get("RINGLAB_TRANSPORT"))[0]
+        if wanted in ("auto", "device") and ipc_usable(comm)[0]:
+            from ringlab.gpu.device_small import device_auto_choice
+            algo = device_auto_choice(comm, src.nbytes)     # the same on every rank (rank 0's table)
+            transport = "device" if algo == "ring" else transport
     if algo in DEVICE_ALGORITHMS:
+        from ringlab.gpu.device_small import CAPACITY, get_device_small
         from ringlab.gpu.ipc import ipc_usable
         from ringlab.gpu.ipc_direct import get_ipc_direct
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"algo {algo!r} needs CUDA IPC between all ranks, which is unusable here: {why}")
-        get_ipc_direct(comm).allreduce(src, res.reshape(-1), op, algo=algo, timeout=timeout)
+        if src.nbytes <= CAPACITY:     # persistent kernels (without co-residency they use ipc_direct themselves)
+            get_device_small(comm, algo, timeout).allreduce(src, res.reshape(-1), op, timeout=timeout)
+        else:                          # above the scratch mapped once: the host-driven kernels
+            get_ipc_direct(comm, algo).allreduce(src, res.reshape(-1), op, timeout)
         return True
     if algo != "ring":
         return False

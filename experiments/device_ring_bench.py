@@ -181,7 +181,7 @@ def main():
     p.add_argument("--mode", default="auto", help="device ring mode: auto, per-rank, single-context")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--loop", type=int, default=50, help="back-to-back calls per timed round (nccl-tests style)")
-    p.add_argument("--shapes", default="1024x1r64,768x1r80,1024x1r72", help="large-message launch shapes "
+    p.add_argument("--shapes", default="512x1r0,1024x1r64", help="large-message launch shapes (r0: no register cap) "
                    "THREADSxBLOCKS_PER_SM[rMAX_REGISTERS] tried beside the default")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -229,8 +229,8 @@ def main():
         for shape in [s for s in args.shapes.split(",") if s]:
             launch, _, regs = shape.partition("r")
             threads, per_sm = (int(v) for v in launch.split("x"))
-            other = DeviceRing(comm, mode="per-rank", threads=threads, blocks_per_sm=per_sm,
-                               max_registers=int(regs) if regs else None)
+            cap = {"max_registers": int(regs) or None} if regs else {}      # r0: uncapped; none: the default
+            other = DeviceRing(comm, mode="per-rank", threads=threads, blocks_per_sm=per_sm, **cap)
             shapes[shape] = ring_shape(other)
             extra.append(other)
             large.append(device_ring_variant(comm, other, f"device-ring/{shape}"))

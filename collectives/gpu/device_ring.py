@@ -17,9 +17,10 @@ from ringlab.gpu.device_plan import address_row, first_chunk, launch_shape, prog
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, STATUS_OK
 
-__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "PROBE_LIMIT_NS", "STAGE_BYTES"]
+__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGISTERS", "PROBE_LIMIT_NS", "STAGE_BYTES"]
 
-THREADS = 512
+THREADS = 768                    # per block, with registers capped at MAX_REGISTERS: one block per SM fits
+MAX_REGISTERS = 80               # (the uncapped kernel needs 96: 512 threads; docs/device_ring.md has both)
 STAGE_BYTES = 1 << 20            # per rank: calls up to this size copy in and out of a buffer peers mapped once
 PROBE_LIMIT_NS = 2_000_000       # co-resident ring of <= 64 ranks: tens of us; time-sliced: milliseconds
 _HANDLE = 64                     # bytes of a CUDA IPC handle
@@ -41,7 +42,7 @@ class DeviceRing:
     """
 
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
-                 blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=None):
+                 blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)

@@ -70,7 +70,7 @@ class DeviceSmallAllreduce:
             mode, self.mode_why = self._probe()
         if mode == "fallback":
             from ringlab.gpu.ipc_direct import get_ipc_direct
-            self.fallback = get_ipc_direct(comm)
+            self.fallback = get_ipc_direct(comm, self.algo)
         self.mode = mode
 
     # -- the collective ---------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class DeviceSmallAllreduce:
             if cupy.cuda.get_current_stream().is_capturing():
                 raise RuntimeError(f"device {self.algo}: the fallback without co-resident kernels (no MPS) "
                                    "rendezvouses on the host each call and cannot be captured; start MPS")
-            return self.fallback.allreduce(src, out, op, algo=self.algo, timeout=timeout)
+            return self.fallback.allreduce(src, out, op, timeout)
         self.check()
         if src.size == 0:
             return True

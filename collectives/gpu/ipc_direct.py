@@ -166,20 +166,6 @@ class IpcDirect:
         forget_executor(self)
 
 
-class _AlgoPerCall:
-    """Transition shim for api.py's call ``get_ipc_direct(comm).allreduce(..., algo=, timeout=)``: forwards to
-    the executor bound to ``algo``. Remove once api.py calls ``get_ipc_direct(comm, algo)``."""
-
-    def __init__(self, comm):
-        self.comm = comm
-
-    def allreduce(self, src, out, op="sum", algo="oneshot", timeout=None):
-        return get_ipc_direct(self.comm, algo).allreduce(src, out, op, timeout)
-
-
-def get_ipc_direct(comm, algo=None):
-    """The ``algo`` ("oneshot" or "twoshot") executor cached on ``comm``, created collectively on first use.
-    ``algo=None``: the transition shim that takes ``algo`` per call."""
-    if algo is None:
-        return _AlgoPerCall(comm)
+def get_ipc_direct(comm, algo):
+    """The ``algo`` ("oneshot" or "twoshot") executor cached on ``comm``, created collectively on first use."""
     return cached_executor(comm, ("direct", algo), lambda: IpcDirect(comm, algo))
