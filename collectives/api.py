@@ -14,8 +14,8 @@ from mpi4py import MPI
 from ringlab import faults
 from ringlab.arrays import as_array, is_device_array, returns_input_type
 from ringlab.commstate import comm_state
-from ringlab.errors import CollectiveError, CollectiveTimeout, resolve_timeout
-from ringlab.ops import check_op_dtype, dtype_label
+from ringlab.errors import CollectiveError, CollectiveTimeout, default_timeout, resolve_timeout
+from ringlab.ops import OPS, SUPPORTED_DTYPES, check_op_dtype, dtype_label
 from ringlab.kernels.optable import DEVICE_DTYPES
 from ringlab.gpu.device import cuda_aware_mpi, select_transport
 from ringlab.ring import ring_allgather_inplace, ring_allreduce_inplace
@@ -23,7 +23,7 @@ from ringlab.ring_outofplace import ring_allreduce_into, ring_reduce_scatter_int
 from ringlab.schedule import chunk_bounds
 from ringlab.settings import parse_transport
 from ringlab.transport import CudaAwareMpiTransport, MpiTransport
-from ringlab.validate import InvalidCollectiveCall, checked_call
+from ringlab.validate import InvalidCollectiveCall, agree_checked, checked_call, environment_checked
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "register_allreduce",
            "stage_through_host", "prepare_out", "check_transport", "collective_call", "IPC_DTYPES"]
@@ -202,7 +202,6 @@ def _check_algo(algo, a, known=None, op="sum"):
         check(a.dtype, op)
 
 
-@returns_input_type   # torch in, torch out (arrays.py)
 def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
     """All-reduce ``x`` over ``comm`` (default COMM_WORLD) and return ``out``.
 
@@ -212,6 +211,46 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     ("auto", "device" for the persistent-kernel ring, "ipc", "ipc:K" for K pipeline slices, "ipc-host", "ipc-shared",
     "mpi", "staged").
     """
+    if (type(x) is np.ndarray and (out is None or (type(out) is np.ndarray and out is not x)) and transport is None
+            and timeout is None and type(op) is str and type(algo) is str and algo == "ring"):
+        res = _host_ring_allreduce(x, out, op, comm if comm is not None else MPI.COMM_WORLD, validate)
+        if res is not None:
+            return res
+    return _allreduce(x, out, op, algo, comm, timeout, validate, transport)
+
+
+_FAST_DTYPES = frozenset(SUPPORTED_DTYPES)
+_FAST_OPS = frozenset(OPS)
+
+
+def _host_ring_allreduce(x, out, op, comm, validate):
+    """The common call (NumPy, out of place, the ring, default timeout) with its checks written out:
+    the same signature, agreement and executor as the general path; None hands anything else to it."""
+    dt = x.dtype
+    if (op not in _FAST_OPS or dt not in _FAST_DTYPES or (op == "avg" and dt.kind in "iu") or not x.flags.c_contiguous
+            or ALLREDUCE_ALGORITHMS.get("ring") is not _ring or not environment_checked(comm.size)):
+        return None
+    if out is None:
+        res = np.empty(x.shape, dt)
+    else:
+        flags = out.flags
+        if out.dtype != dt or out.shape != x.shape or not flags.c_contiguous or not flags.writeable:
+            return None           # the general path says what is wrong, on every rank
+        res = out
+    try:
+        seconds = default_timeout()
+    except Exception:  # noqa: BLE001 - a bad $RINGLAB_TIMEOUT: the general path reports it on every rank
+        return None
+    with collective_call(comm, "allreduce") as call:
+        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, "ring", False), seconds)
+        call.moving()
+        ring_allreduce_into(x.reshape(-1), res.reshape(-1), MpiTransport(comm, timeout=seconds), op)
+    return res
+
+
+@returns_input_type   # torch in, torch out (arrays.py)
+def _allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True, transport=None):
+    """``allreduce``'s general path: every array type, algorithm and transport; every check, then the agreement."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     box = []
 

@@ -119,7 +119,7 @@ def ring_allreduce_into(x, out, transport, op="sum", cache=None):
         return out
     rs, (lo, hi), ag = _allreduce_plan(x.size, n, r)
     # reduce-scatter as ring_reduce_scatter_slots: each chunk is received into its own place in out
-    combine = getattr(array_module(x), _UFUNC[op])
+    combine = getattr(np if type(x) is np.ndarray else array_module(x), _UFUNC[op])
     fault = faults.ring_step_hook(r)
     sendrecv = transport.sendrecv
     for st, from_x, s0, s1, dest, r0, r1, source, what in rs:

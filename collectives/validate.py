@@ -16,8 +16,8 @@ from ringlab.commstate import comm_state
 from ringlab.errors import DEFAULT_TIMEOUT_S, CollectiveMismatch, resolve_timeout
 from ringlab.transport import wait_all
 
-__all__ = ["InvalidCollectiveCall", "checked_call", "validation_enabled", "issuing_thread", "issued_by", "FIELDS",
-           "UNKNOWN"]
+__all__ = ["InvalidCollectiveCall", "checked_call", "agree_checked", "environment_checked", "validation_enabled",
+           "issuing_thread", "issued_by", "FIELDS", "UNKNOWN"]
 
 FIELDS = ("collective", "count", "dtype", "op", "algo", "inplace")
 # What every rank sends: FIELDS, the issuing thread's name and its call number on this communicator,
@@ -159,6 +159,24 @@ def checked_call(comm, validate, signature, local_checks, timeout=None, what=Non
             signature = tuple(signature())
         except Exception:  # noqa: BLE001 - the argument could not even be read: its error is in ``error``
             signature = (what,) + (UNKNOWN,) * (len(FIELDS) - 1)
+    if call is not None and error is None:
+        call.seconds = seconds
+    return _agree(comm, validate, signature, error, result, seconds, timeout)
+
+
+def agree_checked(comm, validate, signature, seconds):
+    """The agreement of a call whose local checks all passed (api's NumPy fast path): checked_call's
+    exchange, result and errors, for ``signature`` (a tuple) and the resolved ``seconds``."""
+    _agree(comm, validate, signature, None, None, seconds, seconds)
+
+
+def environment_checked(nranks):
+    """True once checked_call has validated every RINGLAB_* value for ``nranks`` ranks in this process."""
+    return nranks in _environment_checked
+
+
+def _agree(comm, validate, signature, error, result, seconds, timeout):
+    """checked_call after the local checks: count the call, exchange fingerprints, raise on any difference."""
     what = signature[0]
     thread = getattr(_issuer, "name", None) or threading.current_thread().name    # issuing_thread()
     state = comm_state(comm)
@@ -166,15 +184,15 @@ def checked_call(comm, validate, signature, local_checks, timeout=None, what=Non
     if seqs is None:
         seqs = state["calls-per-thread"] = {}
     seq = seqs[thread] = seqs.get(thread, 0) + 1      # this thread's call number on comm: the call's identity
-    if call is not None and error is None:
-        call.seconds = seconds
     size = comm.size
     if not validate or size == 1 or not validation_enabled():
         if error is not None:
             raise InvalidCollectiveCall(f"{what}: {_error_text(error)}") from error
         return result
     mine = _fingerprint(signature, thread)
-    mine[-2:] = seq, int(error is not None)
+    mine[-2] = seq
+    if error is not None:
+        mine[-1] = 1
     everyone = np.empty((size, _EXCHANGED), dtype=np.int64)
     if seconds is _UNSET:
         seconds = _exchange_timeout(timeout)

@@ -96,3 +96,21 @@ def test_exchange_has_one_length_for_every_collective():
     finally:
         validate._bounded_allgather = real
     assert len(lengths) == 1, lengths
+
+
+def test_numpy_fast_path_matches_the_general_path():
+    """api's NumPy fast path (the common call, checks written out) returns what the general path does,
+    and hands every call it does not cover to it (which then reports any bad argument on every rank)."""
+    from mpi4py import MPI
+    from ringlab import api
+    comm = MPI.COMM_SELF
+    x = np.arange(10, dtype=np.float32)
+    general = api._allreduce(x, comm=comm)           # checks the environment for N = 1 once
+    fast = api._host_ring_allreduce(x, None, "avg", comm, True)
+    assert fast is not None and np.array_equal(fast, general / 1) and fast.dtype == x.dtype
+    out = np.empty_like(x)
+    assert api._host_ring_allreduce(x, out, "sum", comm, True) is out and np.array_equal(out, x)
+    for bad in (x.astype(">f4"), np.arange(10), x[::2], x.astype(np.complex64)):
+        assert api._host_ring_allreduce(bad, None, "avg", comm, True) is None, bad.dtype
+    assert api._host_ring_allreduce(x, np.empty(9, np.float32), "sum", comm, True) is None
+    assert api._host_ring_allreduce(x, out, "xor", comm, True) is None
