@@ -12,17 +12,19 @@ One launch per rank, three phases separated by flag barriers with every peer; th
 import numpy as np
 from numba import float32
 
-from ringlab.kernels.device import cuda
+from ringlab.kernels.device import SIMULATED, cuda
 from ringlab.kernels.flags import flag_load, flag_store, global_ns, pointer_access
 from ringlab.kernels.formats import check_block, fp8_format
 from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, GROUP, block_part, fp8_block_ops
+from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
 from ringlab.kernels.ring_layout import STATUS_TIMEOUT
 
 __all__ = ["direct_kernel", "DIRECT_COLS", "PEER_COLS", "PHASES"]
 
 # Per rank in the launch: one row. Per peer (indexed by rank): our mapping of its codes, scales, flags.
-(D_SRC, D_OUT, D_CODES, D_SCALES, D_FLAGS, D_STATUS, D_TRACE, D_CALLS, D_RANK, D_CHUNK_BLOCKS, D_PEERS) = range(11)
-DIRECT_COLS = 11
+(D_SRC, D_OUT, D_CODES, D_SCALES, D_FLAGS, D_STATUS, D_TRACE, D_CALLS, D_RANK, D_CHUNK_BLOCKS, D_PEERS,
+ D_ALIGNED) = range(12)
+DIRECT_COLS = 12                # D_ALIGNED: 1 when src and out are 16-byte aligned (the vector path)
 PEER_COLS = 3
 PHASES = 4                     # counter values per call: base = call * PHASES
 _SIGNATURE = "void(uint64, int64, int64, int64, uint64)"
@@ -43,6 +45,11 @@ def direct_kernel_source(dtype, op, fmt, block):
     ops = fp8_block_ops(dtype, op, fmt, block)
     move, load_values, add_decoded, encode_store = ops.move, ops.load_values, ops.add_decoded, ops.encode_store
     per, divide = ops.per, ops.divide
+    quad = fp8_quad_ops(dtype, op, fmt, block)
+    move4, load_values4, add_decoded4, encode_store4 = quad.move4, quad.load_values4, quad.add_decoded4, quad.encode_store4
+    lanes, quads = quad.lanes, quad.quads
+    per_warp = GROUP // lanes
+    vector = SIMULATED or quads == 1                   # as fp8_ring_codec: no local-memory spills on the GPU
     addr_load, _ = pointer_access(np.int64)
 
     @cuda.jit(device=True)
@@ -65,12 +72,81 @@ def direct_kernel_source(dtype, op, fmt, block):
                     return 0
         return 1
 
+    @cuda.jit(device=True)
+    def chunk(mode, src, out, lc, ls, mc, ms, c, count, nranks, nbc, p, nparts, lane, nlanes, aligned):
+        """ENCODE our chunk c into our buffer, or DECODE owner c's (lc, ls) into out: part p's blocks."""
+        lo, hi = bounds(c, count, nranks)
+        ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
+        groups = max(nlanes // GROUP, 1)
+        if vector and aligned and lo % 4 == 0:
+            wl = lane % GROUP
+            gw = ta + (lane // GROUP) * per_warp
+            while gw < tb:
+                g = gw + wl // lanes
+                e0 = lo + g * block
+                move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), c * nbc + g, wl % lanes, nranks,
+                      False, g < tb)
+                gw += groups * per_warp
+            return
+        g = ta + lane // GROUP
+        while g < tb:
+            e0 = lo + g * block
+            move(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), c * nbc + g, lane % GROUP, nranks, False)
+            g += groups
+
+    @cuda.jit(device=True)
+    def owner(src, out, mc, ms, peers, me, count, nranks, nbc, p, nparts, lane, nlanes, aligned, v, va, vb, vc, vd):
+        """Phase 2 for part p of our chunk: fp32 sum in the host's order, / N for avg, quantized once."""
+        lo, hi = bounds(me, count, nranks)
+        ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
+        groups = max(nlanes // GROUP, 1)
+        n32 = float32(nranks)
+        if vector and aligned and lo % 4 == 0:
+            wl = lane % GROUP
+            t = wl % lanes
+            gw = ta + (lane // GROUP) * per_warp
+            while gw < tb:
+                g = gw + wl // lanes
+                active = g < tb
+                e0 = lo + g * block
+                e1, slot, q0 = min(e0 + block, hi), me * nbc + g, e0 // 4 + t
+                load_values4(va, vb, vc, vd, src, q0, e1, active)
+                for k in range(1, nranks):
+                    q = (me - k) % nranks
+                    add_decoded4(va, vb, vc, vd, np.uint64(addr_load(peers, q * PEER_COLS)),
+                                 np.uint64(addr_load(peers, q * PEER_COLS + 1)), q0, e1, slot, active)
+                if divide:
+                    for m in range(quads):
+                        va[m], vb[m], vc[m], vd[m] = va[m] / n32, vb[m] / n32, vc[m] / n32, vd[m] / n32
+                encode_store4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, active, True)
+                gw += groups * per_warp
+            return
+        t = lane % GROUP
+        g = ta + lane // GROUP
+        while g < tb:
+            e0 = lo + g * block
+            e1, slot = min(e0 + block, hi), me * nbc + g
+            load_values(v, src, e0, e1, t)
+            for k in range(1, nranks):
+                q = (me - k) % nranks
+                add_decoded(v, np.uint64(addr_load(peers, q * PEER_COLS)), np.uint64(addr_load(peers, q * PEER_COLS + 1)),
+                            e0, e1, slot, t)
+            if divide:
+                for m in range(per):
+                    v[m] = v[m] / n32
+            encode_store(v, mc, ms, out, e0, e1, slot, t, True)
+            g += groups
+
     def kernel(table, nranks, count, unused, timeout_ns):
         y = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
         p, nparts = cuda.blockIdx.x, cuda.gridDim.x
         lane, nlanes = cuda.threadIdx.x, cuda.blockDim.x
         ok = cuda.shared.array(64, np.int32)
         v = cuda.local.array(per, float32)
+        va = cuda.local.array(quads, float32)
+        vb = cuda.local.array(quads, float32)
+        vc = cuda.local.array(quads, float32)
+        vd = cuda.local.array(quads, float32)
         row = y * DIRECT_COLS
         src, out = np.uint64(addr_load(table, row + D_SRC)), np.uint64(addr_load(table, row + D_OUT))
         mc, ms = np.uint64(addr_load(table, row + D_CODES)), np.uint64(addr_load(table, row + D_SCALES))
@@ -78,8 +154,7 @@ def direct_kernel_source(dtype, op, fmt, block):
         trace, calls = np.uint64(addr_load(table, row + D_TRACE)), np.uint64(addr_load(table, row + D_CALLS))
         me, nbc = addr_load(table, row + D_RANK), addr_load(table, row + D_CHUNK_BLOCKS)
         peers = np.uint64(addr_load(table, row + D_PEERS))
-        groups = max(nlanes // GROUP, 1)
-        t = lane % GROUP
+        aligned = addr_load(table, row + D_ALIGNED) != 0
         deadline, base, call = np.uint64(0), np.uint64(0), np.uint64(0)
         if lane == 0:
             call = flag_load(calls, p)
@@ -91,14 +166,8 @@ def direct_kernel_source(dtype, op, fmt, block):
             if trace != 0 and p == 0:
                 flag_store(trace, 0, t0)
         for k in range(1, nranks):                     # phase 1: quantize every chunk another rank owns
-            c = (me + k) % nranks
-            lo, hi = bounds(c, count, nranks)
-            ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
-            g = ta + lane // GROUP
-            while g < tb:
-                e0 = lo + g * block
-                move(ENCODE, src, src, mc, ms, mc, ms, e0, min(e0 + block, hi), c * nbc + g, t, nranks, False)
-                g += groups
+            chunk(ENCODE, src, src, mc, ms, mc, ms, (me + k) % nranks, count, nranks, nbc, p, nparts, lane, nlanes,
+                  aligned)
         for phase in range(1, 3):
             rank_barrier()
             if lane == 0:
@@ -110,35 +179,14 @@ def direct_kernel_source(dtype, op, fmt, block):
             if ok[cuda.threadIdx.y] == 0:
                 return
             if phase == 1:                             # phase 2: the owner's fp32 sum, quantized once
-                lo, hi = bounds(me, count, nranks)
-                ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
-                g = ta + lane // GROUP
-                while g < tb:
-                    e0 = lo + g * block
-                    e1, slot = min(e0 + block, hi), me * nbc + g
-                    load_values(v, src, e0, e1, t)
-                    for k in range(1, nranks):
-                        q = (me - k) % nranks
-                        add_decoded(v, np.uint64(addr_load(peers, q * PEER_COLS)),
-                                    np.uint64(addr_load(peers, q * PEER_COLS + 1)), e0, e1, slot, t)
-                    if divide:
-                        for m in range(per):
-                            v[m] = v[m] / float32(nranks)
-                    encode_store(v, mc, ms, out, e0, e1, slot, t, True)
-                    g += groups
+                owner(src, out, mc, ms, peers, me, count, nranks, nbc, p, nparts, lane, nlanes, aligned, v, va, vb, vc,
+                      vd)
             else:                                      # phase 3: every other owner's chunk, decoded
                 for k in range(1, nranks):
                     c = (me - k) % nranks
-                    lo, hi = bounds(c, count, nranks)
-                    lc = np.uint64(addr_load(peers, c * PEER_COLS))
-                    ls = np.uint64(addr_load(peers, c * PEER_COLS + 1))
-                    ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
-                    g = ta + lane // GROUP
-                    while g < tb:
-                        e0 = lo + g * block
-                        move(DECODE, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), c * nbc + g, t, nranks,
-                             False)
-                        g += groups
+                    chunk(DECODE, src, out, np.uint64(addr_load(peers, c * PEER_COLS)),
+                          np.uint64(addr_load(peers, c * PEER_COLS + 1)), mc, ms, c, count, nranks, nbc, p, nparts,
+                          lane, nlanes, aligned)
         rank_barrier()
         if lane == 0:
             flag_store(mine, p, base + np.uint64(3))

@@ -5,8 +5,10 @@ Same policy and bits as kernels/reference.py (software codec of fp8_bits.py); on
 # A chunk [lo, hi) travels as codes at the chunk's own element positions of a per-rank send buffer and one
 # fp32 scale per block of ``block`` elements counted from lo, in scale slot chunk * chunk_blocks + t.
 # Slices and parts split a chunk on block boundaries (``block_part``), so every block is coded by one lane
-# group: a warp on the GPU (lane t holds elements t, t + 32, ...: coalesced, amax by xor shuffles), one
-# thread in the simulator (a rank is one thread there).
+# group. Element path (any alignment): a warp per block on the GPU (lane t holds elements t, t + 32, ...:
+# coalesced, amax by xor shuffles), one thread in the simulator (a rank is one thread there). Chunks that
+# start on a quad with 16-byte aligned buffers take the vector path of fp8_ring_quads.py (same bits; on
+# the GPU for blocks up to 128, where a lane holds one quad).
 from types import SimpleNamespace
 
 import numpy as np
@@ -138,14 +140,30 @@ def fp8_block_ops(dtype, op, fmt, block):
 def fp8_moves(dtype, op, codec):
     """(first, step) device functions of an FP8 codec for the ring walk (ring_kernel.py): primitive 0 encodes
     the first chunk; recv_* decode the left's send buffer, reduce in fp32 and re-encode into ours."""
+    from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
     block = check_block(codec.block)
     move = fp8_block_ops(dtype, op, codec.fmt, block).move
+    quad = fp8_quad_ops(dtype, op, codec.fmt, block)
+    move4, lanes = quad.move4, quad.lanes
+    per_warp = GROUP // lanes                          # blocks a warp codes at once on the vector path
+    vector = SIMULATED or quad.quads == 1              # GPU: two quads per lane (block 256) spill to local memory
 
     @cuda.jit(device=True)
     def blocks(mode, src, out, lc, ls, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, nranks,
-               final):
+               final, aligned):
         ta, tb = block_part(lo, hi, block, k, nslices, p, nparts)
         groups = max(nlanes // GROUP, 1)
+        if vector and aligned and lo % 4 == 0:         # quads: a warp-uniform loop, every lane in the shuffles
+            wl = lane % GROUP
+            t = wl % lanes
+            gw = ta + (lane // GROUP) * per_warp
+            while gw < tb:
+                g = gw + wl // lanes
+                e0 = lo + g * block
+                move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), chunk * nbc + g, t, nranks, final,
+                      g < tb)
+                gw += groups * per_warp
+            return
         t = lane % GROUP
         g = ta + lane // GROUP
         while g < tb:
@@ -154,8 +172,9 @@ def fp8_moves(dtype, op, codec):
             g += groups
 
     @cuda.jit(device=True)
-    def first(src, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes):
-        blocks(ENCODE, src, src, mc, ms, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, 1, False)
+    def first(src, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, aligned):
+        blocks(ENCODE, src, src, mc, ms, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, 1, False,
+               aligned)
 
     @cuda.jit(device=True)
     def step(src, out, peer, mc, ms, lc, ls, nbc, lo, hi, chunk, bits, last, k, nslices, p, nparts, lane, nlanes,
@@ -169,6 +188,6 @@ def fp8_moves(dtype, op, codec):
         else:
             mode = FORWARD
         blocks(mode, src, out, lc, ls, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, nranks,
-               final)
+               final, aligned)
 
     return SimpleNamespace(first=first, step=step, has_first=True, uses_codec_columns=True)

@@ -154,7 +154,7 @@ def identity_moves(dtype, op):
             copy_range(src, dst, a, b, lane, nlanes)
 
     @cuda.jit(device=True)
-    def first(src, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes):
+    def first(src, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, aligned):
         pass                                        # never called: primitive 0 moves no data (has_first False)
 
     @cuda.jit(device=True)

@@ -179,7 +179,7 @@ def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
                 flag_put(mine, p, base + K)                    # primitive 0, send: my input is ready
         if has_first:                                          # primitive 0 encodes its chunk, slice by slice
             for k in range(nslices):
-                first(src, mc, ms, lo0, hi0, c0, nbc, k, nslices, p, nparts, lane, nlanes)
+                first(src, mc, ms, lo0, hi0, c0, nbc, k, nslices, p, nparts, lane, nlanes, aligned)
                 rank_barrier()
                 if lane == 0:
                     flag_put(mine, p, base + np.uint64(k + 1))

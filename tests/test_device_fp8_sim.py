@@ -311,3 +311,21 @@ def test_executor_rows_and_one_buffer_layout(algo):
             direct_kernel(np.float32, "sum", "e5m2", block)[(2, 1), (1, n)](table, n, count, 0, 0)
         _assert_bitwise(outs, host_fp8(srcs, "sum", "e5m2", block, algo), (algo, call))
         assert all(int(s[0]) == 0 for s in status)
+
+
+@pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
+def test_vector_and_element_paths_give_the_host_bits(algo):
+    """Quad-aligned chunks take the vector path (fp8_ring_quads.py), buffers off a 16-byte boundary the element
+    path; mixed counts use both within one call. All equal the host bits."""
+    n = 3
+    for count in (4 * n * 9, 4 * n * 9 + 5):
+        base = _inputs(n, count + 1, np.float32, count)
+        for shift in (0, 1):                        # 1: 4 bytes off any 16-byte boundary -> element path only
+            srcs = [np.ascontiguousarray(b[:count]) if shift == 0 else b[1:] for b in base]
+            outs = [np.full(count + 1, np.nan, np.float32)[shift:shift + count] for _ in range(n)]
+            sim = SimFp8Ranks(n, "e4m3", 32, capacity=count, parts=2)
+            if algo == "fp8-ring":
+                sim.ring(srcs, outs, "avg", slices=2)
+            else:
+                sim.direct(srcs, outs, "avg")
+            _assert_bitwise(outs, host_fp8(srcs, "avg", "e4m3", 32, algo), (algo, count, shift))

@@ -79,7 +79,8 @@ def address_row(src, out, left_src, left_out, my_flags, left_flags, right_flags,
 def direct_row(src, out, codes, scales, flags, status, trace, calls, rank, blocks_per_chunk, peers):
     """One rank's row of the fp8-direct kernel's table; ``peers``: address of its int64 [N, 3] peer table."""
     from ringlab.kernels.fp8_direct_kernel import DIRECT_COLS
-    row = [src, out, codes, scales, flags, status, trace, calls, rank, blocks_per_chunk, peers]
+    row = [src, out, codes, scales, flags, status, trace, calls, rank, blocks_per_chunk, peers,
+           int(int(src) % 16 == 0 and int(out) % 16 == 0)]
     assert len(row) == DIRECT_COLS
     return row
 
