@@ -3,8 +3,9 @@
 usage: mpirun -n 8 python3 tests/mpi/device_fp8_check.py [--mode auto|per-rank|host] [--quick] [--stall]
 Both algos (fp8-ring, fp8-direct), e4m3 and e5m2, blocks 32/128/256, sum and avg, fp32 and fp16, counts
 around chunk/part/slice edges, in place, repeated calls, a CUDA graph replayed, NaN/inf policy (docs/fp8.md),
-bad input; all ranks bitwise identical (NaN payloads aside: the GPU's NaN is canonical). ``--stall``: rank 1 never calls, the others must raise
-CollectiveTimeout naming a stalled peer (run with RINGLAB_ABORT_ON_TIMEOUT=0). Exits non-zero on failure.
+bad input; all ranks bitwise identical (NaN payloads aside: the GPU's NaN is canonical). ``--stall``: rank 1
+never calls, the others must raise CollectiveTimeout naming a stalled peer (run with RINGLAB_ABORT_ON_TIMEOUT=0).
+Exits non-zero on failure.
 """
 import argparse
 import hashlib
