@@ -212,8 +212,8 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     "mpi", "staged").
     """
     if (type(x) is np.ndarray and (out is None or (type(out) is np.ndarray and out is not x)) and transport is None
-            and timeout is None and type(op) is str and type(algo) is str and algo == "ring"):
-        res = _host_ring_allreduce(x, out, op, comm if comm is not None else MPI.COMM_WORLD, validate)
+            and timeout is None and type(op) is str and type(algo) is str):
+        res = _host_allreduce(x, out, op, algo, comm if comm is not None else MPI.COMM_WORLD, validate)
         if res is not None:
             return res
     return _allreduce(x, out, op, algo, comm, timeout, validate, transport)
@@ -223,12 +223,14 @@ _FAST_DTYPES = frozenset(SUPPORTED_DTYPES)
 _FAST_OPS = frozenset(OPS)
 
 
-def _host_ring_allreduce(x, out, op, comm, validate):
-    """The common call (NumPy, out of place, the ring, default timeout) with its checks written out:
-    the same signature, agreement and executor as the general path; None hands anything else to it."""
-    dt = x.dtype
-    if (op not in _FAST_OPS or dt not in _FAST_DTYPES or (op == "avg" and dt.kind in "iu") or not x.flags.c_contiguous
-            or ALLREDUCE_ALGORITHMS.get("ring") is not _ring or not environment_checked(comm.size)):
+def _host_allreduce(x, out, op, algo, comm, validate):
+    """The common call (NumPy, out of place, a host algorithm with an out-of-place form and no own checks,
+    default timeout) with its checks written out: the same signature, agreement and executor as the
+    general path; None hands anything else to it."""
+    dt, fn = x.dtype, ALLREDUCE_ALGORITHMS.get(algo)
+    into = getattr(fn, "into", None)
+    if (into is None or hasattr(fn, "check") or op not in _FAST_OPS or dt not in _FAST_DTYPES
+            or (op == "avg" and dt.kind in "iu") or not x.flags.c_contiguous or not environment_checked(comm.size)):
         return None
     if out is None:
         res = np.empty(x.shape, dt)
@@ -242,9 +244,9 @@ def _host_ring_allreduce(x, out, op, comm, validate):
     except Exception:  # noqa: BLE001 - a bad $RINGLAB_TIMEOUT: the general path reports it on every rank
         return None
     with collective_call(comm, "allreduce") as call:
-        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, "ring", False), seconds)
+        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, algo, False), seconds)
         call.moving()
-        ring_allreduce_into(x.reshape(-1), res.reshape(-1), MpiTransport(comm, timeout=seconds), op)
+        into(x.reshape(-1), res.reshape(-1), MpiTransport(comm, timeout=seconds), op, _cache(algo))
     return res
 
 

@@ -32,7 +32,11 @@ class InvalidCollectiveCall(CollectiveMismatch, TypeError):
 
 _environment_checked = set()
 _UNSET = object()
-_issuer = threading.local()
+class _Issuer(threading.local):
+    name = None           # a class default: reading it on a thread that never set it raises nothing
+
+
+_issuer = _Issuer()
 _codes = {}
 
 
@@ -43,7 +47,7 @@ def validation_enabled():
 
 def issuing_thread():
     """The name of the thread that issued the current call (an async call's caller, not the progress thread)."""
-    return getattr(_issuer, "name", None) or threading.current_thread().name
+    return _issuer.name or threading.current_thread().name
 
 
 class issued_by:
@@ -53,7 +57,7 @@ class issued_by:
         self.name = name
 
     def __enter__(self):
-        self.previous, _issuer.name = getattr(_issuer, "name", None), self.name
+        self.previous, _issuer.name = _issuer.name, self.name
 
     def __exit__(self, *exc):
         _issuer.name = self.previous
@@ -178,7 +182,7 @@ def environment_checked(nranks):
 def _agree(comm, validate, signature, error, result, seconds, timeout):
     """checked_call after the local checks: count the call, exchange fingerprints, raise on any difference."""
     what = signature[0]
-    thread = getattr(_issuer, "name", None) or threading.current_thread().name    # issuing_thread()
+    thread = _issuer.name or threading.current_thread().name    # issuing_thread()
     state = comm_state(comm)
     seqs = state.get("calls-per-thread")
     if seqs is None:

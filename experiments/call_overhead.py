@@ -46,6 +46,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=size_list_arg, default="64K,16M", help="message sizes; default %(default)s")
     p.add_argument("--rounds", type=int, default=300, help="timed rounds at the smallest size; default %(default)s")
+    p.add_argument("--min-rounds", type=int, default=30, help="timed rounds at the largest sizes; default %(default)s")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -55,7 +56,7 @@ def main(argv=None):
     for nbytes in args.sizes:
         x = np.ones(nbytes // 4, np.float32)
         y = np.empty_like(x)
-        rounds = max(10, min(args.rounds, int(args.rounds * 65536 / max(nbytes, 65536))))
+        rounds = max(args.min_rounds, min(args.rounds, int(args.rounds * 65536 / max(nbytes, 65536))))
         vs = variants(comm, x, y)
         for fn in vs.values():   # warm-up: scratch buffers, the tuner's table, the async dup
             for _ in range(5):

@@ -106,11 +106,13 @@ def test_numpy_fast_path_matches_the_general_path():
     comm = MPI.COMM_SELF
     x = np.arange(10, dtype=np.float32)
     general = api._allreduce(x, comm=comm)           # checks the environment for N = 1 once
-    fast = api._host_ring_allreduce(x, None, "avg", comm, True)
+    fast = api._host_allreduce(x, None, "avg", "ring", comm, True)
     assert fast is not None and np.array_equal(fast, general / 1) and fast.dtype == x.dtype
     out = np.empty_like(x)
-    assert api._host_ring_allreduce(x, out, "sum", comm, True) is out and np.array_equal(out, x)
+    assert api._host_allreduce(x, out, "sum", "ring", comm, True) is out and np.array_equal(out, x)
     for bad in (x.astype(">f4"), np.arange(10), x[::2], x.astype(np.complex64)):
-        assert api._host_ring_allreduce(bad, None, "avg", comm, True) is None, bad.dtype
-    assert api._host_ring_allreduce(x, np.empty(9, np.float32), "sum", comm, True) is None
-    assert api._host_ring_allreduce(x, out, "xor", comm, True) is None
+        assert api._host_allreduce(bad, None, "avg", "ring", comm, True) is None, bad.dtype
+    assert api._host_allreduce(x, np.empty(9, np.float32), "sum", "ring", comm, True) is None
+    assert api._host_allreduce(x, out, "xor", "ring", comm, True) is None
+    assert api._host_allreduce(x, out, "sum", "nope", comm, True) is None
+    assert api._host_allreduce(x, out, "sum", "fp8-ring", comm, True) is None     # has its own checks
