@@ -32,8 +32,9 @@ from ringlab.schedule import chunk_bounds, reduce_scatter_owner, ring_allgather_
 from ringlab.schedule import fold_layout, real_rank, virtual_rank
 from ringlab.transport import MpiTransport, wait_all
 
-__all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "recursive_doubling_allreduce_into", "rabenseifner_allreduce_inplace",
-           "ring_bidir_allreduce_inplace", "direct_allreduce_inplace", "register_all", "HOST_ALGORITHMS"]
+__all__ = ["NonblockingTransport", "recursive_doubling_allreduce_inplace", "recursive_doubling_allreduce_into",
+           "rabenseifner_allreduce_inplace", "ring_bidir_allreduce_inplace", "ring_bidir_allreduce_into",
+           "direct_allreduce_inplace", "register_all", "HOST_ALGORITHMS"]
 
 _UFUNC = {name: getattr(np, op.ufunc) for name, op in OP_TABLE.items()}   # kernels/optable.py
 
@@ -258,41 +259,62 @@ def ring_bidir_allreduce_inplace(buf, transport, op="sum", cache=None):
     around r -> r-1 (the same schedule on the reversed rank order), each step posting both
     directions' sends and receives together so full-duplex links carry traffic both ways.
     """
-    cache = cache if cache is not None else {}
+    _ring_bidir(buf, buf, transport, op, cache if cache is not None else {})
+
+
+def ring_bidir_allreduce_into(x, out, transport, op="sum", cache=None):
+    """The same out of place: each chunk is received into its place in ``out`` and reduced there as
+    local op received (the in-place operand order: the same bytes), so no scratch and no copy of ``x``."""
+    if transport.comm.size == 1:
+        out[...] = x
+    _ring_bidir(x, out, transport, op, None)
+
+
+def _ring_bidir(x, buf, transport, op, cache):
+    """ring_bidir from ``x`` into ``buf`` (the same array in place, which receives into ``cache``'s scratch)."""
     tr = _nonblocking(transport)
     n, r = tr.comm.size, tr.comm.rank
+    inplace = x is buf
     half = chunk_bounds(buf.size, 2)[0][1]
-    rings = [(buf[:half], r, lambda x: x), (buf[half:], n - 1 - r, lambda x: n - 1 - x)]
-    # per ring: (data, virtual rank, virtual -> real rank), chunk bounds, scratch
-    bounds = [chunk_bounds(data.size, n) for data, _, _ in rings]
-    scratch = [_scratch(cache, f"recv{i}", b[0][1], buf.dtype) for i, b in enumerate(bounds)]
-    rs = [ring_reduce_scatter_schedule(v, n) for _, v, _ in rings]
+    rings = [(x[:half], buf[:half], r, lambda v: v), (x[half:], buf[half:], n - 1 - r, lambda v: n - 1 - v)]
+    # per ring: (input, data, virtual rank, virtual -> real rank), chunk bounds, scratch (in place only)
+    bounds = [chunk_bounds(data.size, n) for _, data, _, _ in rings]
+    if inplace:
+        scratch = [_scratch(cache, f"recv{i}", b[0][1], buf.dtype) for i, b in enumerate(bounds)]
+    rs = [ring_reduce_scatter_schedule(v, n) for _, _, v, _ in rings]
     for s in range(n - 1):
         sends, recvs, reduces = [], [], []
-        for i, ((data, _, real), b) in enumerate(zip(rings, bounds)):
+        for i, ((src, data, _, real), b) in enumerate(zip(rings, bounds)):
             st = rs[i][s]
             s0, s1 = b[st.send_chunk]
             r0, r1 = b[st.recv_chunk]
-            sends.append((data[s0:s1], real(st.send_to), i))
-            recvs.append((scratch[i][: r1 - r0], real(st.recv_from), i))
-            reduces.append((data[r0:r1], scratch[i][: r1 - r0]))
+            sends.append(((data if inplace or s else src)[s0:s1], real(st.send_to), i))
+            recv = scratch[i][: r1 - r0] if inplace else data[r0:r1]
+            recvs.append((recv, real(st.recv_from), i))
+            reduces.append((data[r0:r1], recv, src[r0:r1]))
         tr.exchange(sends, recvs, what=f"bidirectional ring reduce-scatter step {s}")
-        for dst, src in reduces:
-            reduce_into(dst, src, op)
+        for dst, received, local in reduces:
+            if inplace:
+                reduce_into(dst, received, op)
+            else:
+                _UFUNC[op](local, received, out=received)
     if op == "avg":
-        for (data, v, _), b in zip(rings, bounds):
+        for (_, data, v, _), b in zip(rings, bounds):
             lo, hi = b[reduce_scatter_owner(v, n)]
             divide_inplace(data[lo:hi], n)
-    ag = [ring_allgather_schedule(v, n) for _, v, _ in rings]
+    ag = [ring_allgather_schedule(v, n) for _, _, v, _ in rings]
     for s in range(n - 1):
         sends, recvs = [], []
-        for i, ((data, _, real), b) in enumerate(zip(rings, bounds)):
+        for i, ((_, data, _, real), b) in enumerate(zip(rings, bounds)):
             st = ag[i][s]
             s0, s1 = b[st.send_chunk]
             r0, r1 = b[st.recv_chunk]
             sends.append((data[s0:s1], real(st.send_to), i))
             recvs.append((data[r0:r1], real(st.recv_from), i))
         tr.exchange(sends, recvs, what=f"bidirectional ring all-gather step {s}")
+
+
+ring_bidir_allreduce_inplace.into = ring_bidir_allreduce_into
 
 
 def direct_allreduce_inplace(buf, transport, op="sum", cache=None):
@@ -308,10 +330,10 @@ def direct_allreduce_inplace(buf, transport, op="sum", cache=None):
         if op == "avg":
             divide_inplace(buf, 1)
         return
-    piece = _piece(buf.size, buf.itemsize, parts=n - 1)
+    piece = _piece(buf.size, buf.itemsize, parts=n)    # n slots of a piece: at most 1/PIECES of the buffer
     slots_all = _scratch(cache, "slots", n * piece, buf.dtype).reshape(n, piece)
     others = [k for k in range(n) if k != r]
-    for p0, p1 in _pieces(buf.size, piece):     # one round per piece: (N-1) pieces of scratch, not (N-1) buffers
+    for p0, p1 in _pieces(buf.size, piece):     # one round per piece: N pieces of scratch, not N buffers
         part, slots = buf[p0:p1], slots_all[:, : p1 - p0]
         tr.exchange(sends=[(part, k, 0) for k in others], recvs=[(slots[k], k, 0) for k in others],
                     what="direct all-to-all exchange")

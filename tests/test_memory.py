@@ -1,13 +1,15 @@
-"""Peak memory per rank of one collective, measured as RSS growth (tests/mpi/peak_memory.py, N = 8, 16 MB).
+"""Peak memory per rank of one collective, measured as RSS growth (tests/mpi/peak_memory.py, N = 8 and 4).
 
 reduce_scatter reads its input and keeps two chunks (<= 1 + 2/N input sizes); every all-reduce out of
 place, the FP8 ones included (their codec works in pieces), stays <= 2.2: input + output + a little scratch.
 """
-N, MB = 8, 16
+import pytest
+
 SLACK = 0.02
 
 
-def test_peak_rss_growth_per_collective(run_mpi):
+@pytest.mark.parametrize("N, MB", [(8, 16), (4, 32)])
+def test_peak_rss_growth_per_collective(run_mpi, N, MB):
     res = run_mpi(N, "tests/mpi/peak_memory.py", "--mb", str(MB), timeout=240,
                   env={"MALLOC_MMAP_THRESHOLD_": "131072", "RINGLAB_RANKS_PER_NODE": "2"})
     rows = [line.split() for line in res.stdout.splitlines() if line.startswith("peak ")]
