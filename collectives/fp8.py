@@ -74,13 +74,36 @@ def _fp8_allgather(x_out, codec, transport, bounds, send, recv, rotate):
         send, recv = recv, send
 
 
+# The two wire messages of a host call stay below this fraction of the input's bytes: a chunk whose messages
+# would be larger (N = 2: a chunk is half the input) runs as several passes over block-aligned parts of every
+# chunk. Blocks are chunk-local and independent, so the bytes are those of one pass (tests/test_fp8_mpi.py).
+MESSAGE_BUDGET = 0.125
+
+
+def _passes(count, n, codec, itemsize):
+    """Chunk bounds per pass: [chunk_bounds(count, n)], or each chunk cut into block-aligned parts."""
+    bounds = chunk_bounds(count, n)
+    largest = max(hi - lo for lo, hi in bounds)
+    budget = MESSAGE_BUDGET * count * itemsize
+    if codec.xp is not np or 2 * codec.nbytes(largest) <= budget or largest <= codec.block:
+        return [bounds]
+    piece = max(codec.block, int(budget / 2 / (1 + 4 / codec.block)) // codec.block * codec.block)
+    return [[(min(lo + p0, hi), min(lo + p0 + piece, hi)) for lo, hi in bounds] for p0 in range(0, largest, piece)]
+
+
 def fp8_ring_allreduce(x, out, transport, codec, op="sum"):
     """Ring all-reduce of flat ``x`` into flat ``out`` (may be ``x``) with FP8 messages; see module doc."""
-    n, r = transport.comm.size, transport.comm.rank
-    if n == 1:
+    if transport.comm.size == 1:
         return _copy_through(x, out)
-    bounds = chunk_bounds(x.size, n)
-    send, recv = _message_pair(codec, bounds)
+    passes = _passes(x.size, transport.comm.size, codec, x.itemsize)
+    send, recv = _message_pair(codec, passes[0])
+    for bounds in passes:
+        _fp8_ring_pass(x, out, transport, codec, op, bounds, send, recv)
+    return out
+
+
+def _fp8_ring_pass(x, out, transport, codec, op, bounds, send, recv):
+    n, r = transport.comm.size, transport.comm.rank
     steps = ring_reduce_scatter_schedule(r, n)
     lo, hi = bounds[steps[0].send_chunk]
     codec.quantize(x[lo:hi], send[: codec.nbytes(hi - lo)])
@@ -95,16 +118,21 @@ def fp8_ring_allreduce(x, out, transport, codec, op="sum"):
         codec.hop(x[r0:r1], recv[:nb], send[:nb], out=out[r0:r1] if last else None,
                   divide_by=n if (last and op == "avg") else 1)
     _fp8_allgather(out, codec, transport, bounds, send, recv, rotate=0)
-    return out
 
 
 def fp8_direct_allreduce(x, out, transport, codec, op="sum"):
     """Direct-exchange (qgZ) reduce-scatter + FP8 ring all-gather; rank r owns chunk r; see module doc."""
-    n, r = transport.comm.size, transport.comm.rank
-    if n == 1:
+    if transport.comm.size == 1:
         return _copy_through(x, out)
-    bounds = chunk_bounds(x.size, n)
-    send, recv = _message_pair(codec, bounds)
+    passes = _passes(x.size, transport.comm.size, codec, x.itemsize)
+    send, recv = _message_pair(codec, passes[0])
+    for bounds in passes:
+        _fp8_direct_pass(x, out, transport, codec, op, bounds, send, recv)
+    return out
+
+
+def _fp8_direct_pass(x, out, transport, codec, op, bounds, send, recv):
+    n, r = transport.comm.size, transport.comm.rank
     lo, hi = bounds[r]
     acc = codec.accumulator(x[lo:hi], out[lo:hi])    # own addend, exact; in out's slice when out is fp32
     for k, (dest, chunk, source) in enumerate(direct_exchange_schedule(r, n)):
@@ -119,7 +147,6 @@ def fp8_direct_allreduce(x, out, transport, codec, op="sum"):
     codec.quantize(acc, send[:nb])
     codec.dequantize(send[:nb], out[lo:hi])     # the owner keeps exactly what the others will decode
     _fp8_allgather(out, codec, transport, bounds, send, recv, rotate=-1)
-    return out
 
 
 _EXECUTORS = {"fp8-ring": fp8_ring_allreduce, "fp8-direct": fp8_direct_allreduce}

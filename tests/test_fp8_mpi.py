@@ -16,6 +16,13 @@ def test_fp8_allreduce_in_codec_pieces(run_mpi):
     assert "checks on 3 ranks" in res.stdout and res.stdout.startswith("OK")
 
 
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_fp8_allreduce_in_several_passes(run_mpi, nprocs):
+    """Every chunk cut into block-aligned parts, one ring (or direct exchange) per part: bitwise the simulation."""
+    res = run_mpi(nprocs, "tests/mpi/fp8_allreduce_check.py", "--small-passes", timeout=120)
+    assert f"checks on {nprocs} ranks" in res.stdout and res.stdout.startswith("OK")
+
+
 def test_fp8_allreduce_8_ranks(run_mpi):
     res = run_mpi(8, "tests/mpi/fp8_allreduce_check.py", "--quick", timeout=180)
     assert "checks on 8 ranks" in res.stdout

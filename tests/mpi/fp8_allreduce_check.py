@@ -126,6 +126,9 @@ def main():
     if "--small-pieces" in sys.argv:     # the host codec's pieces (kernels/codec.py) far below the chunk sizes
         from ringlab.kernels import codec
         codec.PIECE_BLOCKS = 2
+    if "--small-passes" in sys.argv:     # chunks cut into several passes of block-aligned parts (collectives/fp8.py)
+        from ringlab import fp8
+        fp8.MESSAGE_BUDGET = 0.01
     counts = [0, 1, N + 1, 1000] if quick else [0, 1, N - 1, 1000, 4099]
     done = 0
     for count in counts:
