@@ -62,6 +62,20 @@ def loop_latency(comm, variants, counts, calls=50, rounds=5):
     return out
 
 
+def shape_arg(text):
+    """'768x1r80s1024' -> DeviceRing keywords (threads, blocks_per_sm, max_registers (r0: none), slice_bytes)."""
+    import re
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?(?:s(\d+))?", text)
+    if m is None:
+        raise ValueError(f"bad launch shape {text!r}; expected THREADSxBLOCKS[rREGS][sSLICE_KB]")
+    kw = {"threads": int(m[1]), "blocks_per_sm": int(m[2])}
+    if m[3] is not None:
+        kw["max_registers"] = int(m[3]) or None
+    if m[4] is not None:
+        kw["slice_bytes"] = int(m[4]) << 10
+    return kw
+
+
 def ring_shape(ring):
     """Launch shape of a device ring's fp32-sum kernel (threads, max blocks per rank, registers per thread)."""
     import cupy
@@ -69,7 +83,8 @@ def ring_shape(ring):
         return {}
     fast = ring._launchers.get((cupy.dtype("float32"), "sum")) or ring._launcher(cupy.dtype("float32"), "sum")
     return {"threads": fast.threads, "max_parts": fast.max_parts, "registers": fast.attribute("NUM_REGS"),
-            "local_bytes": fast.attribute("LOCAL_SIZE_BYTES"), "stage_bytes": ring.stage_bytes, "scope": ring.scope}
+            "local_bytes": fast.attribute("LOCAL_SIZE_BYTES"), "stage_bytes": ring.stage_bytes, "scope": ring.scope,
+            "slice_bytes": ring.slice_bytes}
 
 
 def host_per_call(comm, variant, latency_s):
@@ -181,8 +196,8 @@ def main():
     p.add_argument("--mode", default="auto", help="device ring mode: auto, per-rank, single-context")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--loop", type=int, default=50, help="back-to-back calls per timed round (nccl-tests style)")
-    p.add_argument("--shapes", default="512x1r0,1024x1r64", help="large-message launch shapes (r0: no register cap) "
-                   "THREADSxBLOCKS_PER_SM[rMAX_REGISTERS] tried beside the default")
+    p.add_argument("--shapes", default="512x1r0,768x1s1024,768x1s4096", help="large-message launch shapes "
+                   "THREADSxBLOCKS_PER_SM[rMAX_REGISTERS][sSLICE_KB] tried beside the default (r0: no register cap)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     comm = MPI.COMM_WORLD
@@ -227,10 +242,8 @@ def main():
     extra = []
     if ring.mode == "per-rank":
         for shape in [s for s in args.shapes.split(",") if s]:
-            launch, _, regs = shape.partition("r")
-            threads, per_sm = (int(v) for v in launch.split("x"))
-            cap = {"max_registers": int(regs) or None} if regs else {}      # r0: uncapped; none: the default
-            other = DeviceRing(comm, mode="per-rank", threads=threads, blocks_per_sm=per_sm, **cap)
+            shape_kw = shape_arg(shape)
+            other = DeviceRing(comm, mode="per-rank", **shape_kw)
             shapes[shape] = ring_shape(other)
             extra.append(other)
             large.append(device_ring_variant(comm, other, f"device-ring/{shape}"))

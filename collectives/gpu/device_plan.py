@@ -32,12 +32,12 @@ def program_table(nranks, count, ranks):
     return np.array(rows, dtype=np.int64).reshape(-1, PROG_COLS)
 
 
-def launch_shape(nranks, count, itemsize, max_parts):
+def launch_shape(nranks, count, itemsize, max_parts, slice_bytes=256 << 10):
     """(parts P, slices K) for one call: one block and one slice for small chunks (latency: every slice is a
-    flag hop), up to ``max_parts`` blocks and MAX_SLICES slices of >= 256 KB per block for large ones."""
+    flag hop), up to ``max_parts`` blocks and MAX_SLICES slices of >= ``slice_bytes`` per block for large ones."""
     chunk_bytes = -(-count // max(nranks, 1)) * itemsize
     parts = int(max(1, min(max_parts, chunk_bytes // (64 << 10))))
-    slices = int(max(1, min(MAX_SLICES, chunk_bytes // (parts * (256 << 10)))))
+    slices = int(max(1, min(MAX_SLICES, chunk_bytes // (parts * max(int(slice_bytes), 1)))))
     return parts, slices
 
 

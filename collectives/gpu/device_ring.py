@@ -21,6 +21,7 @@ __all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGIS
 
 THREADS = 768                    # per block, with registers capped at MAX_REGISTERS: one block per SM fits
 MAX_REGISTERS = 80               # (the uncapped kernel needs 96: 512 threads; docs/device_ring.md has both)
+SLICE_BYTES = 256 << 10          # per block per slice, at least (launch_shape)
 STAGE_BYTES = 1 << 20            # per rank: calls up to this size copy in and out of a buffer peers mapped once
 PROBE_LIMIT_NS = 2_000_000       # co-resident ring of <= 64 ranks: tens of us; time-sliced: milliseconds
 _HANDLE = 64                     # bytes of a CUDA IPC handle
@@ -38,11 +39,13 @@ class DeviceRing:
     ``mode``: "auto" (probe), "per-rank" (trust that kernels co-run) or "single-context" (SharedGpuRing).
     ``threads`` per block and ``blocks_per_sm`` size the launch (every block of every rank must be resident);
     ``stage_bytes``: calls up to this size go through the staging buffer (0: never). ``scope`` of the flags:
-    None picks "gpu" when every rank runs on this GPU, else "sys"; ``max_registers`` caps the kernel's.
+    None picks "gpu" when every rank runs on this GPU, else "sys"; ``max_registers`` caps the kernel's;
+    ``slice_bytes``: the least bytes a block moves between two flag updates (pipelining vs drains).
     """
 
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
-                 blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS):
+                 blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS,
+                 slice_bytes=SLICE_BYTES):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
@@ -56,7 +59,7 @@ class DeviceRing:
         self.sharing = len(same_gpu_ranks(comm))
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope = scope or ("gpu" if every else "sys")
-        self.max_registers = max_registers
+        self.max_registers, self.slice_bytes = max_registers, int(slice_bytes)
         # Every block of every rank must be resident at once (they wait on each other): one block per SM
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
@@ -153,7 +156,7 @@ class DeviceRing:
         fast = self._launchers.get((src.dtype, op))
         if fast is None:
             fast = self._launcher(src.dtype, op)
-        parts, slices = launch_shape(self.n, src.size, src.itemsize, fast.max_parts)
+        parts, slices = launch_shape(self.n, src.size, src.itemsize, fast.max_parts, self.slice_bytes)
         fast(parts, fast.threads, stream.ptr, table.data.ptr, prog.data.ptr, 2 * self.n - 1, slices,
              0 if limit is None else int(limit * 1e9))
 
