@@ -23,6 +23,8 @@ On a host transport each neighbouring pair of primitives is one sendrecv; the pi
 #
 #     Per rank: 2(N-1) messages of S/N bytes = 2(N-1)/N * S, which does not grow with N.
 
+import functools
+
 import numpy as np
 
 from ringlab.arrays import array_module
@@ -50,35 +52,47 @@ def divide_inplace(chunk, n):
     array_module(chunk).divide(chunk, n, out=chunk, casting="unsafe")
 
 
-def _run_program(buf, transport, program, op="sum", trace=None, cache=None):
-    """Execute one rank's primitives over ``transport``: each step sends one primitive's chunk and
-    receives the next primitive's, reducing it (into a scratch buffer first) or receiving in place
-    (the chunk being overwritten is never the one being sent)."""
-    n = transport.comm.size
-    bounds = chunk_bounds(buf.size, n)
-    xp = array_module(buf)
-    fault = faults.ring_step_hook(transport.comm.rank)  # None unless a test planned a fault (RINGLAB_FAULT)
+@functools.lru_cache(maxsize=256)
+def _steps(kind, rank, nranks, rotate, count):
+    """The host sendrecv steps of a program, built once per (kind, rank, N, rotate, count): per step the
+    schedule step, its send and receive ranges, its name, reduce? and final? (primitives.program_steps)."""
+    if kind == "allreduce":
+        program = ring_allreduce_program(rank, nranks)
+    else:
+        program = (ring_reduce_scatter_program if kind == "reduce-scatter" else ring_allgather_program)(
+            rank, nranks, rotate)
+    bounds = chunk_bounds(count, nranks)
+    return tuple((out.send, bounds[out.send.send_chunk], bounds[out.send.recv_chunk],
+                  f"ring {out.send.phase} step {out.send.step}", into.reduce, into.final)
+                 for out, into in program_steps(program))
+
+
+def _run_program(buf, transport, kind, rotate=0, op="sum", trace=None, cache=None):
+    """Execute one rank's primitives of program ``kind`` over ``transport``: each step sends one primitive's
+    chunk and receives the next primitive's, reducing it (into a scratch buffer first) or receiving in
+    place (the chunk being overwritten is never the one being sent)."""
+    comm = transport.comm
+    n = comm.size
+    xp = np if type(buf) is np.ndarray else array_module(buf)
+    fault = faults.ring_step_hook(comm.rank)  # None unless a test planned a fault (RINGLAB_FAULT)
     recv_all = None
-    for out, into in program_steps(program):
-        st = out.send                                   # the schedule step this sendrecv is (= into.recv)
+    sendrecv = transport.sendrecv
+    for st, (s0, s1), (r0, r1), what, reduce, final in _steps(kind, comm.rank, n, rotate, buf.size):
         if fault is not None:
             fault(st)
-        s0, s1 = bounds[st.send_chunk]
-        r0, r1 = bounds[st.recv_chunk]
-        what = f"ring {st.phase} step {st.step}"
-        if into.reduce:
+        if reduce:
             if recv_all is None:
-                largest = bounds[0][1] - bounds[0][0]
+                largest = chunk_bounds(buf.size, n)[0][1]
                 recv_all = scratch_buffer(cache if cache is not None else {}, "recv" if xp is np else "recv-device",
                                           largest * buf.itemsize, buf.dtype, xp)
             recv = recv_all[: r1 - r0]
-            transport.sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from, what=what)
+            sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from, what=what)
             reduce_into(buf[r0:r1], recv, op, xp)
         else:
-            transport.sendrecv(buf[s0:s1], st.send_to, buf[r0:r1], st.recv_from, what=what)
+            sendrecv(buf[s0:s1], st.send_to, buf[r0:r1], st.recv_from, what=what)
         if trace is not None:
             trace(st, buf)
-        if into.final and op == "avg":
+        if final and op == "avg":
             divide_inplace(buf[r0:r1], n)               # avg's post-op, once, at the chunk's owner
 
 
@@ -90,16 +104,13 @@ def ring_reduce_scatter_inplace(buf, transport, op="sum", rotate=0, trace=None, 
     every rank's copy of that chunk; other chunks hold partial sums. ``trace(step, buf)`` is called
     after each step (the walkthrough uses it). ``avg`` accumulates a sum here (the caller divides).
     """
-    comm = transport.comm
-    _run_program(buf, transport, ring_reduce_scatter_program(comm.rank, comm.size, rotate),
-                 "sum" if op == "avg" else op, trace, cache)
+    _run_program(buf, transport, "reduce-scatter", rotate, "sum" if op == "avg" else op, trace, cache)
 
 
 def ring_allgather_inplace(buf, transport, rotate=0, trace=None):
     """All-gather a flat host buffer in place: every rank starts owning chunk
     ``reduce_scatter_owner(rank, N, rotate)`` and ends with all chunks."""
-    comm = transport.comm
-    _run_program(buf, transport, ring_allgather_program(comm.rank, comm.size, rotate), trace=trace)
+    _run_program(buf, transport, "all-gather", rotate, trace=trace)
 
 
 def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
@@ -108,5 +119,4 @@ def ring_allreduce_inplace(buf, transport, op="sum", trace=None, cache=None):
     ``avg`` divides once, at the chunk's owner (recv_reduce_copy_send's post-op); every rank then
     receives the owner's bytes, so all ranks end bitwise identical.
     """
-    comm = transport.comm
-    _run_program(buf, transport, ring_allreduce_program(comm.rank, comm.size), op, trace, cache)
+    _run_program(buf, transport, "allreduce", 0, op, trace, cache)

@@ -126,12 +126,12 @@ def ring_allreduce_into(x, out, transport, op="sum", cache=None):
         if fault is not None:
             fault(st)
         recv = out[r0:r1]
-        sendrecv((x if from_x else out)[s0:s1], dest, recv, source, what)
+        sendrecv((x if from_x else out)[s0:s1], dest, recv, source, what=what)
         combine(x[r0:r1], recv, out=recv)
     if op == "avg":
         divide_inplace(out[lo:hi], n)
     for st, _, s0, s1, dest, r0, r1, source, what in ag:     # all-gather in place (ring.ring_allgather_inplace)
         if fault is not None:
             fault(st)
-        sendrecv(out[s0:s1], dest, out[r0:r1], source, what)
+        sendrecv(out[s0:s1], dest, out[r0:r1], source, what=what)
     return out
