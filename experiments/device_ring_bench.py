@@ -196,7 +196,7 @@ def main():
     p.add_argument("--mode", default="auto", help="device ring mode: auto, per-rank, single-context")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--loop", type=int, default=50, help="back-to-back calls per timed round (nccl-tests style)")
-    p.add_argument("--shapes", default="512x1r0,768x1s1024,768x1s4096", help="large-message launch shapes "
+    p.add_argument("--shapes", default="512x1r0s256,768x1s256,768x1s1024", help="large-message launch shapes "
                    "THREADSxBLOCKS_PER_SM[rMAX_REGISTERS][sSLICE_KB] tried beside the default (r0: no register cap)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -7,6 +7,8 @@
 #   bash experiments/device_run.sh multigpu  # one rank per GPU: FP8 bit-exact across GPUs, FP8 and fp32 rings vs NCCL
 #   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks, MPS on: the persistent-kernel ring's checks and bench
 #   bash experiments/device_run.sh device-ring-more  # the overlap experiment on it (MPS on), the no-MPS fallback rows
+#   bash experiments/device_run.sh device-small      # one-shot / two-shot persistent kernels: checks, latency, auto
+#   bash experiments/device_run.sh device-fp8        # FP8 device ring and fp8-direct: checks, speed vs fp32 ring
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -75,6 +77,24 @@ device-ring)  # the persistent-kernel ring (docs/device_ring.md): bit-exact chec
   step device_ring_mps 240 env DEVICE_RING_PROFILE=1 $bench --json "$RES/h200_n8_mps.json"
   mps_stop
   ;;
+device-small)  # one-shot / two-shot persistent kernels (docs/device_small.md): checks, stalled peer, latency with auto
+  mps_start
+  step small_check_n8 240 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_small_check.py
+  step small_stall 60 env RINGLAB_ABORT_ON_TIMEOUT=0 RINGLAB_TIMEOUT=2 mpirun -n 3 python3 tests/mpi/device_small_check.py \
+    --stall --mode per-rank
+  step small_latency 200 env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_latency_bench.py \
+    --json "$RES/h200_n8_latency_mps.json" --write-tuning "$RES/tuning_h200_n8.json"
+  mps_stop
+  ;;
+device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact checks, stalled peer, speed vs the fp32 ring
+  mps_start
+  step fp8_check_n8 300 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py
+  step fp8_stall 60 env RINGLAB_ABORT_ON_TIMEOUT=0 RINGLAB_TIMEOUT=2 mpirun -n 3 python3 tests/mpi/device_fp8_check.py \
+    --stall --mode per-rank
+  step fp8_bench 200 env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_fp8_bench.py \
+    --json "$RES/h200_n8_fp8_mps.json"
+  mps_stop
+  ;;
 device-ring-more)  # the overlap experiment over the device ring (MPS on), then the no-MPS fallback rows
   bench="env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_ring_bench.py --iters 10"
   mps_start
@@ -95,7 +115,7 @@ multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp3
     --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
   ;;
 *)
-  echo "device_run.sh: unknown mode ${1}; modes: check, bench, kernels, multigpu, device-ring, device-ring-more" >&2; exit 2
+  echo "device_run.sh: unknown mode ${1}; modes: check, bench, kernels, multigpu, device-ring, device-ring-more, device-small, device-fp8" >&2; exit 2
   ;;
 esac
 cat "$summary"

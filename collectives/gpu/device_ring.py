@@ -21,7 +21,7 @@ __all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGIS
 
 THREADS = 768                    # per block, with registers capped at MAX_REGISTERS: one block per SM fits
 MAX_REGISTERS = 80               # (the uncapped kernel needs 96: 512 threads; docs/device_ring.md has both)
-SLICE_BYTES = 256 << 10          # per block per slice, at least (launch_shape)
+SLICE_BYTES = 4 << 20            # per block per slice, at least: fewer drains beat finer pipelining here
 STAGE_BYTES = 1 << 20            # per rank: calls up to this size copy in and out of a buffer peers mapped once
 PROBE_LIMIT_NS = 2_000_000       # co-resident ring of <= 64 ranks: tens of us; time-sliced: milliseconds
 _HANDLE = 64                     # bytes of a CUDA IPC handle
