@@ -12,8 +12,8 @@ One launch per rank, three phases separated by flag barriers with every peer; th
 import numpy as np
 from numba import float32
 
-from ringlab.kernels.device import SIMULATED, cuda
-from ringlab.kernels.flags import flag_load, flag_store, global_ns, pointer_access
+from ringlab.kernels.device import cuda
+from ringlab.kernels.flags import flag_access, flag_store, global_ns, pointer_access
 from ringlab.kernels.formats import check_block, fp8_format
 from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, GROUP, block_part, fp8_block_ops
 from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
@@ -31,15 +31,17 @@ _SIGNATURE = "void(uint64, int64, int64, int64, uint64)"
 _kernels = {}
 
 
-def direct_kernel(dtype, op, fmt, block):
-    """The compiled fp8-direct kernel. Parameters: table address, nranks, count, unused (0), timeout_ns."""
-    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block))
+def direct_kernel(dtype, op, fmt, block, scope="sys", max_registers=None):
+    """The compiled fp8-direct kernel. Parameters: table address, nranks, count, unused (0), timeout_ns.
+    ``scope``: the flags' ("gpu" when every rank runs on this GPU); ``max_registers`` caps registers per thread."""
+    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block), scope, max_registers)
     if key not in _kernels:
-        _kernels[key] = cuda.jit(_SIGNATURE)(direct_kernel_source(dtype, op, fmt, block))
+        options = {} if max_registers is None else {"max_registers": int(max_registers)}
+        _kernels[key] = cuda.jit(_SIGNATURE, **options)(direct_kernel_source(dtype, op, fmt, block, scope))
     return _kernels[key]
 
 
-def direct_kernel_source(dtype, op, fmt, block):
+def direct_kernel_source(dtype, op, fmt, block, scope="sys"):
     """The kernel as a Python function, before compilation."""
     from ringlab.kernels.ring_kernel import rank_barrier
     ops = fp8_block_ops(dtype, op, fmt, block)
@@ -49,8 +51,8 @@ def direct_kernel_source(dtype, op, fmt, block):
     move4, load_values4, add_decoded4, encode_store4 = quad.move4, quad.load_values4, quad.add_decoded4, quad.encode_store4
     lanes, quads = quad.lanes, quad.quads
     per_warp = GROUP // lanes
-    vector = SIMULATED or quads == 1                   # as fp8_ring_codec: no local-memory spills on the GPU
     addr_load, _ = pointer_access(np.int64)
+    flag_load, flag_put = flag_access(scope)           # the counters; status (host memory) stays sys
 
     @cuda.jit(device=True)
     def bounds(c, count, nranks):
@@ -78,7 +80,7 @@ def direct_kernel_source(dtype, op, fmt, block):
         lo, hi = bounds(c, count, nranks)
         ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
         groups = max(nlanes // GROUP, 1)
-        if vector and aligned and lo % 4 == 0:
+        if aligned and lo % 4 == 0:
             wl = lane % GROUP
             gw = ta + (lane // GROUP) * per_warp
             while gw < tb:
@@ -101,7 +103,7 @@ def direct_kernel_source(dtype, op, fmt, block):
         ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
         groups = max(nlanes // GROUP, 1)
         n32 = float32(nranks)
-        if vector and aligned and lo % 4 == 0:
+        if aligned and lo % 4 == 0:
             wl = lane % GROUP
             t = wl % lanes
             gw = ta + (lane // GROUP) * per_warp
@@ -171,7 +173,7 @@ def direct_kernel_source(dtype, op, fmt, block):
         for phase in range(1, 3):
             rank_barrier()
             if lane == 0:
-                flag_store(mine, p, base + np.uint64(phase))
+                flag_put(mine, p, base + np.uint64(phase))
                 if trace != 0 and p == 0:
                     flag_store(trace, phase, global_ns())
                 ok[cuda.threadIdx.y] = wait_all(peers, me, nranks, p, base + np.uint64(phase), deadline, status, phase)
@@ -189,9 +191,9 @@ def direct_kernel_source(dtype, op, fmt, block):
                           lane, nlanes, aligned)
         rank_barrier()
         if lane == 0:
-            flag_store(mine, p, base + np.uint64(3))
+            flag_put(mine, p, base + np.uint64(3))
             wait_all(peers, me, nranks, p, base + np.uint64(3), deadline, status, 3)
-            flag_store(calls, p, call + np.uint64(1))
+            flag_put(calls, p, call + np.uint64(1))
             if trace != 0 and p == 0:
                 flag_store(trace, 3, global_ns())
 

@@ -7,8 +7,7 @@ Same policy and bits as kernels/reference.py (software codec of fp8_bits.py); on
 # Slices and parts split a chunk on block boundaries (``block_part``), so every block is coded by one lane
 # group. Element path (any alignment): a warp per block on the GPU (lane t holds elements t, t + 32, ...:
 # coalesced, amax by xor shuffles), one thread in the simulator (a rank is one thread there). Chunks that
-# start on a quad with 16-byte aligned buffers take the vector path of fp8_ring_quads.py (same bits; on
-# the GPU for blocks up to 128, where a lane holds one quad).
+# start on a quad with 16-byte aligned buffers take the vector path of fp8_ring_quads.py (same bits).
 from types import SimpleNamespace
 
 import numpy as np
@@ -46,6 +45,11 @@ def _block_part(lo, hi, block, k, nslices, p, nparts):
 block_part = device_fn(_block_part)
 
 
+def _inlined(fn):
+    """A device function inlined at numba's IR level: the local arrays it takes then stay in registers."""
+    return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
+
+
 def fp8_block_ops(dtype, op, fmt, block):
     """Device functions for one FP8 block [e0, e1): ``move(mode, ...)``: ENCODE src, REDUCE_ENCODE src + D(left)
     (/N at avg's final), FORWARD the left's codes (and decode), DECODE; and its parts, for other kernels."""
@@ -64,7 +68,7 @@ def fp8_block_ops(dtype, op, fmt, block):
     rcp_fmax, one, zero, inf = f.rcp_fmax32, np.float32(1.0), np.float32(0.0), np.float32(np.inf)
     divide = op == "avg"
 
-    @cuda.jit(device=True)
+    @_inlined
     def group_max(m):
         off = GROUP >> 1
         while off > 0:
@@ -72,14 +76,14 @@ def fp8_block_ops(dtype, op, fmt, block):
             off = off >> 1
         return m
 
-    @cuda.jit(device=True)
+    @_inlined
     def load_values(v, src, e0, e1, t):
         """v[m] = element e0 + t + GROUP*m of src in fp32 (0 past e1)."""
         for m in range(per):
             j = e0 + t + GROUP * m
             v[m] = widen(load(src, j)) if j < e1 else zero
 
-    @cuda.jit(device=True)
+    @_inlined
     def add_decoded(v, lc, ls, e0, e1, slot, t):
         """v[m] += D(left's codes) in fp32: decoded * scale rounded, then added (no FMA)."""
         ps = np.float32(sload(ls, slot))
@@ -88,7 +92,7 @@ def fp8_block_ops(dtype, op, fmt, block):
             if j < e1:
                 v[m] = v[m] + fmul_rn(dec(np.int64(cload(lc, j))), ps)
 
-    @cuda.jit(device=True)
+    @_inlined
     def encode_store(v, mc, ms, out, e0, e1, slot, t, write_out):
         """Quantize the block v into our codes and scale slot; ``write_out``: also out = D(codes)."""
         amax = zero
@@ -111,7 +115,7 @@ def fp8_block_ops(dtype, op, fmt, block):
                 if write_out:
                     store(out, j, narrow(fmul_rn(dec(c), scale)))
 
-    @cuda.jit(device=True)
+    @_inlined
     def move(mode, src, out, lc, ls, mc, ms, e0, e1, slot, t, nranks, final):
         if mode >= FORWARD:                            # codes travel unchanged: decode them into out
             ps = np.float32(sload(ls, slot))
@@ -146,14 +150,13 @@ def fp8_moves(dtype, op, codec):
     quad = fp8_quad_ops(dtype, op, codec.fmt, block)
     move4, lanes = quad.move4, quad.lanes
     per_warp = GROUP // lanes                          # blocks a warp codes at once on the vector path
-    vector = SIMULATED or quad.quads == 1              # GPU: two quads per lane (block 256) spill to local memory
 
     @cuda.jit(device=True)
     def blocks(mode, src, out, lc, ls, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, nranks,
                final, aligned):
         ta, tb = block_part(lo, hi, block, k, nslices, p, nparts)
         groups = max(nlanes // GROUP, 1)
-        if vector and aligned and lo % 4 == 0:         # quads: a warp-uniform loop, every lane in the shuffles
+        if aligned and lo % 4 == 0:                    # quads: a warp-uniform loop, every lane in the shuffles
             wl = lane % GROUP
             t = wl % lanes
             gw = ta + (lane // GROUP) * per_warp

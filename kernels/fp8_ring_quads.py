@@ -1,9 +1,10 @@
 """The FP8 codec's vector path: a lane moves quads (four consecutive elements, one 16/8-byte access, one 4-byte
 code word) for chunks whose start and buffers are aligned; the same bits as the element path.
 """
-# An FP8 block of B elements is B/4 quads on L = min(32, B/4) lanes of one warp (Q = B/(4L) quads each):
-# B = 32 -> 8 lanes, 4 blocks per warp step; 128 -> 32 lanes, one quad each; 256 -> 32 lanes, two quads.
-# amax: xor shuffles over the block's L lanes. Codes: kernels/fp8.py's encode4/decode4 (the GPU's FP8
+# An FP8 block of B elements is B/4 quads on L = max(8, B/16) lanes of one warp, Q = B/(4L) quads each:
+# B = 32 -> 8 lanes x 1 quad, 64 -> 8 x 2, 128 -> 8 x 4, 256 -> 16 x 4; a warp codes 32/L blocks at once.
+# A lane issues all its quads' loads before it computes (Q x 20 bytes in flight: what hides HBM latency with
+# one 512-thread block per SM); a warp access covers whole 32-byte sectors. amax: xor shuffles over L lanes. Codes: kernels/fp8.py's encode4/decode4 (the GPU's FP8
 # conversions on sm_89+, NaN/inf patched to the policy; the software codec elsewhere and in the simulator).
 # A quad that straddles the chunk's end falls back to element accesses (zeros beyond it, nothing stored).
 from types import SimpleNamespace
@@ -24,13 +25,13 @@ _FORWARD = 2
 
 
 def _inlined(fn):
-    """A device function NVVM must inline (its local-array arguments then stay in registers)."""
-    return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, forceinline=True)(fn)
+    """A device function inlined at numba's IR level: the local arrays it takes then stay in registers."""
+    return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
 
 
 def lanes_per_block(block):
     """Lanes of one FP8 block on the vector path (1 in the simulator, where a rank is one thread)."""
-    return 1 if SIMULATED else min(32, check_block(block) // 4)
+    return 1 if SIMULATED else max(8, check_block(block) // 16)
 
 
 def fp8_quad_ops(dtype, op, fmt, block):

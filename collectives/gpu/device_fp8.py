@@ -10,25 +10,27 @@ from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
 from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, first_chunk, fp8_send_layout,
                                      launch_shape, program_table)
-from ringlab.gpu.device_ring import PROBE_LIMIT_NS, THREADS, DriverLaunch, mps_visible
+from ringlab.gpu.device_ring import PROBE_LIMIT_NS, DriverLaunch, mps_visible
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.kernels.formats import check_fp8_input_dtype
 from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS
 from ringlab.kernels.ring_kernel import MAX_PARTS, STATUS_OK, fp8_codec
 
-__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS"]
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
+THREADS, MAX_REGISTERS = 512, 128   # one block per SM: 512 x 128 registers fill an SM's 64K (uncapped: ~140)
 DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
 _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 
 
 class DeviceFp8Ring:
     """FP8 all-reduce by one persistent kernel per rank; ``algo`` "fp8-ring" or "fp8-direct", ``fmt`` and
-    ``block`` fixed here. ``mode``: "auto" (probe), "per-rank" (trust co-residency) or "host" (fp8_ipc ring)."""
+    ``block`` fixed here. ``mode``: "auto" (probe), "per-rank" (trust co-residency) or "host" (fp8_ipc ring).
+    ``scope`` of the flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing)."""
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
-                 mode="auto", trace=False, max_parts=None, threads=THREADS):
+                 mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         self.codec = fp8_codec(fmt, block)
@@ -37,8 +39,9 @@ class DeviceFp8Ring:
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
         if mode not in ("auto", "per-rank", "host"):
             raise ValueError(f"mode must be auto, per-rank or host, got {mode!r}")
-        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0):
-            raise ValueError(f"threads must be a multiple of 32 in 32..1024, got {threads}")
+        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or int(threads) * int(max_registers) > 65536:
+            raise ValueError(f"threads must be a multiple of 32 in 32..1024 with threads x max_registers <= 65536 "
+                             f"(one block per SM), got {threads} x {max_registers}")
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"the device FP8 all-reduce needs CUDA IPC between all ranks, unusable here: {why}")
@@ -47,6 +50,8 @@ class DeviceFp8Ring:
         self.timeout, self.trace_enabled, self.threads = resolve_timeout(timeout), bool(trace), int(threads)
         self.capacity = comm.allreduce(int(capacity), op=MPI.MIN)      # the same bound on every rank
         self.sharing = len(same_gpu_ranks(comm))
+        every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
+        self.scope, self.max_registers = scope or ("gpu" if every else "sys"), int(max_registers)
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))
         self.peers = PeerMemory(comm)
@@ -131,9 +136,9 @@ class DeviceFp8Ring:
     def _kernel(self, dtype, op):
         if self.algo == "fp8-ring":
             from ringlab.kernels.ring_kernel import ring_kernel
-            return ring_kernel(dtype, op, self.codec)
+            return ring_kernel(dtype, op, self.codec, scope=self.scope, max_registers=self.max_registers)
         from ringlab.kernels.fp8_direct_kernel import direct_kernel
-        return direct_kernel(dtype, op, self.codec.fmt, self.codec.block)
+        return direct_kernel(dtype, op, self.codec.fmt, self.codec.block, self.scope, self.max_registers)
 
     def _row(self, src, out, count, trace):
         nbc, tr, calls = chunk_blocks(count, self.n, self.codec.block), self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS
