@@ -211,7 +211,7 @@ def allreduce(x, out=None, op="sum", algo="ring", comm=None, timeout=None, valid
     ("auto", "device" for the persistent-kernel ring, "ipc", "ipc:K" for K pipeline slices, "ipc-host", "ipc-shared",
     "mpi", "staged").
     """
-    if (type(x) is np.ndarray and (out is None or (type(out) is np.ndarray and out is not x)) and transport is None
+    if (type(x) is np.ndarray and (out is None or type(out) is np.ndarray) and transport is None
             and timeout is None and type(op) is str and type(algo) is str):
         res = _host_allreduce(x, out, op, algo, comm if comm is not None else MPI.COMM_WORLD, validate)
         if res is not None:
@@ -224,29 +224,35 @@ _FAST_OPS = frozenset(OPS)
 
 
 def _host_allreduce(x, out, op, algo, comm, validate):
-    """The common call (NumPy, out of place, a host algorithm with an out-of-place form and no own checks,
-    default timeout) with its checks written out: the same signature, agreement and executor as the
-    general path; None hands anything else to it."""
+    """The common call (NumPy in and out, a host algorithm without checks of its own, default timeout) with
+    its checks written out: the same signature, agreement and executor as the general path; None hands
+    anything else to it (which then reports what is wrong on every rank)."""
     dt, fn = x.dtype, ALLREDUCE_ALGORITHMS.get(algo)
-    into = getattr(fn, "into", None)
-    if (into is None or hasattr(fn, "check") or op not in _FAST_OPS or dt not in _FAST_DTYPES
+    if (fn is None or hasattr(fn, "check") or op not in _FAST_OPS or dt not in _FAST_DTYPES
             or (op == "avg" and dt.kind in "iu") or not x.flags.c_contiguous or not environment_checked(comm.size)):
         return None
+    inplace = out is x
     if out is None:
         res = np.empty(x.shape, dt)
     else:
         flags = out.flags
         if out.dtype != dt or out.shape != x.shape or not flags.c_contiguous or not flags.writeable:
-            return None           # the general path says what is wrong, on every rank
+            return None
         res = out
     try:
         seconds = default_timeout()
     except Exception:  # noqa: BLE001 - a bad $RINGLAB_TIMEOUT: the general path reports it on every rank
         return None
     with collective_call(comm, "allreduce") as call:
-        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, algo, False), seconds)
+        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, algo, inplace), seconds, call.state)
         call.moving()
-        into(x.reshape(-1), res.reshape(-1), MpiTransport(comm, timeout=seconds), op, _cache(algo))
+        tr, into = MpiTransport(comm, timeout=seconds), getattr(fn, "into", None)
+        if inplace or into is None:        # as the general path: in place (after a copy when out of place)
+            if not inplace:
+                res[...] = x
+            fn(res.reshape(-1), tr, op, _cache(algo))
+        else:
+            into(x.reshape(-1), res.reshape(-1), tr, op, _cache(algo))
     return res
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ringlab.arrays import array_module
 from ringlab import faults
-from ringlab.ops import reduce_into
+from ringlab.kernels.optable import OP_TABLE
 from ringlab.primitives import (program_steps, ring_allgather_program, ring_allreduce_program,
                                 ring_reduce_scatter_program)
 from ringlab.schedule import chunk_bounds
@@ -62,9 +62,9 @@ def _steps(kind, rank, nranks, rotate, count):
         program = (ring_reduce_scatter_program if kind == "reduce-scatter" else ring_allgather_program)(
             rank, nranks, rotate)
     bounds = chunk_bounds(count, nranks)
-    return tuple((out.send, bounds[out.send.send_chunk], bounds[out.send.recv_chunk],
-                  f"ring {out.send.phase} step {out.send.step}", into.reduce, into.final)
-                 for out, into in program_steps(program))
+    return bounds[0][1], tuple((out.send, bounds[out.send.send_chunk], bounds[out.send.recv_chunk],
+                                f"ring {out.send.phase} step {out.send.step}", into.reduce, into.final)
+                               for out, into in program_steps(program))
 
 
 def _run_program(buf, transport, kind, rotate=0, op="sum", trace=None, cache=None):
@@ -77,17 +77,21 @@ def _run_program(buf, transport, kind, rotate=0, op="sum", trace=None, cache=Non
     fault = faults.ring_step_hook(comm.rank)  # None unless a test planned a fault (RINGLAB_FAULT)
     recv_all = None
     sendrecv = transport.sendrecv
-    for st, (s0, s1), (r0, r1), what, reduce, final in _steps(kind, comm.rank, n, rotate, buf.size):
+    largest, steps = _steps(kind, comm.rank, n, rotate, buf.size)
+    for st, (s0, s1), (r0, r1), what, reduce, final in steps:
         if fault is not None:
             fault(st)
         if reduce:
             if recv_all is None:
-                largest = chunk_bounds(buf.size, n)[0][1]
                 recv_all = scratch_buffer(cache if cache is not None else {}, "recv" if xp is np else "recv-device",
                                           largest * buf.itemsize, buf.dtype, xp)
+                if op not in OP_TABLE:
+                    raise ValueError(f"unknown op {op!r}")
+                combine = getattr(xp, OP_TABLE[op].ufunc)          # ops.reduce_into's ufunc, looked up once
             recv = recv_all[: r1 - r0]
             sendrecv(buf[s0:s1], st.send_to, recv, st.recv_from, what=what)
-            reduce_into(buf[r0:r1], recv, op, xp)
+            dst = buf[r0:r1]
+            combine(dst, recv, out=dst)
         else:
             sendrecv(buf[s0:s1], st.send_to, buf[r0:r1], st.recv_from, what=what)
         if trace is not None:

@@ -168,10 +168,11 @@ def checked_call(comm, validate, signature, local_checks, timeout=None, what=Non
     return _agree(comm, validate, signature, error, result, seconds, timeout)
 
 
-def agree_checked(comm, validate, signature, seconds):
+def agree_checked(comm, validate, signature, seconds, state=None):
     """The agreement of a call whose local checks all passed (api's NumPy fast path): checked_call's
-    exchange, result and errors, for ``signature`` (a tuple) and the resolved ``seconds``."""
-    _agree(comm, validate, signature, None, None, seconds, seconds)
+    exchange, result and errors, for ``signature`` (a tuple) and the resolved ``seconds``; ``state``:
+    comm's comm_state when the caller has it."""
+    _agree(comm, validate, signature, None, None, seconds, seconds, state)
 
 
 def environment_checked(nranks):
@@ -179,11 +180,11 @@ def environment_checked(nranks):
     return nranks in _environment_checked
 
 
-def _agree(comm, validate, signature, error, result, seconds, timeout):
+def _agree(comm, validate, signature, error, result, seconds, timeout, state=None):
     """checked_call after the local checks: count the call, exchange fingerprints, raise on any difference."""
     what = signature[0]
     thread = _issuer.name or threading.current_thread().name    # issuing_thread()
-    state = comm_state(comm)
+    state = comm_state(comm) if state is None else state
     seqs = state.get("calls-per-thread")
     if seqs is None:
         seqs = state["calls-per-thread"] = {}

@@ -21,11 +21,12 @@ from ringlab.bench.harness import size_list_arg  # noqa: E402
 from ringlab.bench.tuner import tuning_path  # noqa: E402
 
 
-def variants(comm, x, y):
+def variants(comm, x, y, z):
     return {
         "mpi Allreduce": lambda: comm.Allreduce(x, y, op=MPI.SUM),
         "ring": lambda: ringlab.allreduce(x, out=y, comm=comm),
         "ring validate=False": lambda: ringlab.allreduce(x, out=y, comm=comm, validate=False),
+        "ring in place, max": lambda: ringlab.allreduce(z, out=z, op="max", comm=comm),   # max: z stays finite
         "auto": lambda: ringlab.allreduce(x, out=y, algo="auto", comm=comm),
         "recursive_doubling": lambda: ringlab.allreduce(x, out=y, algo="recursive_doubling", comm=comm),
     }
@@ -57,7 +58,7 @@ def main(argv=None):
         x = np.ones(nbytes // 4, np.float32)
         y = np.empty_like(x)
         rounds = max(args.min_rounds, min(args.rounds, int(args.rounds * 65536 / max(nbytes, 65536))))
-        vs = variants(comm, x, y)
+        vs = variants(comm, x, y, x.copy())
         for fn in vs.values():   # warm-up: scratch buffers, the tuner's table, the async dup
             for _ in range(5):
                 fn()

@@ -110,6 +110,11 @@ def test_numpy_fast_path_matches_the_general_path():
     assert fast is not None and np.array_equal(fast, general / 1) and fast.dtype == x.dtype
     out = np.empty_like(x)
     assert api._host_allreduce(x, out, "sum", "ring", comm, True) is out and np.array_equal(out, x)
+    z = x.copy()
+    assert api._host_allreduce(z, z, "max", "ring", comm, True) is z and np.array_equal(z, x)       # in place
+    assert api._host_allreduce(x, None, "sum", "rabenseifner", comm, True) is not None              # no ``into``
+    z.flags.writeable = False
+    assert api._host_allreduce(z, z, "sum", "ring", comm, True) is None
     for bad in (x.astype(">f4"), np.arange(10), x[::2], x.astype(np.complex64)):
         assert api._host_allreduce(bad, None, "avg", "ring", comm, True) is None, bad.dtype
     assert api._host_allreduce(x, np.empty(9, np.float32), "sum", "ring", comm, True) is None
