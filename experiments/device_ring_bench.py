@@ -215,6 +215,7 @@ def main():
     counts = [s // 4 or 1 for s in args.sizes]
     small = [device_ring_variant(comm, ring)] + [today(v) for v in args.variants.split(",") if v]
     zero_copy = sys_scope = None
+    others = []
     mine = 1
     if ring.mode == "per-rank":      # the same ring without the staging buffer (a handle swap per call), sys flags
         zero_copy = DeviceRing(comm, mode="per-rank", stage_bytes=0)
@@ -222,7 +223,11 @@ def main():
         small[1:1] = [allreduce_variant(comm, "api transport=device", algo="ring", device=True, transport="device"),
                       device_ring_variant(comm, zero_copy, "device-ring/zero-copy"),
                       device_ring_variant(comm, sys_scope, f"device-ring/{sys_scope.scope}-scope")]
-        mine = 4
+        for name, kw in (("split", {"stage_split": True}), ("throttled", {"max_in_flight": 2}),
+                         ("split+throttled", {"stage_split": True, "max_in_flight": 2})):
+            others.append(DeviceRing(comm, mode="per-rank", **kw))
+            small.insert(len(others) + 3, device_ring_variant(comm, others[-1], f"device-ring/staged-{name}"))
+        mine = len(others) + 4
     shapes["sys-scope"] = ring_shape(sys_scope) if sys_scope is not None else {}
     rows = measure(comm, small, counts, iters=args.iters, warmup=5, baseline=small[0].name, progress=print)
     loops = loop_latency(comm, small[:mine], counts, calls=args.loop)
@@ -265,7 +270,7 @@ def main():
                         command=" ".join(sys.argv))
     if comm.rank == 0 and args.json:
         write_json(args.json, rows + big, meta)
-    for other in extra + [zero_copy, sys_scope]:
+    for other in extra + others + [zero_copy, sys_scope]:
         if other is not None:
             other.close()
     ring.close()

@@ -41,11 +41,13 @@ class DeviceRing:
     ``stage_bytes``: calls up to this size go through the staging buffer (0: never). ``scope`` of the flags:
     None picks "gpu" when every rank runs on this GPU, else "sys"; ``max_registers`` caps the kernel's;
     ``slice_bytes``: the least bytes a block moves between two flag updates (pipelining vs drains).
+    ``stage_split``: separate staging halves for src and out (the ring out of place) instead of one in place;
+    ``max_in_flight``: when > 0, the host waits for the call that many calls back before launching (queue depth).
     """
 
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
                  blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS,
-                 slice_bytes=SLICE_BYTES):
+                 slice_bytes=SLICE_BYTES, stage_split=False, max_in_flight=0):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
@@ -90,9 +92,14 @@ class DeviceRing:
         self.mode = mode
         stage_bytes = comm.allreduce(int(stage_bytes), op=MPI.MIN)     # every rank must take the same path
         self.stage_bytes = 0 if mode == "single-context" or self.n == 1 else stage_bytes // 16 * 16
+        self.stage_split, self.max_in_flight = bool(stage_split), int(max_in_flight)
+        self._events, self._calls = [], 0
         if self.stage_bytes:        # ours, and our mapping of the left's: the same addresses every call
-            self.stage, mapped = self.peers.shared_words(self.stage_bytes // 8, {self.left})
+            halves = 2 if self.stage_split else 1
+            self.stage, mapped = self.peers.shared_words(halves * self.stage_bytes // 8, {self.left})
             self.left_stage = mapped[self.left]
+            self.stage_out = self.stage + (self.stage_bytes if self.stage_split else 0)
+            self.left_stage_out = self.left_stage + (self.stage_bytes if self.stage_split else 0)
 
     # -- the collective ---------------------------------------------------------------------------
     def allreduce(self, src, out, op="sum", timeout=None):
@@ -112,11 +119,24 @@ class DeviceRing:
                 out[...] = src
             return True
         limit = self.timeout if timeout is None else resolve_timeout(timeout)
+        if self.max_in_flight:
+            self._throttle()
         if src.nbytes <= self.stage_bytes:
             self._launch_staged(src, out, op, limit)
         else:
             self._launch(src, out, op, limit)
+        if self.max_in_flight:
+            self._events[self._calls % self.max_in_flight].record()
+            self._calls += 1
         return True
+
+    def _throttle(self):
+        """Wait (host) for the call max_in_flight calls back: keeps the GPU queue shallow."""
+        import cupy
+        if not self._events:
+            self._events = [cupy.cuda.Event(disable_timing=True) for _ in range(self.max_in_flight)]
+        if self._calls >= self.max_in_flight:
+            self._events[self._calls % self.max_in_flight].synchronize()
 
     def _launch_staged(self, src, out, op, limit):
         """The kernel copies src into our stage, runs the ring in place on the stages (the left's mapped once)
@@ -126,7 +146,7 @@ class DeviceRing:
         key = (src.data.ptr, out.data.ptr, src.size, trace)
         table = self._tables.get(key)
         if table is None:
-            table = self._table(key, self.stage, self.stage, self.left_stage, self.left_stage, trace,
+            table = self._table(key, self.stage, self.stage_out, self.left_stage, self.left_stage_out, trace,
                                 first=first_chunk(src.size, self.n, self.rank), stage_in=src.data.ptr,
                                 stage_out=out.data.ptr)
         self._run(src, op, table, limit, cupy.cuda.get_current_stream())

@@ -26,9 +26,12 @@ use_local_gpu(comm)
 p = argparse.ArgumentParser()
 p.add_argument("--mode", default="auto")
 p.add_argument("--stall", action="store_true")
+p.add_argument("--stage-split", action="store_true", help="staging halves for src and out (the ring out of place)")
+p.add_argument("--max-in-flight", type=int, default=0, help="host waits for the call this many calls back")
 p.add_argument("--stall-count", type=int, default=1 << 20, help="elements of the stalled call (small: staged path)")
 args = p.parse_args()
-ring = DeviceRing(comm, timeout=2.0 if args.stall else 60.0, mode=args.mode)
+ring = DeviceRing(comm, timeout=2.0 if args.stall else 60.0, mode=args.mode, stage_split=args.stage_split,
+                  max_in_flight=args.max_in_flight)
 if rank == 0:
     print(f"device ring mode: {ring.mode} ({ring.mode_why})", flush=True)
 bad = []
