@@ -2,11 +2,13 @@
 # The lab's GPU runs: each mode is one device call of under 10 minutes, named by its purpose; logs and JSON
 # are packed into $OUT/results.tgz (the device tool returns at most 8 files).
 #   bash experiments/device_run.sh check     # correctness on one GPU: GPU tests, bit-exact kernel sweep, FP8 over IPC, async, leaks
+#   bash experiments/device_run.sh check-ipc # the IPC executors only: every transport, one-/two-shot, FP8 over IPC, leaks
 #   bash experiments/device_run.sh bench     # one GPU, ranks sharing it: the data-path, small-message, FP8, overlap, sweep benchmarks
 #   bash experiments/device_run.sh kernels   # kernel speed (device time vs a device copy) and host cost per launch
 #   bash experiments/device_run.sh multigpu  # one rank per GPU: FP8 bit-exact across GPUs, FP8 and fp32 rings vs NCCL
 #   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks, MPS on: the persistent-kernel ring's checks and bench
-#   bash experiments/device_run.sh device-ring-more  # the overlap experiment on it (MPS on), the no-MPS fallback rows
+#   bash experiments/device_run.sh device-overlap    # the overlap experiment over the device ring (MPS on)
+#   bash experiments/device_run.sh device-nomps      # the device ring's no-MPS fallback beside today's paths
 #   bash experiments/device_run.sh device-small      # one-shot / two-shot persistent kernels: checks, latency, auto
 #   bash experiments/device_run.sh device-fp8        # FP8 device ring and fp8-direct: checks, speed vs fp32 ring
 set -u
@@ -44,6 +46,13 @@ check)
   step fp8_pytest 150 python3 -m pytest -q tests/test_fp8.py tests/test_kernels_reduce.py
   step async_check 90 mpirun -n 4 python3 tests/mpi/async_device_check.py
   step leak_check 120 mpirun -n 4 python3 experiments/leak_check.py --device --json "$RES/leak_gpu.json"
+  ;;
+check-ipc)  # the host-driven IPC executors after a refactor: every transport and one-/two-shot, FP8 over IPC, leaks
+  export RINGLAB_TIMEOUT=60
+  step ipc_check 150 mpirun -n 4 python3 tests/mpi/gpu_check.py ipc-shared,ipc,ipc:4,ipc-host,oneshot,twoshot,staged \
+    0,2,1009,100003
+  step fp8_ipc_check 150 mpirun -n 4 python3 experiments/device_kernels_check.py --no-check --no-speed
+  step leak_check 120 mpirun -n 4 python3 experiments/leak_check.py --device --iters 300 --json "$RES/leak_gpu.json"
   ;;
 bench)
   step oneshot_check 60 mpirun -n 3 python3 tests/mpi/gpu_check.py oneshot,twoshot 0,2,1009,100003
@@ -95,15 +104,16 @@ device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact check
     --json "$RES/h200_n8_fp8_mps.json"
   mps_stop
   ;;
-device-ring-more)  # the overlap experiment over the device ring (MPS on), then the no-MPS fallback rows
-  bench="env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_ring_bench.py --iters 10"
+device-overlap)  # the overlap experiment over the device ring, MPS on
   mps_start
   step overlap_device 200 env RINGLAB_TRANSPORT=device mpirun -n 8 python3 experiments/overlap.py --backend cupy \
     --hidden 2048 --layers 16 --batch 8192 --tp-m 8192 --tp-k 1024 --tp-n 4096 --iters 3 \
     --json "$RES/overlap_gpu_device_mps.json" --plot "$RES/overlap_gpu_device_mps.png"
   mps_stop
-  step device_ring_nomps 150 $bench --variants ipc-shared,oneshot,twoshot --large-variants ipc-shared --shapes "" \
-    --json "$RES/h200_n8_nomps.json"
+  ;;
+device-nomps)  # the device ring without MPS: the single-context fallback beside today's paths
+  step device_ring_nomps 150 env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_ring_bench.py --iters 10 \
+    --variants ipc-shared,oneshot,twoshot --large-variants ipc-shared --shapes "" --json "$RES/h200_n8_nomps.json"
   ;;
 multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp32 rings vs NCCL
   nvidia-smi topo -m > "$RES/topology.txt" 2>&1; cat "$RES/topology.txt"
@@ -115,7 +125,7 @@ multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp3
     --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
   ;;
 *)
-  echo "device_run.sh: unknown mode ${1}; modes: check, bench, kernels, multigpu, device-ring, device-ring-more, device-small, device-fp8" >&2; exit 2
+  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8" >&2; exit 2
   ;;
 esac
 cat "$summary"
