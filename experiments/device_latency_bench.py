@@ -3,9 +3,10 @@
     mpirun -n 8 python experiments/device_latency_bench.py --json out.json      # (start MPS first for per-rank)
     mpirun -n 8 python experiments/device_latency_bench.py --write-tuning ~/.cache/ringlab/tuning.json
 
-Every row is checked (#wrong) before it is timed. Two times per row, medians over rounds, slowest rank:
+Every row is checked (#wrong) before it is timed. Three times per row, medians over rounds, slowest rank:
 ``single``: one barrier-aligned call (CUDA events), ``loop``: wall time per call of back-to-back calls (as
-nccl-tests). The mode (per-rank kernels or fallback) is recorded per row.
+nccl-tests), ``graph``: device time per call of calls replayed from one CUDA graph (no host launch per call).
+The mode (per-rank kernels or fallback) is recorded per row.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=50, help="single-call samples per row")
     p.add_argument("--loop", type=int, default=200, help="back-to-back calls per loop round")
     p.add_argument("--rounds", type=int, default=7, help="loop rounds per row")
+    p.add_argument("--graph", type=int, default=50, help="calls captured in one CUDA graph per replay (0: none)")
     p.add_argument("--json", default=None, help="write rows and metadata here")
     p.add_argument("--write-tuning", default=None, metavar="PATH",
                    help="merge the measured crossovers into this tuning file (the auto table)")
@@ -87,6 +89,35 @@ def loop_time(comm, case, calls, rounds):
     return float(np.median(per)) * 1e6, float(np.median(host)) * 1e6
 
 
+def graph_time(comm, variant, count, calls, rounds):
+    """Median device us per call of ``calls`` calls captured in one CUDA graph and replayed (no host launch per
+    call: what the GPU itself needs per call), slowest rank; NaN with the reason if the capture fails."""
+    import cupy
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        case = variant.prepare(count, "float32", "sum")
+        try:
+            case.run()
+            stream.synchronize()
+            stream.begin_capture()
+            for _ in range(calls):
+                case.run()
+            graph = stream.end_capture()
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the run goes on
+            return float("nan"), f"{type(exc).__name__}: {exc}"
+        times = []
+        for _ in range(rounds):
+            comm.Barrier()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(comm.allreduce(cupy.cuda.get_elapsed_time(start, end) * 1e3 / calls, op=max_op()))
+        wrong = comm.allreduce(int(case.wrong()), op=max_op())
+    return float(np.median(times)), "" if wrong == 0 else f"#wrong {wrong} after replay"
+
+
 def max_op():
     from mpi4py import MPI
     return MPI.MAX
@@ -134,6 +165,10 @@ def main(argv=None):
             case = v.prepare(count, "float32", "sum")
             case.run(), case.sync()
             loops[(v.name, count)] = loop_time(comm, case, args.loop, args.rounds) + (case.pick,)
+    graphs = {}
+    for v in variants if args.graph else ():   # the same calls replayed from one CUDA graph
+        for count in counts:
+            graphs[(v.name, count)] = graph_time(comm, v, count, args.graph, args.rounds)
     for r in rows:
         per, host, pick = loops[(r.variant, r.count)]
         r.note = f"pick={pick} mode={execs[pick][1]} loop_us={per:.2f} host_us={host:.2f}"
@@ -143,7 +178,9 @@ def main(argv=None):
     meta = run_metadata(comm, modes={k: [m, w] for k, (_, m, w) in execs.items()}, mps_visible=mps_visible(),
                         loop_calls=args.loop, rounds=args.rounds, iters=args.iters, crossovers=cross,
                         loop_us={f"{k[0]}/{k[1] * 4}": v[0] for k, v in loops.items()},
-                        host_us_per_call={f"{k[0]}/{k[1] * 4}": v[1] for k, v in loops.items()})
+                        host_us_per_call={f"{k[0]}/{k[1] * 4}": v[1] for k, v in loops.items()},
+                        graph_calls=args.graph, graph_us={f"{k[0]}/{k[1] * 4}": v[0] for k, v in graphs.items()},
+                        graph_notes={f"{k[0]}/{k[1] * 4}": v[1] for k, v in graphs.items() if v[1]})
     if comm.rank == 0:
         if args.json:
             write_json(args.json, rows, meta)
@@ -155,7 +192,8 @@ def main(argv=None):
         print(format_table(rows, f"single barrier-aligned call, {comm.size} ranks (median of {args.iters})"))
         print(f"\n# {comm.size} ranks, fp32 sum: median us per call (single = one aligned call, "
               f"loop = back-to-back), #wrong summed over ranks; crossovers {cross}")
-        print(f"#{'size (B)':>9s} " + " ".join(f"{v + ' single':>15s} {'loop':>7s} {'mode':>14s}" for v in names) +
+        print(f"#{'size (B)':>9s} " + " ".join(f"{v + ' single':>15s} {'loop':>7s} {'graph':>7s} {'mode':>14s}"
+                                                for v in names) +
               f" {'auto pick':>10s}")
         for count in counts:
             cells, pick = [], ""
@@ -163,7 +201,8 @@ def main(argv=None):
                 r = next(r for r in rows if r.variant == v and r.count == count)
                 per, _, p = loops[(v, count)]
                 mode = execs[p][1]
-                cells.append(f"{r.time_us:15.1f} {per:7.1f} {mode + ('' if r.wrong == 0 else ' WRONG'):>14s}")
+                g = graphs.get((v, count), (float("nan"), ""))[0]
+                cells.append(f"{r.time_us:15.1f} {per:7.1f} {g:7.1f} {mode + ('' if r.wrong == 0 else ' WRONG'):>14s}")
                 pick = p if v == "auto" else pick
             print(f" {count * 4:>9d} " + " ".join(cells) + f" {pick:>10s}")
     for k, (e, _, _) in execs.items():
