@@ -3,8 +3,9 @@
     mpirun -n 2 python experiments/call_overhead.py                   # 64K and 16M, validated calls
     mpirun -n 2 python experiments/call_overhead.py --sizes 4K,64K,1M,16M,64M --rounds 200 --out results.txt
 
-Each round times one call of every variant in turn (barrier-aligned, so load on a shared machine hits
-all variants alike); the table reports medians and the ratio to MPI's Allreduce.
+Each round times one call of every variant in turn, in an order that rotates from round to round
+(barrier-aligned, so load on a shared machine hits all variants alike); the table reports medians
+and the ratio to MPI's Allreduce.
 """
 import argparse
 import os
@@ -26,9 +27,9 @@ def variants(comm, x, y, z):
         "mpi Allreduce": lambda: comm.Allreduce(x, y, op=MPI.SUM),
         "ring": lambda: ringlab.allreduce(x, out=y, comm=comm),
         "ring validate=False": lambda: ringlab.allreduce(x, out=y, comm=comm, validate=False),
-        "ring in place, max": lambda: ringlab.allreduce(z, out=z, op="max", comm=comm),   # max: z stays finite
         "auto": lambda: ringlab.allreduce(x, out=y, algo="auto", comm=comm),
         "recursive_doubling": lambda: ringlab.allreduce(x, out=y, algo="recursive_doubling", comm=comm),
+        "ring in place, max": lambda: ringlab.allreduce(z, out=z, op="max", comm=comm),   # max: z stays finite
     }
 
 
@@ -62,10 +63,12 @@ def main(argv=None):
         for fn in vs.values():   # warm-up: scratch buffers, the tuner's table, the async dup
             for _ in range(5):
                 fn()
-        # interleave: every round runs each variant once, so machine noise hits them alike
+        # interleave: every round runs each variant once, so machine noise hits them alike; the order rotates
+        # every round, so no variant always follows the same one (the one after MPI's own call ran slower)
         samples = {name: [] for name in vs}
-        for _ in range(rounds):
-            for name, fn in vs.items():
+        order = list(vs.items())
+        for i in range(rounds):
+            for name, fn in order[i % len(order):] + order[:i % len(order)]:
                 comm.Barrier()
                 t0 = time.perf_counter()
                 fn()

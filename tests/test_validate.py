@@ -91,7 +91,8 @@ def test_exchange_has_one_length_for_every_collective():
     validate._bounded_allgather = record
     try:
         for sig in [("allreduce", 4, "float32", "sum", "ring", False),
-                    ("allreduce_fp8", 4, "float32", "sum", "fp8-ring/e4m3/128 via None", False)]:
+                    ("allreduce_fp8", 4, "float32", "sum", "fp8-ring/e4m3/128 via None", False),
+                    ("allreduce", 4, "float32", ["sum"], "ring", False)]:   # unhashable: hashed by text, no TypeError
             checked_call(TwoRanks(), True, sig, lambda: None)
     finally:
         validate._bounded_allgather = real
