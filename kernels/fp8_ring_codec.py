@@ -18,6 +18,7 @@ from ringlab.kernels.flags import pointer_access
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 from ringlab.kernels.fp8_access import _narrow, _widen
 from ringlab.kernels.fp8_bits import make_fp8_value_codec
+from ringlab.kernels.intrinsics import shfl_xor_fmax
 from ringlab.kernels.reference import MIN_SCALE
 from ringlab.kernels.ring_layout import FINAL, REDUCE
 
@@ -50,9 +51,10 @@ def _inlined(fn):
     return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
 
 
-def fp8_block_ops(dtype, op, fmt, block):
+def fp8_block_ops(dtype, op, fmt, block, group=GROUP):
     """Device functions for one FP8 block [e0, e1): ``move(mode, ...)``: ENCODE src, REDUCE_ENCODE src + D(left)
-    (/N at avg's final), FORWARD the left's codes (and decode), DECODE; and its parts, for other kernels."""
+    (/N at avg's final), FORWARD the left's codes (and decode), DECODE; and its parts, for other kernels.
+    ``group``: lanes per block (tests run the GPU's 32 in the simulator)."""
     name = check_fp8_input_dtype(dtype).name           # integers: the project's clear TypeError
     if op not in FP8_KERNEL_OPS:
         raise ValueError(f"FP8 all-reduce supports op sum or avg, got {op!r}")
@@ -64,23 +66,23 @@ def fp8_block_ops(dtype, op, fmt, block):
     widen, narrow = _widen(kind), _narrow(kind)
     enc, dec = make_fp8_value_codec(f, f32_bits, bits_f32, fmul_rn)
     enc, dec = device_fn(enc), device_fn(dec)
-    per = block // GROUP
+    per = block // group
     rcp_fmax, one, zero, inf = f.rcp_fmax32, np.float32(1.0), np.float32(0.0), np.float32(np.inf)
     divide = op == "avg"
 
     @_inlined
     def group_max(m):
-        off = GROUP >> 1
+        off = group >> 1
         while off > 0:
-            m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, off))
+            m = shfl_xor_fmax(m, off)                  # amax is finite: fmax is max
             off = off >> 1
         return m
 
     @_inlined
     def load_values(v, src, e0, e1, t):
-        """v[m] = element e0 + t + GROUP*m of src in fp32 (0 past e1)."""
+        """v[m] = element e0 + t + group*m of src in fp32 (0 past e1)."""
         for m in range(per):
-            j = e0 + t + GROUP * m
+            j = e0 + t + group * m
             v[m] = widen(load(src, j)) if j < e1 else zero
 
     @_inlined
@@ -88,7 +90,7 @@ def fp8_block_ops(dtype, op, fmt, block):
         """v[m] += D(left's codes) in fp32: decoded * scale rounded, then added (no FMA)."""
         ps = np.float32(sload(ls, slot))
         for m in range(per):
-            j = e0 + t + GROUP * m
+            j = e0 + t + group * m
             if j < e1:
                 v[m] = v[m] + fmul_rn(dec(np.int64(cload(lc, j))), ps)
 
@@ -108,7 +110,7 @@ def fp8_block_ops(dtype, op, fmt, block):
         if t == 0:
             sstore(ms, slot, scale)
         for m in range(per):
-            j = e0 + t + GROUP * m
+            j = e0 + t + group * m
             if j < e1:
                 c = np.int64(enc(v[m], inv))
                 cstore(mc, j, c)
@@ -122,7 +124,7 @@ def fp8_block_ops(dtype, op, fmt, block):
             if mode == FORWARD and t == 0:
                 sstore(ms, slot, ps)
             for m in range(per):
-                j = e0 + t + GROUP * m
+                j = e0 + t + group * m
                 if j < e1:
                     c = np.int64(cload(lc, j))
                     if mode == FORWARD:

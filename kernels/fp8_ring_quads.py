@@ -3,9 +3,10 @@ code word) for chunks whose start and buffers are aligned; the same bits as the 
 """
 # An FP8 block of B elements is B/4 quads on L = max(8, B/16) lanes of one warp, Q = B/(4L) quads each:
 # B = 32 -> 8 lanes x 1 quad, 64 -> 8 x 2, 128 -> 8 x 4, 256 -> 16 x 4; a warp codes 32/L blocks at once.
-# A lane issues all its quads' loads before it computes (Q x 20 bytes in flight: what hides HBM latency with
-# one 512-thread block per SM); a warp access covers whole 32-byte sectors. amax: xor shuffles over L lanes. Codes: kernels/fp8.py's encode4/decode4 (the GPU's FP8
-# conversions on sm_89+, NaN/inf patched to the policy; the software codec elsewhere and in the simulator).
+# A lane's Q quads are independent loads, in flight together (what hides HBM latency with one 512-thread
+# block per SM); a warp access covers whole 32-byte sectors. amax: xor shuffles over the block's L lanes.
+# Codes: kernels/fp8.py's encode4/decode4 (the GPU's FP8 conversions on sm_89+, NaN/inf patched to the
+# policy; the software codec elsewhere and in the simulator).
 # A quad that straddles the chunk's end falls back to element accesses (zeros beyond it, nothing stored).
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from ringlab.kernels.flags import pointer_access, quad_access
 from ringlab.kernels.formats import check_block, fp8_format
 from ringlab.kernels.fp8 import _codec
 from ringlab.kernels.fp8_access import _narrow, _widen
+from ringlab.kernels.intrinsics import shfl_xor_fmax
 
 __all__ = ["fp8_quad_ops", "lanes_per_block"]
 
@@ -34,9 +36,10 @@ def lanes_per_block(block):
     return 1 if SIMULATED else max(8, check_block(block) // 16)
 
 
-def fp8_quad_ops(dtype, op, fmt, block):
+def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
     """``move4(mode, ..., active)`` (the modes of fp8_ring_codec) and its parts over quads; every lane of a
-    warp must call it together (``active`` False: a lane without a block of its own joins the shuffles)."""
+    warp must call it together (``active`` False: a lane without a block of its own joins the shuffles).
+    ``lanes`` per block: lanes_per_block's by default (tests run the GPU's in the simulator)."""
     f, block = fp8_format(fmt), check_block(block)
     storage, kind = _STORAGE[np.dtype(dtype).name]
     load, store = pointer_access(storage)
@@ -46,7 +49,7 @@ def fp8_quad_ops(dtype, op, fmt, block):
     sload, sstore = pointer_access(np.float32)
     widen, narrow = _widen(kind), _narrow(kind)
     encode4, decode4, scale_of, _ = _codec(f, hardware_fp8())
-    lanes = lanes_per_block(block)
+    lanes = lanes_per_block(block) if lanes is None else int(lanes)
     quads = block // (4 * lanes)
     one, zero, inf = np.float32(1.0), np.float32(0.0), np.float32(np.inf)
     divide = op == "avg"
@@ -55,7 +58,7 @@ def fp8_quad_ops(dtype, op, fmt, block):
     def seg_max(m):
         off = lanes >> 1
         while off > 0:
-            m = max(m, cuda.shfl_xor_sync(0xFFFFFFFF, m, off))
+            m = shfl_xor_fmax(m, off)                  # amax is finite: fmax is max
             off = off >> 1
         return m
 

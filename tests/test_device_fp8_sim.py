@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from ringlab.kernels import patch_numpy_for_numba  # noqa: E402
 
 patch_numpy_for_numba()
-from ringlab.kernels.device import SIMULATED  # noqa: E402
+from ringlab.kernels.device import SIMULATED, cuda  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not SIMULATED, reason="simulator tests (NUMBA_ENABLE_CUDASIM=1)")
 
@@ -329,3 +329,82 @@ def test_vector_and_element_paths_give_the_host_bits(algo):
             else:
                 sim.direct(srcs, outs, "avg")
             _assert_bitwise(outs, host_fp8(srcs, "avg", "e4m3", 32, algo), (algo, count, shift))
+
+
+def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
+    """One warp (32 simulated threads) codes every block of [lo, hi) with the GPU's lane mapping."""
+    from ringlab.kernels.fp8_ring_codec import fp8_block_ops
+    from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
+    vector = path == "vector"
+    if vector:
+        move4 = fp8_quad_ops(dtype, op, fmt, block, lanes=lanes).move4
+    else:
+        move, lanes = fp8_block_ops(dtype, op, fmt, block, group=32).move, 32
+    per_warp = 32 // lanes
+
+    def kernel(addrs, lo, hi, nranks, final):
+        lane = cuda.threadIdx.x
+        src, out, lc, ls = np.uint64(addrs[0]), np.uint64(addrs[1]), np.uint64(addrs[2]), np.uint64(addrs[3])
+        mc, ms = np.uint64(addrs[4]), np.uint64(addrs[5])
+        nb = (hi - lo + block - 1) // block
+        gw = 0
+        while gw < nb:
+            g = gw + lane // lanes
+            e0 = lo + g * block
+            if vector:
+                move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), g, lane % lanes, nranks, final, g < nb)
+            elif g < nb:
+                move(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), g, lane, nranks, final)
+            gw += per_warp
+    return cuda.jit(kernel)
+
+
+@pytest.mark.parametrize("path", ["vector", "element"])
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
+def test_gpu_lane_mapping_in_the_simulator(path, block):
+    """The GPU's lanes per block (8 or 16 on the vector path, 32 on the element path) and their shuffles, run as 32
+    simulated threads: encode, the owner's avg hop (out too), forward and decode against kernels/reference.py."""
+    from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, FORWARD, REDUCE_ENCODE
+    from ringlab.kernels.fp8_ring_quads import lanes_per_block
+    from ringlab.kernels.reference import (dequant_add_requant_reference, dequantize_fp8_blockwise,
+                                           quantize_fp8_blockwise)
+    lanes = max(8, block // 16)          # lanes_per_block on the GPU (1 in the simulator)
+    assert lanes_per_block(block) == 1
+    fmt, lo = "e4m3", 8
+    hi = lo + 3 * block + 5                              # a partial last block and a straddling quad
+    rng = np.random.default_rng(block)
+    x = (rng.standard_normal(hi + 3) * 5).astype(np.float32)
+    x[lo + 7] = np.inf                                   # out of amax; becomes NaN in E4M3
+    peer_codes, peer_scales = quantize_fp8_blockwise(rng.standard_normal(hi - lo).astype(np.float32), fmt, block)
+    nb = -(-(hi - lo) // block)
+    bufs = {k: np.zeros(hi + 3, np.uint8) for k in ("lc", "mc")}
+    bufs["lc"][lo:hi] = peer_codes
+    scales = {"ls": np.zeros(nb, np.float32), "ms": np.zeros(nb, np.float32)}
+    scales["ls"][:] = peer_scales
+    out = np.full(hi + 3, -1.0, np.float32)
+    addrs = np.array([_reg(x), _reg(out), _reg(bufs["lc"]), _reg(scales["ls"]), _reg(bufs["mc"]), _reg(scales["ms"])],
+                     np.int64)
+
+    def run(mode, final):
+        _lane_kernel(path, np.float32, "avg", fmt, block, mode, lanes)[1, 32](addrs, lo, hi, 3, final)
+
+    run(ENCODE, False)
+    codes, sc = quantize_fp8_blockwise(x[lo:hi], fmt, block)
+    assert np.array_equal(bufs["mc"][lo:hi], codes) and np.array_equal(scales["ms"], sc)
+    run(REDUCE_ENCODE, True)
+    want_out = np.zeros(hi - lo, np.float32)
+    codes, sc = dequant_add_requant_reference(x[lo:hi], peer_codes, peer_scales, fmt, block, divide_by=3,
+                                              out=want_out)
+    assert np.array_equal(bufs["mc"][lo:hi], codes) and np.array_equal(scales["ms"], sc)
+    got = out[lo:hi]
+    assert np.array_equal(np.isnan(got), np.isnan(want_out)) and np.array_equal(got[~np.isnan(got)],
+                                                                                 want_out[~np.isnan(want_out)])
+    assert out[lo - 1] == -1 and out[hi] == -1                        # nothing outside the chunk
+    bufs["mc"][:], scales["ms"][:], out[:] = 0, 0, -1
+    run(FORWARD, False)
+    assert np.array_equal(bufs["mc"][lo:hi], peer_codes) and np.array_equal(scales["ms"], peer_scales)
+    want = dequantize_fp8_blockwise(peer_codes, peer_scales, fmt, block)
+    assert np.array_equal(out[lo:hi], want) and out[hi] == -1
+    out[:] = -1
+    run(DECODE, False)
+    assert np.array_equal(out[lo:hi], want) and bufs["mc"][hi] == 0
