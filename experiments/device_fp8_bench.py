@@ -30,6 +30,8 @@ def _args(argv=None):
     p.add_argument("--fmt", default="e4m3")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--mode", default="auto", help="auto, per-rank, or host (FP8) / single-context (fp32)")
+    p.add_argument("--threads", type=int, default=512, help="FP8 kernels: threads per block")
+    p.add_argument("--max-registers", type=int, default=128, help="FP8 kernels: registers per thread (cap)")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--oracle-max", type=int, default=(1 << 24) + 1, help="largest count checked bit for bit")
@@ -158,7 +160,7 @@ def main(argv=None):
         if path != "fp32-ring":
             try:
                 execs[path] = DeviceFp8Ring(comm, args.fmt, args.block, path, timeout=120.0, capacity=capacity,
-                                            mode=args.mode)
+                                            mode=args.mode, threads=args.threads, max_registers=args.max_registers)
             except RuntimeError as exc:       # fp8-direct without co-resident kernels: no fallback
                 say(f"{path}: skipped: {exc}")
                 paths.remove(path)
@@ -227,6 +229,7 @@ def main(argv=None):
             if "fp32-ring" in paths else None
         r["speedup_vs_fp32_ring"] = base["median_ms"] / r["median_ms"] if base else None
     meta = run_metadata(comm, copy_bandwidth_Bps=bw, mps_pipe_visible=mps_visible(), fmt=args.fmt, block=args.block,
+                        threads=args.threads, max_registers=args.max_registers,
                         modes={p: getattr(e, "mode", "?") for p, e in execs.items()})
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
