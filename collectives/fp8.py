@@ -37,7 +37,7 @@ __all__ = ["allreduce_fp8", "fp8_algo", "fp8_ring_allreduce", "fp8_direct_allred
 
 FP8_ALGOS = ("fp8-ring", "fp8-direct")
 FP8_OPS = ("sum", "avg")
-FP8_TRANSPORTS = ("auto", "ipc", "mpi", "staged")
+FP8_TRANSPORTS = ("auto", "device", "ipc", "mpi", "staged")
 
 
 def direct_exchange_schedule(rank, nranks):
@@ -164,11 +164,11 @@ def fp8_algo(algo):
 
 
 def fp8_transport(transport, a):
-    """The FP8 route named by ``transport`` (settings.TRANSPORTS): None, 'auto', 'ipc', 'mpi' or 'staged'."""
+    """The FP8 route named by ``transport`` (settings.TRANSPORTS): None, 'auto', 'device', 'ipc', 'mpi' or 'staged'."""
     if transport is None:
         return None
     name, slices = parse_transport(transport)
-    if name in ("device", "ipc-host", "ipc-shared") or slices != 1:
+    if name in ("ipc-host", "ipc-shared") or slices != 1:
         raise ValueError(f"transport {transport!r}: the FP8 ring over IPC has one flavour, 'ipc'; "
                          f"expected one of {', '.join(FP8_TRANSPORTS)}")
     if name not in ("auto", "mpi") and not is_device_array(a):
@@ -185,8 +185,9 @@ def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=Non
     sum or avg. Input float32, float16 or bfloat16 (NumPy, or CuPy via the numba kernels); the
     result has the input's dtype and is bitwise identical on every rank. ``out=x`` works in place.
     Inf/NaN inputs follow docs/fp8.md: NaN stays NaN, inf stays inf in E5M2 and becomes NaN in E4M3.
-    ``transport`` (CuPy only): None/"auto" (IPC for the ring when usable, else CUDA-aware MPI, else
-    staging), "ipc" (ring only: collectives/gpu/fp8_ipc.py), "mpi" (CUDA-aware), "staged" (pinned host).
+    ``transport`` (CuPy only): None/"auto" ("device" when all ranks share one GPU, else IPC for the ring when
+    usable, else CUDA-aware MPI, else staging), "device" (persistent kernels: collectives/gpu/device_fp8.py),
+    "ipc" (ring only: collectives/gpu/fp8_ipc.py), "mpi" (CUDA-aware), "staged" (pinned host).
     The result is bitwise the same on every transport.
     """
     comm = comm if comm is not None else MPI.COMM_WORLD
@@ -218,10 +219,14 @@ def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=Non
         if not a.flags.c_contiguous:
             a = a.copy()
         flat, flat_out = a.reshape(-1), res.reshape(-1)
-        route = _device_route(comm, name, transport) if is_device_array(a) else "host"
+        route = _device_route(comm, name, transport, flat.size) if is_device_array(a) else "host"
+        if route == "device":
+            from ringlab.gpu.device_fp8 import get_device_fp8_ring
+            get_device_fp8_ring(comm, fmt, block, name, timeout).allreduce(flat, flat_out, op, timeout)
+            return res
         if route == "ipc":
             from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
-            get_fp8_ipc_ring(comm).allreduce(flat, flat_out, _device_codec(comm, fmt, block, True), op, timeout)
+            get_fp8_ipc_ring(comm, fmt, block).allreduce(flat, flat_out, op, timeout)
             return res
         if route == "mpi":
             tr = _transport(comm, timeout, CudaAwareMpiTransport)
@@ -233,16 +238,20 @@ def allreduce_fp8(x, out=None, op="sum", algo="fp8-ring", comm=None, timeout=Non
         return res
 
 
-def _device_route(comm, algo, transport):
-    """'ipc', 'mpi' or 'staged' for CuPy buffers (the same answer on every rank)."""
-    if transport == "ipc":
+def _device_route(comm, algo, transport, count):
+    """'device', 'ipc', 'mpi' or 'staged' for CuPy buffers of ``count`` elements (the same answer on every rank)."""
+    if transport in ("ipc", "device"):
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
         if not usable:
-            raise ValueError(f"transport 'ipc' needs CUDA IPC between all ranks, which is unusable here: {why}")
-    if transport in ("ipc", "mpi", "staged"):
+            raise ValueError(f"transport {transport!r} needs CUDA IPC between all ranks, which is unusable here: {why}")
+    if transport in ("device", "ipc", "mpi", "staged"):
         return transport
     name, _, _ = select_transport(comm, None)
+    if name == "device":           # persistent kernels up to their buffers' capacity, the IPC ring above
+        from ringlab.gpu.device_fp8 import DEFAULT_CAPACITY
+        if count <= DEFAULT_CAPACITY:
+            return "device"
     if name in ("device", "ipc", "ipc-shared", "ipc-host"):
         return "ipc" if algo == "fp8-ring" else ("mpi" if cuda_aware_mpi(comm) else "staged")
     return "mpi" if name == "mpi" else "staged"

@@ -139,22 +139,7 @@ class Fp8IpcRing:
         forget_executor(self)
 
 
-class _CodecPerCall:
-    """Transition shim for fp8.py's call ``get_fp8_ipc_ring(comm).allreduce(src, out, codec, op, timeout)``:
-    forwards to the executor bound to the codec's format and block. Remove once fp8.py passes them here."""
-
-    def __init__(self, comm):
-        self.comm = comm
-
-    def allreduce(self, src, out, codec, op="sum", timeout=None):
-        get_fp8_ipc_ring(self.comm, codec.fmt, codec.block).allreduce(src, out, op, timeout)
-        return out
-
-
-def get_fp8_ipc_ring(comm, fmt=None, block=128):
-    """The FP8 IPC ring for ``fmt`` and ``block`` cached on ``comm`` (created collectively on first use).
-    ``fmt=None``: the transition shim that takes a codec per call."""
-    if fmt is None:
-        return _CodecPerCall(comm)
+def get_fp8_ipc_ring(comm, fmt="e4m3", block=128):
+    """The FP8 IPC ring for ``fmt`` and ``block`` cached on ``comm`` (created collectively on first use)."""
     fmt, block = fp8_format(fmt), check_block(block)
     return cached_executor(comm, ("fp8-ring-ipc", fmt.name, block), lambda: Fp8IpcRing(comm, fmt, block))
