@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ringlab.arrays import use_local_gpu  # noqa: E402
 from ringlab.bench.harness import (Case, Variant, count_wrong, format_table, measure, pattern, reference,  # noqa: E402
-                                   run_metadata, size_list_arg, write_json)
+                                   require_gpu, run_metadata, size_list_arg, write_json)
 from ringlab.bench.variants import allreduce_variant  # noqa: E402
 from ringlab.gpu.device_ring import DeviceRing, mps_visible  # noqa: E402
 from experiments.gpu_datapath import copy_bandwidth  # noqa: E402
@@ -200,6 +200,7 @@ def main():
                    "THREADSxBLOCKS_PER_SM[rMAX_REGISTERS][sSLICE_KB] tried beside the default (r0: no register cap)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    require_gpu("device_ring_bench.py")
     comm = MPI.COMM_WORLD
     use_local_gpu(comm)
     ring = DeviceRing(comm, mode=args.mode)

@@ -10,7 +10,8 @@ from conftest import ROOT, mpi_env
 from ringlab.arrays import gpu_available
 from ringlab.bench.harness import GPU_UNAVAILABLE_EXIT, busbw_factor
 
-GPU_ONLY = ["ipc_microbench.py", "launch_overhead.py", "gpu_datapath.py"]
+GPU_ONLY = ["ipc_microbench.py", "launch_overhead.py", "gpu_datapath.py", "device_ring_bench.py",
+            "device_latency_bench.py", "device_fp8_bench.py"]
 
 
 def test_impossible_dtype_op_is_one_line_not_tracebacks(run_mpi):
