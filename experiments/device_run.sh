@@ -10,7 +10,8 @@
 #   bash experiments/device_run.sh device-overlap    # the overlap experiment over the device ring (MPS on)
 #   bash experiments/device_run.sh device-nomps      # the device ring's no-MPS fallback beside today's paths
 #   bash experiments/device_run.sh device-small      # one-shot / two-shot persistent kernels: checks, latency, auto
-#   bash experiments/device_run.sh device-fp8        # FP8 device ring and fp8-direct: checks, speed vs fp32 ring
+#   bash experiments/device_run.sh device-fp8        # FP8 device ring and fp8-direct: checks, speed vs fp32 ring;
+#                                                      the public API's device routes bit for bit
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -102,6 +103,7 @@ device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact check
     --stall --mode per-rank
   step fp8_bench 200 env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_fp8_bench.py \
     --json "$RES/h200_n8_fp8_mps.json"
+  step api_check 150 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_api_check.py
   mps_stop
   ;;
 device-overlap)  # the overlap experiment over the device ring, MPS on
