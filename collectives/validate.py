@@ -32,6 +32,8 @@ class InvalidCollectiveCall(CollectiveMismatch, TypeError):
 
 _environment_checked = set()
 _UNSET = object()
+
+
 class _Issuer(threading.local):
     name = None           # a class default: reading it on a thread that never set it raises nothing
 
@@ -121,7 +123,7 @@ def _bounded_allgather_text(comm, text, timeout, what):
     """Every rank's ``text`` (variable length), gathered with two bounded non-blocking collectives."""
     data = np.frombuffer(text.encode(), dtype=np.uint8)
     lengths = np.empty(comm.size, dtype=np.int64)
-    _bounded_allgather(comm, np.array([data.size], dtype=np.int64), lengths, timeout, what)  # what: a collective
+    _bounded_allgather(comm, np.array([data.size], dtype=np.int64), lengths, timeout, what)
     everyone = np.empty(int(lengths.sum()), dtype=np.uint8)
     offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     req = comm.Iallgatherv([data, MPI.BYTE], [everyone, (lengths, offsets), MPI.BYTE])
