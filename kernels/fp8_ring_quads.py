@@ -31,6 +31,11 @@ def _inlined(fn):
     return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
 
 
+def _nvvm_inlined(fn):
+    """A small device function NVVM inlines (numba-IR inlining at every call site compiles several times slower)."""
+    return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, forceinline=True)(fn)
+
+
 def lanes_per_block(block):
     """Lanes of one FP8 block on the vector path (1 in the simulator, where a rank is one thread)."""
     return 1 if SIMULATED else max(8, check_block(block) // 16)
@@ -54,7 +59,7 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
     one, zero, inf = np.float32(1.0), np.float32(0.0), np.float32(np.inf)
     divide = op == "avg"
 
-    @_inlined
+    @_nvvm_inlined
     def seg_max(m):
         off = lanes >> 1
         while off > 0:
@@ -62,15 +67,21 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
             off = off >> 1
         return m
 
-    @_inlined
+    @_nvvm_inlined
     def fin_max(m, a, b, c, d):
-        """max(m, |finite values|): NaN and inf stay out of amax."""
-        for v in (abs(a), abs(b), abs(c), abs(d)):
-            if v < inf and v > m:
-                m = v
+        """max(m, |finite values|): NaN and inf stay out of amax (no loop over a tuple: that lives in local memory)."""
+        a, b, c, d = abs(a), abs(b), abs(c), abs(d)
+        if a < inf and a > m:
+            m = a
+        if b < inf and b > m:
+            m = b
+        if c < inf and c > m:
+            m = c
+        if d < inf and d > m:
+            m = d
         return m
 
-    @_inlined
+    @_nvvm_inlined
     def get4(src, q, e1):
         """Elements 4q..4q+3 of src in fp32 (0 at and beyond e1)."""
         if 4 * q + 4 <= e1:
@@ -80,7 +91,7 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
         return (widen(load(src, i)) if i < e1 else zero, widen(load(src, i + 1)) if i + 1 < e1 else zero,
                 widen(load(src, i + 2)) if i + 2 < e1 else zero, widen(load(src, i + 3)) if i + 3 < e1 else zero)
 
-    @_inlined
+    @_nvvm_inlined
     def put4(out, q, e1, a, b, c, d):
         if 4 * q + 4 <= e1:
             store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
@@ -93,7 +104,7 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
         if i + 2 < e1:
             store(out, i + 2, narrow(c))
 
-    @_inlined
+    @_nvvm_inlined
     def getw(codes, q, e1):
         """Codes 4q..4q+3 as one word, code 4q in the low byte (0 at and beyond e1)."""
         if 4 * q + 4 <= e1:
@@ -105,7 +116,7 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
                 w |= np.int64(cload(codes, 4 * q + k)) << (8 * k)
         return w
 
-    @_inlined
+    @_nvvm_inlined
     def putw(codes, q, e1, w):
         if 4 * q + 4 <= e1:
             cstore4(codes, q, np.uint8(w & 0xFF), np.uint8((w >> 8) & 0xFF), np.uint8((w >> 16) & 0xFF),
