@@ -169,7 +169,7 @@ def main(argv=None):
         return len(set(comm.allgather(hashlib.sha1(a.tobytes()).hexdigest()))) == 1
 
     def check(path, x, y, count):
-        """'' when right, else what is wrong (collective)."""
+        """('' when right, else what is wrong; how it was checked). Collective."""
         if path == "fp32-ring":      # small integers: the exact sum
             want = cupy.arange(count, dtype=cupy.float32) % 7 * n + n * (n - 1) // 2
             ok = comm.allreduce(int(bool((y == want).all())), op=MPI.MIN)
@@ -186,7 +186,8 @@ def main(argv=None):
             bound = fp8_allreduce_error_bound(args.fmt, n, big, algo=path)
             ok = bool((cupy.abs(y - exact) <= bound).all())
             how = "error bound"
-        ok = comm.allreduce(int(ok and same_everywhere(got)), op=MPI.MIN)
+        same = same_everywhere(got)                # collective: every rank, whatever ok is
+        ok = comm.allreduce(int(ok and same), op=MPI.MIN)
         return "" if ok else f"{how} check failed", how
 
     rows = []
