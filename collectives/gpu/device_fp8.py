@@ -25,9 +25,9 @@ _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 
 
 class DeviceFp8Ring:
-    """FP8 all-reduce by one persistent kernel per rank; ``algo`` "fp8-ring" or "fp8-direct", ``fmt`` and
-    ``block`` fixed here. ``mode``: "auto" (probe), "per-rank" (trust co-residency) or "host" (fp8_ipc ring).
-    ``scope`` of the flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing)."""
+    """FP8 all-reduce by one persistent kernel per rank; ``algo``, ``fmt``, ``block`` fixed here. ``mode``: "auto"
+    (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
+    flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing)."""
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
                  mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None):
@@ -55,17 +55,21 @@ class DeviceFp8Ring:
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))
         self.peers = PeerMemory(comm)
-        self.fallback, self.mode_why = None, "requested"
+        self.fallback, self.mode_why, self._probe_ok = None, "requested", True
         self._tables, self._progs, self._keep, self._launchers = {}, {}, [], {}
         self._map_buffers()
         comm.Barrier()
         if mode == "auto":
             mode, self.mode_why = self._probe()
-        if mode == "host":
-            if self.algo != "fp8-ring":
-                raise RuntimeError("device fp8-direct: the per-rank kernels do not co-run (start MPS) and there is "
-                                   f"no host-driven fp8-direct over IPC; use ringlab.allreduce_fp8(algo='fp8-direct', "
-                                   f"transport='staged' or 'mpi') ({self.mode_why})")
+        if mode == "host" and self.algo == "fp8-direct":
+            # no host-driven fp8-direct over IPC: its three barriers per call still complete when the contexts
+            # time-slice (slowly: milliseconds each), so it keeps the kernel unless the probe itself timed out
+            if not self._probe_ok:
+                raise RuntimeError("device fp8-direct: the per-rank kernels did not complete a probe call (start MPS); "
+                                   "use ringlab.allreduce_fp8(algo='fp8-direct', transport='staged' or 'mpi') "
+                                   f"({self.mode_why})")
+            mode = "time-sliced"
+        elif mode == "host":
             from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
             self.fallback = get_fp8_ipc_ring(comm, self.codec.fmt, self.codec.block)
         self.mode = mode
@@ -201,6 +205,7 @@ class DeviceFp8Ring:
             if ok:
                 span = max(starts[k][1] for k in mine) - max(starts[k][0] for k in mine)
         fast = self.comm.allreduce(int(ok and span < PROBE_LIMIT_NS), op=MPI.MIN)
+        self._probe_ok = bool(self.comm.allreduce(int(ok), op=MPI.MIN))
         if fast:
             return "per-rank", f"kernels co-run (probe: {span / 1e3:.0f} us after the last start)"
         self.status[:] = 0                              # reset every counter before the fallback
