@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The lab's GPU runs: each mode is one device call of under 10 minutes, named by its purpose; logs and JSON
 # are packed into $OUT/results.tgz (the device tool returns at most 8 files).
+#   ONLY="step names" bash experiments/device_run.sh MODE   # run only those steps of a mode
 #   bash experiments/device_run.sh check     # correctness on one GPU: GPU tests, bit-exact kernel sweep, FP8 over IPC, async, leaks
 #   bash experiments/device_run.sh check-ipc # the IPC executors only: every transport, one-/two-shot, FP8 over IPC, leaks
 #   bash experiments/device_run.sh bench     # one GPU, ranks sharing it: the data-path, small-message, FP8, overlap, sweep benchmarks
@@ -19,8 +20,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 . "$(dirname "$0")/ringlab_path.sh"   # import ringlab from this checkout (not pip-installed there)
 summary="$RES/summary.txt"; : > "$summary"
-step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit status
+step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit status ($ONLY: names to run)
   local name=$1 secs=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   local t0=$SECONDS
   timeout "$secs" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
