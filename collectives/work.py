@@ -246,16 +246,11 @@ _comm_streams = {}
 
 
 def _comm_stream(device):
-    """The communication stream of ``device``: non-blocking w.r.t. the legacy default stream, and of the
-    highest priority, so a collective's blocks are scheduled before queued compute blocks (as NCCL's)."""
+    """The communication stream of ``device`` (non-blocking w.r.t. the legacy default stream). Default
+    priority: a highest-priority stream made the TP overlap worse on the H200 (docs/overlap.md)."""
     import cupy
     if device not in _comm_streams:
-        try:
-            from cuda.bindings import runtime
-            err, _least, greatest = runtime.cudaDeviceGetStreamPriorityRange()
-            _comm_streams[device] = cupy.cuda.Stream(non_blocking=True, priority=int(greatest) if int(err) == 0 else 0)
-        except (ImportError, TypeError):   # no cuda-python, or a CuPy without stream priorities
-            _comm_streams[device] = cupy.cuda.Stream(non_blocking=True)
+        _comm_streams[device] = cupy.cuda.Stream(non_blocking=True)
     return _comm_streams[device]
 
 

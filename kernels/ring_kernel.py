@@ -209,7 +209,7 @@ def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
         if can_stage:     # part p of every chunk is final in our stage: copy it out (the right may still read it)
             stage_out = np.uint64(addr_load(table, row + STAGE_OUT))
             if stage_out != 0:
-                stage_copy(src, stage_out, prog, y, nprims, addr_load(table, row + FIRST_LO),
+                stage_copy(out, stage_out, prog, y, nprims, addr_load(table, row + FIRST_LO),
                            addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
         if lane == 0:     # right reads our buffers until its last primitive; the caller may reuse them after us
             wait_geq(right_f, p, base + np.uint64(nprims) * K, deadline, status, right, nprims)

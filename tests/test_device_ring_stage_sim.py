@@ -41,13 +41,14 @@ def host_ring_reference(srcs, op):
 class StagedRanks:
     """N ranks with counters and a staging buffer each (capacity elements), reused by every call."""
 
-    def __init__(self, n, capacity, dtype, parts=1, scope="gpu"):
-        self.n, self.parts, self.scope = n, parts, scope
+    def __init__(self, n, capacity, dtype, parts=1, scope="gpu", split=False):
+        self.n, self.parts, self.scope, self.split = n, parts, scope, split
         self.flags = [np.zeros(128, np.uint64) for _ in range(n)]
         self.status = [np.zeros(4, np.uint64) for _ in range(n)]
         self.calls = [np.zeros(64, np.uint64) for _ in range(n)]
         self.stage = [np.full(capacity, -7, dtype) for _ in range(n)]
-        for a in self.flags + self.status + self.calls + self.stage:
+        self.stage_out = [np.full(capacity, -9, dtype) for _ in range(n)] if split else self.stage
+        for a in self.flags + self.status + self.calls + self.stage + self.stage_out:
             flags.register(a)
 
     def allreduce(self, srcs, outs, op, slices=1):
@@ -58,8 +59,8 @@ class StagedRanks:
         rows = []
         for r in range(n):
             st, left = self.stage[r][:count], self.stage[r - 1][:count]
-            flags.register(st), flags.register(left)
-            rows.append(address_row(reg(st), reg(st), reg(left), reg(left), reg(self.flags[r]),
+            so, left_out = self.stage_out[r][:count], self.stage_out[r - 1][:count]
+            rows.append(address_row(reg(st), reg(so), reg(left), reg(left_out), reg(self.flags[r]),
                                     reg(self.flags[r - 1]), reg(self.flags[(r + 1) % n]), reg(self.status[r]), 0,
                                     reg(self.calls[r]), r, n,
                                     first=first_chunk(count, n, r), stage_in=reg(srcs[r]), stage_out=reg(outs[r])))
@@ -75,10 +76,12 @@ def _inputs(n, count, dtype, seed):
     return [rng.standard_normal(count).astype(dtype) for _ in range(n)]
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
-def test_staged_calls_match_the_host_ring(n):
-    """Counts 1, N-1, primes, not divisible by N; parts and slices; every op; the stage is reused across calls."""
-    sim = StagedRanks(n, 64, np.float32, parts=2)
+def test_staged_calls_match_the_host_ring(n, split):
+    """Counts 1, N-1, primes, not divisible by N; parts and slices; every op; the stage is reused across calls;
+    one staging buffer (the ring in place) or separate src/out halves (out of place)."""
+    sim = StagedRanks(n, 64, np.float32, parts=2, split=split)
     for count in sorted({1, max(n - 1, 1), 7, 13, 37}):
         for op in ("sum", "avg", "max", "min", "prod"):
             srcs = _inputs(n, count, np.float32, count + n)
