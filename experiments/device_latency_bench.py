@@ -146,7 +146,7 @@ def main(argv=None):
     from ringlab.arrays import use_local_gpu
     from ringlab.bench.harness import format_table, measure, run_metadata, write_json
     from ringlab.gpu.device_ring import mps_visible
-    from ringlab.gpu.device_small import crossovers_from_rows, load_device_table
+    from ringlab.gpu.device_small import crossovers_from_rows, default_crossovers, load_device_table
     comm = MPI.COMM_WORLD
     use_local_gpu(comm)
     names = [v for v in args.variants.split(",") if v]
@@ -174,7 +174,8 @@ def main(argv=None):
         r.note = f"pick={pick} mode={execs[pick][1]} loop_us={per:.2f} host_us={host:.2f}"
     single = {a: {r.size: r.time_us for r in rows if r.variant == a and r.wrong == 0}
               for a in ("oneshot", "twoshot", "ring") if a in names}
-    cross = crossovers_from_rows(single) if len(single) == 3 else None
+    cross = crossovers_from_rows(single, beyond=default_crossovers(comm.size)["twoshot_max_bytes"]) \
+        if len(single) == 3 else None
     meta = run_metadata(comm, modes={k: [m, w] for k, (_, m, w) in execs.items()}, mps_visible=mps_visible(),
                         loop_calls=args.loop, rounds=args.rounds, iters=args.iters, crossovers=cross,
                         loop_us={f"{k[0]}/{k[1] * 4}": v[0] for k, v in loops.items()},

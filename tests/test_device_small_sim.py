@@ -250,6 +250,11 @@ def test_crossovers_from_measured_rows():
     rows = {"oneshot": {8: 10.0, 1024: 11.0, 65536: 40.0}, "twoshot": {8: 15.0, 1024: 16.0, 65536: 30.0},
             "ring": {8: 50.0, 1024: 50.0, 65536: 35.0}}
     assert crossovers_from_rows(rows) == {"oneshot_max_bytes": 1024, "twoshot_max_bytes": 65536}
+    # two-shot still wins at the largest size measured: the crossover is unknown, ``beyond`` bounds it
+    assert crossovers_from_rows(rows, beyond=1 << 20)["twoshot_max_bytes"] == 1 << 20
+    ring_wins = {a: {**v, 1 << 20: t} for (a, v), t in zip(rows.items(), (90.0, 80.0, 70.0))}
+    assert crossovers_from_rows(ring_wins, beyond=4 << 20) == {"oneshot_max_bytes": 1024,
+                                                               "twoshot_max_bytes": 65536}
 
 
 _PTX_CHECK = r"""

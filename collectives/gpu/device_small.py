@@ -279,9 +279,10 @@ def choose_device_algorithm(nbytes, nranks, table=None, capacity=CAPACITY):
     return "twoshot" if nbytes <= entry["twoshot_max_bytes"] else "ring"
 
 
-def crossovers_from_rows(times):
+def crossovers_from_rows(times, beyond=None):
     """Crossovers from measured ``{algo: {bytes: us}}``: the largest size one-shot is fastest at, and the largest
-    size one-shot or two-shot beats the ring at (what the device bench writes into the tuning file)."""
+    size one-shot or two-shot beats the ring at (what the device bench writes into the tuning file). If two-shot
+    still wins at the largest size measured, ``beyond`` (e.g. the default crossover) bounds it instead."""
     sizes = sorted(set().union(*[set(v) for v in times.values()]))
     inf = float("inf")
     one = two = 0
@@ -292,6 +293,8 @@ def crossovers_from_rows(times):
             one = s
         if best in ("oneshot", "twoshot"):
             two = s
+    if sizes and two == sizes[-1] and beyond is not None:      # not measured where the ring starts to win
+        two = max(two, int(beyond))
     return {"oneshot_max_bytes": int(one), "twoshot_max_bytes": int(max(one, two))}
 
 
