@@ -65,6 +65,9 @@ class DeviceRing:
         # Every block of every rank must be resident at once (they wait on each other): one block per SM
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        if min(int(stage_bytes), int(max_in_flight)) < 0 or int(slice_bytes) < 1:
+            raise ValueError(f"stage_bytes and max_in_flight must be >= 0 and slice_bytes >= 1, got {stage_bytes}, "
+                             f"{max_in_flight}, {slice_bytes}")
         if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or int(blocks_per_sm) < 1:
             raise ValueError(f"threads must be a multiple of 32 in 32..1024 and blocks_per_sm >= 1, "
                              f"got {threads}, {blocks_per_sm}")
