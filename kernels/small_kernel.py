@@ -5,10 +5,10 @@ part p of every chunk, so barriers are per part. Results are the host ring's bit
 """
 import numpy as np
 
-from ringlab.kernels.device import SIMULATED, cuda
+from ringlab.kernels.device import cuda
 from ringlab.kernels.flags import flag_load, flag_store, global_ns, pointer_access, quad_access
 from ringlab.kernels.optable import DEVICE_DTYPES, OPS
-from ringlab.kernels.ring_kernel import _combine
+from ringlab.kernels.ring_kernel import _combine, rank_barrier
 
 __all__ = ["small_kernel", "small_kernel_source", "launch_parts", "table_row", "ALGOS", "ROW", "MAX_RANKS",
            "MAX_PARTS", "PHASES", "STATUS_OK", "STATUS_TIMEOUT", "PHASE_INPUT", "PHASE_REDUCED", "KERNEL_DTYPES",
@@ -51,16 +51,6 @@ def launch_parts(algo, nranks, count, itemsize, max_parts):
     chunk = -(-count // max(nranks, 1)) * itemsize
     work = count * itemsize * nranks if algo == "oneshot" else 2 * chunk * nranks
     return int(max(1, min(max_parts, MAX_PARTS, work // (256 << 10))))
-
-
-if SIMULATED:
-    def _rank_barrier():
-        pass                                  # one thread per rank: nothing to wait for
-    rank_barrier = cuda.jit(device=True)(_rank_barrier)
-else:
-    @cuda.jit(device=True)
-    def rank_barrier():
-        cuda.syncthreads()                    # a rank's part = one CUDA block
 
 
 def small_kernel(dtype, op, algo):
