@@ -4,7 +4,7 @@ import functools
 import numpy as np
 
 __all__ = ["as_array", "array_module", "is_device_array", "is_torch_tensor", "cupy_or_none", "gpu_available",
-           "to_torch", "wrap_like", "returns_input_type"]
+           "to_torch", "wrap_like", "returns_input_type", "torch_cuda_device", "caller_stream", "on_torch_stream"]
 
 _cupy = None
 _cupy_checked = False
@@ -121,33 +121,77 @@ def wrap_like(original, result, out=None):
 
 def returns_input_type(collective):
     """Decorator for ``collective(x, out=None, ...)``: its result comes back in ``x``'s array type
-    (torch in, torch out; ``out`` itself when it is a torch tensor) via ``wrap_like``."""
+    (torch in, torch out; ``out`` itself when it is a torch tensor) via ``wrap_like``; with a CUDA tensor
+    it runs on torch's current stream (``on_torch_stream``), so it is ordered and graph-captured there."""
     @functools.wraps(collective)
     def call(x, *args, **kwargs):
         out = kwargs.get("out", args[0] if args else None)
-        return wrap_like(x, collective(x, *args, **kwargs), out)
+        device = torch_cuda_device(x, out)
+        if device is None:
+            return wrap_like(x, collective(x, *args, **kwargs), out)
+        with on_torch_stream(device):
+            return wrap_like(x, collective(x, *args, **kwargs), out)
     return call
 
 
-def local_rank(comm):
-    """Rank within this node (ranks sharing memory), from MPI's shared-memory split."""
-    from mpi4py import MPI
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.rank, node.size
-    finally:
-        node.Free()
+# ---- streams: a collective on torch CUDA tensors is ordered on torch's current stream ------------------
+
+def torch_cuda_device(*xs):
+    """The ``torch.device`` of the first CUDA torch tensor among ``xs``, else None (no torch import)."""
+    for t in xs:
+        if t is not None and is_torch_tensor(t) and t.device.type == "cuda":
+            return t.device
+    return None
 
 
-def use_local_gpu(comm):
-    """Bind this rank to GPU (local rank) % (GPU count) and return that device id.
+_external = {}   # (stream handle, device id) -> cupy stream object wrapping torch's stream (not owning it)
 
-    So ``mpirun -n 8`` runs on a 1-GPU box (8 ranks share it) and on an 8-GPU box (one each).
-    """
-    cupy = cupy_or_none()
-    if cupy is None:
-        raise RuntimeError("no usable GPU: install ringlab[gpu] on a CUDA machine, or use --backend numpy")
-    lr, _ = local_rank(comm)
-    dev = lr % cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(dev).use()
-    return dev
+
+def _torch_stream_as_cupy(device):
+    """torch.cuda.current_stream(device) as a CuPy stream (the legacy default stream is CuPy's null stream)."""
+    import cupy
+    handle = _torch().cuda.current_stream(device).cuda_stream
+    key = (handle, device.index)
+    stream = _external.get(key)
+    if stream is None:
+        if len(_external) > 64:
+            _external.clear()
+        stream = _external[key] = cupy.cuda.Stream.null if handle == 0 else \
+            cupy.cuda.ExternalStream(handle, device.index if device.index is not None else -1)
+    return stream
+
+
+class on_torch_stream:
+    """``with on_torch_stream(device):`` CuPy's current device and stream are torch's current ones on
+    ``device``: every kernel, copy and event of the collective then goes to the caller's torch stream
+    (under ``torch.cuda.graph`` that is the capture stream), and DLPack views need no cross-stream wait."""
+
+    __slots__ = ("device", "_dev", "_stream")
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import cupy
+        index = self.device.index if self.device.index is not None else _torch().cuda.current_device()
+        self._dev = cupy.cuda.Device(index)
+        self._dev.__enter__()
+        self._stream = _torch_stream_as_cupy(_torch().device("cuda", index))
+        self._stream.__enter__()
+        return self._stream
+
+    def __exit__(self, *exc):
+        try:
+            self._stream.__exit__(*exc)
+        finally:
+            self._dev.__exit__(*exc)
+
+
+def caller_stream(device=None):
+    """The CuPy stream that orders a caller's work: torch's current stream on ``device`` (a ``torch.device``,
+    from ``torch_cuda_device``), or CuPy's current stream when ``device`` is None."""
+    if device is not None:
+        index = device.index if device.index is not None else _torch().cuda.current_device()
+        return _torch_stream_as_cupy(_torch().device("cuda", index))
+    import cupy
+    return cupy.cuda.get_current_stream()

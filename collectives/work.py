@@ -28,7 +28,8 @@ from mpi4py import MPI
 
 from ringlab import api
 from ringlab.commstate import comm_state
-from ringlab.arrays import as_array, is_device_array, is_torch_tensor, to_torch
+from ringlab.arrays import (as_array, caller_stream, is_device_array, is_torch_tensor, on_torch_stream, to_torch,
+                            torch_cuda_device)
 from ringlab.errors import CollectiveTimeout, default_timeout
 from ringlab.validate import issued_by
 
@@ -51,6 +52,7 @@ class Work:
         self._done_event = None   # CUDA event on the communication stream (device arrays only)
         self._keep = keep         # buffers that must outlive the transfer (device inputs, outputs)
         self._futures = []        # torch futures handed out by get_future() before the end
+        self._torch = None        # torch.device of a CUDA tensor of the call: wait() orders torch's current stream
 
     def _finish(self, result=None, error=None, done_event=None):
         self._result, self._error, self._done_event = result, error, done_event
@@ -90,8 +92,7 @@ class Work:
             if on_progress_thread:       # the progress thread may block; readers on any stream are then safe
                 self._done_event.synchronize()
             else:                         # the caller's thread: order its stream after the result instead
-                import cupy
-                cupy.cuda.get_current_stream().wait_event(self._done_event)
+                caller_stream(self._torch).wait_event(self._done_event)
         result = self._result
         fut.set_result(result if is_torch_tensor(result) else to_torch(result))
 
@@ -118,8 +119,7 @@ class Work:
         if self._error is not None:
             raise self._error
         if self._done_event is not None:
-            import cupy
-            cupy.cuda.get_current_stream().wait_event(self._done_event)
+            caller_stream(self._torch).wait_event(self._done_event)
         self._keep = ()
         return self._result
 
@@ -209,19 +209,26 @@ def async_comm(comm):
 
 def _as_array_or_raw(x):
     """``as_array(x)``, or ``x`` itself when it is no buffer: the API's checked conversion then
-    rejects it on every rank together (a local raise here would desynchronize the ranks)."""
+    rejects it on every rank together (a local raise here would desynchronize the ranks).
+    A CUDA tensor is viewed on torch's current stream (no cross-stream wait)."""
     try:
+        device = torch_cuda_device(x)
+        if device is not None:
+            with on_torch_stream(device):
+                return as_array(x)
         return as_array(x)
     except Exception:  # noqa: BLE001 - reported by the collective's argument agreement
         return x
 
 
-def _launch(what, comm, run, x, keep=()):
-    """Queue ``run(private_comm)`` on the progress thread; device arrays run on the comm stream."""
+def _launch(what, comm, run, x, keep=(), origin=None):
+    """Queue ``run(private_comm)`` on the progress thread; device arrays run on the comm stream, after the
+    caller's stream (torch's current one when ``origin``, the caller's x, or ``out`` is a CUDA tensor)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     pcomm = async_comm(comm)
     engine = _progress(pcomm)
     work = Work(what, next(_seq), keep=(x,) + tuple(keep))
+    work._torch = torch_cuda_device(origin, *keep)
     # The argument agreement compares the issuing thread's name, not the progress thread's: two
     # threads whose calls pair up in different orders on different ranks raise, never mix data.
     issuer = threading.current_thread().name
@@ -232,8 +239,8 @@ def _launch(what, comm, run, x, keep=()):
     if is_device_array(x):
         import cupy
         ready = cupy.cuda.Event(block=False, disable_timing=True)
-        ready.record(cupy.cuda.get_current_stream())   # the input is final once this point is reached
-        device = cupy.cuda.Device().id
+        ready.record(caller_stream(work._torch))   # the input is final once this point is reached
+        device = x.device.id        # the array's GPU (a torch tensor's may not be CuPy's current device)
         engine.submit(work, lambda: _on_comm_stream(ready, device, issued))
     else:
         engine.submit(work, lambda: (issued(), None))
@@ -284,7 +291,7 @@ def allreduce_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None,
     def run(pcomm):
         return api.allreduce(a, out=a if inplace else out, op=op, algo=algo, comm=pcomm, timeout=timeout,
                              validate=validate, transport=transport)
-    return _launch("allreduce", comm, run, a, keep=(out,))
+    return _launch("allreduce", comm, run, a, keep=(out,), origin=x)
 
 
 def reduce_scatter_async(x, out=None, op="sum", algo="ring", comm=None, timeout=None, validate=True,
@@ -293,7 +300,7 @@ def reduce_scatter_async(x, out=None, op="sum", algo="ring", comm=None, timeout=
     a = _as_array_or_raw(x)
     return _launch("reduce_scatter", comm, lambda pcomm: api.reduce_scatter(
         a, out=out, op=op, algo=algo, comm=pcomm, timeout=timeout, validate=validate, transport=transport),
-        a, keep=(out,))
+        a, keep=(out,), origin=x)
 
 
 def allgather_async(x, out=None, *, algo="ring", comm=None, timeout=None, validate=True, transport=None):
@@ -301,4 +308,4 @@ def allgather_async(x, out=None, *, algo="ring", comm=None, timeout=None, valida
     a = _as_array_or_raw(x)
     return _launch("allgather", comm, lambda pcomm: api.allgather(
         a, out=out, algo=algo, comm=pcomm, timeout=timeout, validate=validate, transport=transport),
-        a, keep=(out,))
+        a, keep=(out,), origin=x)

@@ -15,8 +15,8 @@ from ringlab.kernels.ring_identity import combine_function as _combine, identity
 from ringlab.kernels.ring_layout import (ALIGNED, CALLS, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO,
                                          FROM_SRC, LEFT, LEFT_CODES, LEFT_FLAGS, LEFT_OUT, LEFT_SCALES, LEFT_SRC,
                                          MAX_PARTS, MAX_RANKS_PER_LAUNCH, MAX_SLICES, MY_FLAGS, NRANKS, OUT, PROG_COLS,
-                                         REDUCE, RIGHT, RIGHT_FLAGS, SEND_CODES, SEND_SCALES, SLICE_STRIDE, SRC, STAGE_IN,
-                                         STAGE_OUT, STATUS, STATUS_OK, STATUS_TIMEOUT, TABLE_COLS, TRACE)
+                                         REDUCE, RIGHT, RIGHT_FLAGS, SEND_CODES, SEND_SCALES, SLICE_STRIDE, SRC, STAGE_COUNT,
+                                         STAGE_IN, STAGE_OUT, STATUS, STATUS_OK, STATUS_TIMEOUT, TABLE_COLS, TRACE)
 
 __all__ = ["Codec", "IDENTITY", "fp8_codec", "ring_kernel", "TABLE_COLS", "PROG_COLS", "SLICE_STRIDE", "MAX_SLICES",
            "STATUS_OK", "STATUS_TIMEOUT", "MAX_PARTS", "REDUCE", "FROM_SRC", "FINAL", "KERNEL_DTYPES", "KERNEL_OPS",
@@ -154,8 +154,11 @@ def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
         if can_stage:                        # a staged call: copy the caller's src in before anyone reads ours
             stage_in = np.uint64(addr_load(table, row + STAGE_IN))
             if stage_in != 0:
-                stage_copy(stage_in, src, prog, y, nprims, addr_load(table, row + FIRST_LO),
-                           addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
+                if nparts == 1:              # one block: one flat copy, every load in flight at once
+                    copy(stage_in, src, 0, addr_load(table, row + STAGE_COUNT), lane, nlanes)
+                else:                        # part p copies what it alone reads and flags: its part of each chunk
+                    stage_copy(stage_in, src, prog, y, nprims, addr_load(table, row + FIRST_LO),
+                               addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
                 rank_barrier()
         if codec_cols:                       # the codec's send buffers (ours, the left's) and primitive 0's chunk
             mc, ms = np.uint64(addr_load(table, row + SEND_CODES)), np.uint64(addr_load(table, row + SEND_SCALES))
@@ -209,8 +212,11 @@ def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
         if can_stage:     # part p of every chunk is final in our stage: copy it out (the right may still read it)
             stage_out = np.uint64(addr_load(table, row + STAGE_OUT))
             if stage_out != 0:
-                stage_copy(out, stage_out, prog, y, nprims, addr_load(table, row + FIRST_LO),
-                           addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
+                if nparts == 1:
+                    copy(out, stage_out, 0, addr_load(table, row + STAGE_COUNT), lane, nlanes)
+                else:
+                    stage_copy(out, stage_out, prog, y, nprims, addr_load(table, row + FIRST_LO),
+                               addr_load(table, row + FIRST_HI), nslices, p, nparts, lane, nlanes)
         if lane == 0:     # right reads our buffers until its last primitive; the caller may reuse them after us
             wait_geq(right_f, p, base + np.uint64(nprims) * K, deadline, status, right, nprims)
             flag_put(calls, p, call + np.uint64(1))

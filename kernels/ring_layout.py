@@ -2,17 +2,17 @@
 
 One place for what the host plan (gpu/device_plan.py) writes and the kernels (ring_kernel, fp8 codecs) read.
 """
-__all__ = ["TABLE_COLS", "PROG_COLS", "STAGE_IN", "STAGE_OUT", "REDUCE", "FROM_SRC", "FINAL", "MAX_SLICES", "SLICE_STRIDE", "MAX_PARTS",
+__all__ = ["TABLE_COLS", "PROG_COLS", "STAGE_IN", "STAGE_OUT", "STAGE_COUNT", "REDUCE", "FROM_SRC", "FINAL", "MAX_SLICES", "SLICE_STRIDE", "MAX_PARTS",
            "STATUS_OK", "STATUS_TIMEOUT", "MAX_RANKS_PER_LAUNCH"]
 
 # Per rank in the launch, one row of addresses (uint64): buffers, counters, status, trace, and ranks; then the
 # codec's columns (0 for the identity codec): our send buffer's codes and scales, our mapping of the left's,
 # scale slots per chunk, and primitive 0's chunk (lo, hi, index); then, for a staged identity call, the caller's
-# src and out (the ring runs in place on SRC = OUT = this rank's staging buffer; 0: not staged).
+# src and out and the element count (the ring runs in place on SRC = OUT = this rank's staging buffer; 0: not staged).
 (SRC, OUT, LEFT_SRC, LEFT_OUT, MY_FLAGS, LEFT_FLAGS, RIGHT_FLAGS, STATUS, TRACE, CALLS, LEFT, RIGHT, NRANKS,
  ALIGNED, SEND_CODES, SEND_SCALES, LEFT_CODES, LEFT_SCALES, CHUNK_BLOCKS, FIRST_LO, FIRST_HI, FIRST_CHUNK,
- STAGE_IN, STAGE_OUT) = range(24)
-TABLE_COLS = 24                     # ALIGNED: 1 when src, out and the left's buffers are 16-byte aligned
+ STAGE_IN, STAGE_OUT, STAGE_COUNT) = range(25)
+TABLE_COLS = 25                     # ALIGNED: 1 when src, out and the left's buffers are 16-byte aligned
 # Per rank, per primitive 1..2N-2 (send, primitive 0, has no row): lo, hi, flag bits, reread (-1: none), chunk.
 PROG_COLS = 5
 REDUCE, FROM_SRC, FINAL = 1, 2, 4

@@ -63,7 +63,8 @@ class StagedRanks:
             rows.append(address_row(reg(st), reg(so), reg(left), reg(left_out), reg(self.flags[r]),
                                     reg(self.flags[r - 1]), reg(self.flags[(r + 1) % n]), reg(self.status[r]), 0,
                                     reg(self.calls[r]), r, n,
-                                    first=first_chunk(count, n, r), stage_in=reg(srcs[r]), stage_out=reg(outs[r])))
+                                    first=first_chunk(count, n, r), stage_in=reg(srcs[r]), stage_out=reg(outs[r]),
+                                    stage_count=count))
         table, prog = np.array(rows, dtype=np.int64), program_table(n, count, range(n))
         kern = ring_kernel(srcs[0].dtype, op, scope=self.scope)
         kern[(self.parts, 1), (1, n)](reg(table), reg(prog), 2 * n - 1, slices, 0)

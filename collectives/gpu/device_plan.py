@@ -8,7 +8,8 @@ import numpy as np
 
 from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
                                          LEFT_CODES, LEFT_SCALES, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
-                                         SEND_CODES, SEND_SCALES, STAGE_IN, STAGE_OUT, TABLE_COLS)
+                                         SEND_CODES, SEND_SCALES, STAGE_COUNT, STAGE_IN, STAGE_OUT,
+                                         TABLE_COLS)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
@@ -61,17 +62,17 @@ def fp8_send_layout(capacity, nranks, block):
 
 def address_row(src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls, rank, nranks,
                 *, send_codes=0, send_scales=0, left_codes=0, left_scales=0, blocks_per_chunk=0, first=(0, 0, 0),
-                stage_in=0, stage_out=0):
+                stage_in=0, stage_out=0, stage_count=0):
     """One rank's row of the kernel's address table (integers: device addresses and ranks); the keywords are the
     FP8 codec's columns (send buffers, scale slots per chunk, primitive 0's (lo, hi, chunk)), 0 for identity, and a
-    staged identity call's user buffers (``first`` then names primitive 0's chunk too)."""
+    staged identity call's user buffers and element count (``first`` then names primitive 0's chunk too)."""
     row = [src, out, left_src, left_out, my_flags, left_flags, right_flags, status, trace, calls] + [0] * (TABLE_COLS - 10)
     row[LEFT], row[RIGHT], row[NRANKS] = (rank - 1) % nranks, (rank + 1) % nranks, nranks
     row[ALIGNED] = int(all(int(a) % 16 == 0 for a in (src, out, left_src, left_out)))
     row[SEND_CODES], row[SEND_SCALES], row[LEFT_CODES], row[LEFT_SCALES] = send_codes, send_scales, left_codes, left_scales
     row[CHUNK_BLOCKS] = blocks_per_chunk
     row[FIRST_LO], row[FIRST_HI], row[FIRST_CHUNK] = first
-    row[STAGE_IN], row[STAGE_OUT] = stage_in, stage_out
+    row[STAGE_IN], row[STAGE_OUT], row[STAGE_COUNT] = stage_in, stage_out, stage_count
     assert len(row) == TABLE_COLS
     return row
 

@@ -151,7 +151,7 @@ class DeviceRing:
         if table is None:
             table = self._table(key, self.stage, self.stage_out, self.left_stage, self.left_stage_out, trace,
                                 first=first_chunk(src.size, self.n, self.rank), stage_in=src.data.ptr,
-                                stage_out=out.data.ptr)
+                                stage_out=out.data.ptr, stage_count=src.size)
         self._run(src, op, table, limit, cupy.cuda.get_current_stream())
 
     def _launch(self, src, out, op, limit, trace=None):
