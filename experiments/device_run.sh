@@ -7,7 +7,8 @@
 #   bash experiments/device_run.sh bench     # one GPU, ranks sharing it: the data-path, small-message, FP8, overlap, sweep benchmarks
 #   bash experiments/device_run.sh kernels   # kernel speed (device time vs a device copy) and host cost per launch
 #   bash experiments/device_run.sh multigpu  # one rank per GPU: FP8 bit-exact across GPUs, FP8 and fp32 rings vs NCCL
-#   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks, MPS on: the persistent-kernel ring's checks and bench
+#   bash experiments/device_run.sh device-ring  # one GPU, 8 ranks, MPS on: the persistent-kernel ring's checks and bench,
+#                                                 torch streams and torch.cuda.graph through the public API
 #   bash experiments/device_run.sh device-overlap    # the overlap experiment over the device ring (MPS on)
 #   bash experiments/device_run.sh device-nomps      # the device ring's no-MPS fallback beside today's paths
 #   bash experiments/device_run.sh device-small      # one-shot / two-shot persistent kernels: checks, latency, auto
@@ -85,6 +86,8 @@ device-ring)  # the persistent-kernel ring (docs/device_ring.md): bit-exact chec
   step device_ring_check_n2 90 mpirun -n 2 python3 tests/mpi/device_ring_check.py
   step device_ring_check_n8 120 mpirun -n 8 python3 tests/mpi/device_ring_check.py
   step device_ring_stall 60 $stall
+  step torch_check_n8 200 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_torch_check.py
+  step torch_check_n2 150 env RINGLAB_TIMEOUT=60 mpirun -n 2 python3 tests/mpi/device_torch_check.py
   step device_ring_stall_staged 60 $stall --stall-count 4096
   step device_ring_mps 240 env DEVICE_RING_PROFILE=1 $bench --json "$RES/h200_n8_mps.json"
   mps_stop
