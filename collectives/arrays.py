@@ -195,3 +195,27 @@ def caller_stream(device=None):
         return _torch_stream_as_cupy(_torch().device("cuda", index))
     import cupy
     return cupy.cuda.get_current_stream()
+
+
+def local_rank(comm):
+    """Rank within this node (ranks sharing memory), from MPI's shared-memory split."""
+    from mpi4py import MPI
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.rank, node.size
+    finally:
+        node.Free()
+
+
+def use_local_gpu(comm):
+    """Bind this rank to GPU (local rank) % (GPU count) and return that device id.
+
+    So ``mpirun -n 8`` runs on a 1-GPU box (8 ranks share it) and on an 8-GPU box (one each).
+    """
+    cupy = cupy_or_none()
+    if cupy is None:
+        raise RuntimeError("no usable GPU: install ringlab[gpu] on a CUDA machine, or use --backend numpy")
+    lr, _ = local_rank(comm)
+    dev = lr % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(dev).use()
+    return dev
