@@ -32,6 +32,9 @@ def _args(argv=None):
     p.add_argument("--mode", default="auto", help="auto, per-rank, or host (FP8) / single-context (fp32)")
     p.add_argument("--threads", type=int, default=512, help="FP8 kernels: threads per block")
     p.add_argument("--max-registers", type=int, default=128, help="FP8 kernels: registers per thread (cap)")
+    p.add_argument("--shapes", default=None, help="FP8 launch shapes to sweep, each THREADSxREGS[@BLOCKS_PER_SM]"
+                   "[:TILES:FWD_TILES], e.g. 512x128:0:1,512x128:2:4,512x64@2:1:4 (default: --threads x "
+                   "--max-registers with the executor's tiles); every shape is checked before it is timed")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--oracle-max", type=int, default=(1 << 24) + 1, help="largest count checked bit for bit")
@@ -128,6 +131,23 @@ def hop_error(path):
     return 0
 
 
+def parse_shapes(text, threads=512, max_registers=128):
+    """[(label, {threads, max_registers, blocks_per_sm, tiles?, fwd_tiles?})] of a --shapes list."""
+    import re
+    if not text:
+        return [(f"{threads}x{max_registers}", {"threads": threads, "max_registers": max_registers})]
+    shapes = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+))?", item.strip())
+        if not m:
+            raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES]")
+        kw = {"threads": int(m[1]), "max_registers": int(m[2]), "blocks_per_sm": int(m[3] or 1)}
+        if m[4] is not None:
+            kw.update(tiles=int(m[4]), fwd_tiles=int(m[5]))
+        shapes.append((item.strip(), kw))
+    return shapes
+
+
 def main(argv=None):
     args = _args(argv)
     if args.hop_error:
@@ -155,15 +175,19 @@ def main(argv=None):
     capacity = max(args.sizes) // 4
     paths = args.paths.split(",")
     fp32 = get_device_ring(comm, timeout=120.0, mode="auto" if args.mode in ("auto", "host") else args.mode)
-    execs = {"fp32-ring": fp32}
-    for path in list(paths):
-        if path != "fp32-ring":
-            try:
-                execs[path] = DeviceFp8Ring(comm, args.fmt, args.block, path, timeout=120.0, capacity=capacity,
-                                            mode=args.mode, threads=args.threads, max_registers=args.max_registers)
-            except RuntimeError as exc:       # fp8-direct without co-resident kernels: no fallback
-                say(f"{path}: skipped: {exc}")
-                paths.remove(path)
+    shapes = parse_shapes(args.shapes, args.threads, args.max_registers)
+    runs = [("fp32-ring", "-", None)] if "fp32-ring" in paths else []
+    runs += [(path, label, kw) for label, kw in shapes for path in paths if path != "fp32-ring"]
+
+    def executor(path, kw):
+        if path == "fp32-ring":
+            return fp32
+        try:
+            return DeviceFp8Ring(comm, args.fmt, args.block, path, timeout=120.0, capacity=capacity, mode=args.mode,
+                                 **kw)
+        except RuntimeError as exc:       # fp8-direct without co-resident kernels: no fallback
+            say(f"{path}: skipped: {exc}")
+            return None
 
     def same_everywhere(a):
         return len(set(comm.allgather(hashlib.sha1(a.tobytes()).hexdigest()))) == 1
@@ -190,11 +214,14 @@ def main(argv=None):
         ok = comm.allreduce(int(ok and same), op=MPI.MIN)
         return "" if ok else f"{how} check failed", how
 
-    rows = []
-    for nbytes in args.sizes:
-        count = nbytes // 4
-        for path in paths:
-            ex = execs[path]
+    rows, modes = [], {}
+    for path, label, kw in runs:                        # one executor per (path, shape): sizes inside
+        ex = executor(path, kw)
+        if ex is None:
+            continue
+        modes[f"{path} {label}"] = getattr(ex, "mode", "?")
+        for nbytes in args.sizes:
+            count = nbytes // 4
             if path == "fp32-ring":
                 x = (cupy.arange(count, dtype=cupy.float32) % 7 + rank).astype(cupy.float32)
             else:
@@ -204,7 +231,7 @@ def main(argv=None):
             ex.allreduce(x, y, "sum")
             ex.synchronize()
             wrong, how = check(path, x, y, count)
-            assert not wrong, f"{path} {nbytes} B: {wrong}"
+            assert not wrong, f"{path} {label} {nbytes} B: {wrong}"
             times = []
             for _ in range(args.rounds):
                 comm.Barrier()
@@ -219,31 +246,30 @@ def main(argv=None):
             t = float(np.median(times))
             bpe = hbm_bytes_per_element(path, n, args.block)
             floor = n * bpe * count / bw            # every rank's traffic on the one GPU's HBM
-            rows.append({"path": path, "fmt": args.fmt if path != "fp32-ring" else "fp32", "block": args.block,
-                         "bytes": nbytes, "count": count, "nranks": n, "median_ms": t * 1e3,
+            rows.append({"path": path, "shape": label, "fmt": args.fmt if path != "fp32-ring" else "fp32",
+                         "block": args.block, "bytes": nbytes, "count": count, "nranks": n, "median_ms": t * 1e3,
                          "algbw_GBps": nbytes / t / 1e9, "hbm_bytes_per_elem": bpe, "hbm_floor_ms": floor * 1e3,
                          "pct_of_hbm_floor": 100 * floor / t, "mode": getattr(ex, "mode", "?"), "checked": how,
-                         "times_ms": [v * 1e3 for v in times]})
+                         "max_parts": getattr(ex, "max_parts", None), "times_ms": [v * 1e3 for v in times]})
             del x, y
+        if ex is not fp32:
+            ex.close()
     for r in rows:
         base = next(b for b in rows if b["bytes"] == r["bytes"] and b["path"] == "fp32-ring") \
             if "fp32-ring" in paths else None
         r["speedup_vs_fp32_ring"] = base["median_ms"] / r["median_ms"] if base else None
     meta = run_metadata(comm, copy_bandwidth_Bps=bw, mps_pipe_visible=mps_visible(), fmt=args.fmt, block=args.block,
-                        threads=args.threads, max_registers=args.max_registers,
-                        modes={p: getattr(e, "mode", "?") for p, e in execs.items()})
+                        threads=args.threads, max_registers=args.max_registers, shapes=[s for s, _ in shapes],
+                        modes=modes)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    say(f"#{'path':>11s} {'size':>10s} {'mode':>10s} {'time ms':>9s} {'algbw GB/s':>11s} {'x fp32':>7s} "
+    say(f"#{'path':>11s} {'shape':>14s} {'size':>10s} {'mode':>10s} {'time ms':>9s} {'algbw GB/s':>11s} {'x fp32':>7s} "
         f"{'HBM B/el':>9s} {'% floor':>8s} {'checked':>18s}")
     for r in rows:
         sp = f"{r['speedup_vs_fp32_ring']:.2f}" if r["speedup_vs_fp32_ring"] else "-"
-        say(f" {r['path']:>11s} {r['bytes'] >> 20:>8d}MB {r['mode']:>10s} {r['median_ms']:9.3f} {r['algbw_GBps']:11.1f} "
+        say(f" {r['path']:>11s} {r['shape']:>14s} {r['bytes'] >> 20:>8d}MB {r['mode']:>10s} {r['median_ms']:9.3f} {r['algbw_GBps']:11.1f} "
             f"{sp:>7s} {r['hbm_bytes_per_elem']:9.2f} {r['pct_of_hbm_floor']:7.0f}% {r['checked']:>18s}")
-    for e in execs.values():
-        if e is not fp32:
-            e.close()
     return 0
 
 

@@ -14,6 +14,7 @@
 #   bash experiments/device_run.sh device-small      # one-shot / two-shot persistent kernels: checks, latency, auto
 #   bash experiments/device_run.sh device-fp8        # FP8 device ring and fp8-direct: checks, speed vs fp32 ring;
 #                                                      the public API's device routes bit for bit
+#   bash experiments/device_run.sh device-fp8-sweep  # the FP8 kernels' launch shapes / tiles (each checked, then timed)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -111,6 +112,13 @@ device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact check
   step api_check 150 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_api_check.py
   mps_stop
   ;;
+device-fp8-sweep)  # FP8 launch shapes THREADSxREGS[@BLOCKS_PER_SM]:TILES:FWD_TILES (tiles 0: untiled, the old code)
+  mps_start
+  step fp8_check_quick 150 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py --quick
+  step fp8_sweep 300 env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_fp8_bench.py --rounds 5 \
+    --shapes "${SHAPES:-512x128:0:1,512x128:1:4,512x128:2:4,1024x64:1:4}" --json "$RES/h200_n8_fp8_sweep.json"
+  mps_stop
+  ;;
 device-overlap)  # the overlap experiment over the device ring, MPS on
   mps_start
   step overlap_device 200 env RINGLAB_TRANSPORT=device mpirun -n 8 python3 experiments/overlap.py --backend cupy \
@@ -132,7 +140,7 @@ multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp3
     --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
   ;;
 *)
-  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8" >&2; exit 2
+  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8, device-fp8-sweep" >&2; exit 2
   ;;
 esac
 cat "$summary"

@@ -15,8 +15,10 @@ from numba import float32
 from ringlab.kernels.device import cuda
 from ringlab.kernels.flags import flag_access, flag_store, global_ns, pointer_access
 from ringlab.kernels.formats import check_block, fp8_format
-from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, GROUP, block_part, fp8_block_ops
+from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, FWD_TILES, GROUP, TILES, block_part, fp8_block_ops
 from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
+from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
+from ringlab.kernels.intrinsics import shfl_xor_fmax
 from ringlab.kernels.ring_layout import STATUS_TIMEOUT
 
 __all__ = ["direct_kernel", "DIRECT_COLS", "PEER_COLS", "PHASES"]
@@ -31,17 +33,19 @@ _SIGNATURE = "void(uint64, int64, int64, int64, uint64)"
 _kernels = {}
 
 
-def direct_kernel(dtype, op, fmt, block, scope="sys", max_registers=None):
+def direct_kernel(dtype, op, fmt, block, scope="sys", max_registers=None, tiles=TILES, fwd_tiles=FWD_TILES):
     """The compiled fp8-direct kernel. Parameters: table address, nranks, count, unused (0), timeout_ns.
-    ``scope``: the flags' ("gpu" when every rank runs on this GPU); ``max_registers`` caps registers per thread."""
-    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block), scope, max_registers)
+    ``scope``: the flags' ("gpu" when every rank runs on this GPU); ``max_registers`` caps registers per thread;
+    ``tiles`` / ``fwd_tiles``: blocks per lane group and round on the vector path (fp8_ring_tiles.py; 0: untiled)."""
+    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block), scope, max_registers, tiles, fwd_tiles)
     if key not in _kernels:
         options = {} if max_registers is None else {"max_registers": int(max_registers)}
-        _kernels[key] = cuda.jit(_SIGNATURE, **options)(direct_kernel_source(dtype, op, fmt, block, scope))
+        _kernels[key] = cuda.jit(_SIGNATURE, **options)(direct_kernel_source(dtype, op, fmt, block, scope, tiles,
+                                                                            fwd_tiles))
     return _kernels[key]
 
 
-def direct_kernel_source(dtype, op, fmt, block, scope="sys"):
+def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_tiles=FWD_TILES):
     """The kernel as a Python function, before compilation."""
     from ringlab.kernels.ring_kernel import rank_barrier
     ops = fp8_block_ops(dtype, op, fmt, block)
@@ -51,6 +55,11 @@ def direct_kernel_source(dtype, op, fmt, block, scope="sys"):
     move4, load_values4, add_decoded4, encode_store4 = quad.move4, quad.load_values4, quad.add_decoded4, quad.encode_store4
     lanes, quads = quad.lanes, quad.quads
     per_warp = GROUP // lanes
+    legacy = tiles == 0
+    tile = fp8_tile_ops(dtype, op, fmt, block, max(int(tiles), 1), fwd_tiles)
+    run, load_tile, load_words, add_words = tile.run, tile.load_tile, tile.load_words, tile.add_words
+    lane_max, store_tile, tgroup, tper_warp = tile.lane_max, tile.store_tile, tile.group, tile.per_warp
+    one = np.float32(1.0)
     addr_load, _ = pointer_access(np.int64)
     flag_load, flag_put = flag_access(scope)           # the counters; status (host memory) stays sys
 
@@ -80,6 +89,9 @@ def direct_kernel_source(dtype, op, fmt, block, scope="sys"):
         lo, hi = bounds(c, count, nranks)
         ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
         groups = max(nlanes // GROUP, 1)
+        if aligned and lo % 4 == 0 and not legacy:
+            run(mode, src, out, lc, ls, mc, ms, lo, hi, ta, tb, c * nbc, lane, nlanes, nranks, False)
+            return
         if aligned and lo % 4 == 0:
             wl = lane % GROUP
             gw = ta + (lane // GROUP) * per_warp
@@ -97,12 +109,73 @@ def direct_kernel_source(dtype, op, fmt, block, scope="sys"):
             g += groups
 
     @cuda.jit(device=True)
+    def peer_codes(peers, q):
+        return np.uint64(addr_load(peers, q * PEER_COLS))
+
+    @cuda.jit(device=True)
+    def peer_scales(peers, q):
+        return np.uint64(addr_load(peers, q * PEER_COLS + 1))
+
+    @cuda.jit(device=True)
+    def owner_tiles(src, out, mc, ms, peers, me, nranks, nbc, lo, hi, ta, tb, lane, nlanes):
+        """The owner's blocks on the vector path: four peers' code words in flight at once (added in order)."""
+        va = cuda.local.array(quads, float32)
+        vb = cuda.local.array(quads, float32)
+        vc = cuda.local.array(quads, float32)
+        vd = cuda.local.array(quads, float32)
+        w0 = cuda.local.array(quads, np.int64)
+        w1 = cuda.local.array(quads, np.int64)
+        w2 = cuda.local.array(quads, np.int64)
+        w3 = cuda.local.array(quads, np.int64)
+        group = tgroup
+        wl = lane % group
+        t = wl % lanes
+        stride = max(nlanes // group, 1) * tper_warp
+        n32 = float32(nranks)
+        gw = ta + (lane // group) * tper_warp
+        while gw < tb:
+            g = gw + wl // lanes
+            slot = me * nbc + g
+            full = g < tb and lo + (g + 1) * block <= hi
+            load_tile(va, vb, vc, vd, w0, 0, src, src, src, lo, hi, g, tb, slot, t, full)
+            for k in range(1, nranks, 4):
+                q0, q1, q2, q3 = (me - k) % nranks, (me - k - 1) % nranks, (me - k - 2) % nranks, (me - k - 3) % nranks
+                p0 = load_words(w0, peer_codes(peers, q0), peer_scales(peers, q0), lo, hi, g, tb, slot, t, full)
+                p1, p2, p3 = one, one, one
+                if k + 1 < nranks:
+                    p1 = load_words(w1, peer_codes(peers, q1), peer_scales(peers, q1), lo, hi, g, tb, slot, t, full)
+                if k + 2 < nranks:
+                    p2 = load_words(w2, peer_codes(peers, q2), peer_scales(peers, q2), lo, hi, g, tb, slot, t, full)
+                if k + 3 < nranks:
+                    p3 = load_words(w3, peer_codes(peers, q3), peer_scales(peers, q3), lo, hi, g, tb, slot, t, full)
+                add_words(va, vb, vc, vd, w0, p0)
+                if k + 1 < nranks:
+                    add_words(va, vb, vc, vd, w1, p1)
+                if k + 2 < nranks:
+                    add_words(va, vb, vc, vd, w2, p2)
+                if k + 3 < nranks:
+                    add_words(va, vb, vc, vd, w3, p3)
+            if divide:
+                for m in range(quads):
+                    va[m], vb[m], vc[m], vd[m] = va[m] / n32, vb[m] / n32, vc[m] / n32, vd[m] / n32
+            am = lane_max(va, vb, vc, vd)
+            off = lanes >> 1
+            while off > 0:
+                am = shfl_xor_fmax(am, off)
+                off = off >> 1
+            store_tile(va, vb, vc, vd, mc, ms, out, lo, hi, g, tb, slot, t, am, full, True)
+            gw += stride
+
+    @cuda.jit(device=True)
     def owner(src, out, mc, ms, peers, me, count, nranks, nbc, p, nparts, lane, nlanes, aligned, v, va, vb, vc, vd):
         """Phase 2 for part p of our chunk: fp32 sum in the host's order, / N for avg, quantized once."""
         lo, hi = bounds(me, count, nranks)
         ta, tb = block_part(lo, hi, block, 0, 1, p, nparts)
         groups = max(nlanes // GROUP, 1)
         n32 = float32(nranks)
+        if aligned and lo % 4 == 0 and not legacy:
+            owner_tiles(src, out, mc, ms, peers, me, nranks, nbc, lo, hi, ta, tb, lane, nlanes)
+            return
         if aligned and lo % 4 == 0:
             wl = lane % GROUP
             t = wl % lanes

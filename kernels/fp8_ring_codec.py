@@ -8,6 +8,7 @@ Same policy and bits as kernels/reference.py (software codec of fp8_bits.py); on
 # group. Element path (any alignment): a warp per block on the GPU (lane t holds elements t, t + 32, ...:
 # coalesced, amax by xor shuffles), one thread in the simulator (a rank is one thread there). Chunks that
 # start on a quad with 16-byte aligned buffers take the vector path of fp8_ring_quads.py (same bits).
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,16 +21,32 @@ from ringlab.kernels.fp8_access import _narrow, _widen
 from ringlab.kernels.fp8_bits import make_fp8_value_codec
 from ringlab.kernels.intrinsics import shfl_xor_fmax
 from ringlab.kernels.reference import MIN_SCALE
+from ringlab.kernels.ring_kernel import Codec
 from ringlab.kernels.ring_layout import FINAL, REDUCE
 
 __all__ = ["fp8_block_ops", "fp8_moves", "block_part", "FP8_KERNEL_DTYPES", "FP8_KERNEL_OPS", "GROUP",
-           "ENCODE", "REDUCE_ENCODE", "FORWARD", "DECODE"]
+           "ENCODE", "REDUCE_ENCODE", "FORWARD", "DECODE", "TiledFp8Codec", "tiled_fp8_codec", "TILES", "FWD_TILES"]
 
 FP8_KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 FP8_KERNEL_OPS = ("sum", "avg")
 GROUP = 1 if SIMULATED else 32                 # lanes per FP8 block
 ENCODE, REDUCE_ENCODE, FORWARD, DECODE = 0, 1, 2, 3
 _STORAGE = {"float32": (np.float32, "f32"), "float16": (np.float16, "f16"), "bfloat16": (np.uint16, "bf16")}
+TILES, FWD_TILES = 2, 4          # blocks a lane group codes per round: encode/hop, forward/decode (fp8_ring_tiles.py)
+
+
+@dataclass(frozen=True)
+class TiledFp8Codec(Codec):
+    """The FP8 codec with the vector path's blocks per lane group and round (a compile-time choice, no bits)."""
+    tiles: int = TILES
+    fwd_tiles: int = FWD_TILES
+
+
+def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES):
+    """ring_kernel's FP8 codec with ``tiles`` (1, 2; 0 untiled) / ``fwd_tiles`` (>= 1) blocks per lane group on the vector path."""
+    if int(tiles) not in (0, 1, 2) or int(fwd_tiles) < 1:
+        raise ValueError(f"tiles must be 0 (untiled), 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
+    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), int(tiles), int(fwd_tiles))
 
 
 def _block_part(lo, hi, block, k, nslices, p, nparts):
@@ -145,28 +162,35 @@ def fp8_block_ops(dtype, op, fmt, block, group=GROUP):
 
 def fp8_moves(dtype, op, codec):
     """(first, step) device functions of an FP8 codec for the ring walk (ring_kernel.py): primitive 0 encodes
-    the first chunk; recv_* decode the left's send buffer, reduce in fp32 and re-encode into ours."""
+    the first chunk; recv_* decode the left's send buffer, reduce in fp32 and re-encode into ours. A plain
+    fp8_codec takes TILES / FWD_TILES; a TiledFp8Codec its own (tiles 0: move4 block by block, as before tiling)."""
     from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
+    from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
     block = check_block(codec.block)
     move = fp8_block_ops(dtype, op, codec.fmt, block).move
+    tiles, fwd_tiles = getattr(codec, "tiles", TILES), getattr(codec, "fwd_tiles", FWD_TILES)
+    legacy = tiles == 0
+    run = fp8_tile_ops(dtype, op, codec.fmt, block, max(tiles, 1), fwd_tiles).run
     quad = fp8_quad_ops(dtype, op, codec.fmt, block)
     move4, lanes = quad.move4, quad.lanes
-    per_warp = GROUP // lanes                          # blocks a warp codes at once on the vector path
+    per_warp = GROUP // lanes
 
     @cuda.jit(device=True)
     def blocks(mode, src, out, lc, ls, mc, ms, lo, hi, chunk, nbc, k, nslices, p, nparts, lane, nlanes, nranks,
                final, aligned):
         ta, tb = block_part(lo, hi, block, k, nslices, p, nparts)
         groups = max(nlanes // GROUP, 1)
-        if aligned and lo % 4 == 0:                    # quads: a warp-uniform loop, every lane in the shuffles
+        if aligned and lo % 4 == 0 and not legacy:     # quads: a warp-uniform loop, every lane in the shuffles
+            run(mode, src, out, lc, ls, mc, ms, lo, hi, ta, tb, chunk * nbc, lane, nlanes, nranks, final)
+            return
+        if aligned and lo % 4 == 0:
             wl = lane % GROUP
-            t = wl % lanes
             gw = ta + (lane // GROUP) * per_warp
             while gw < tb:
                 g = gw + wl // lanes
                 e0 = lo + g * block
-                move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), chunk * nbc + g, t, nranks, final,
-                      g < tb)
+                move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), chunk * nbc + g, wl % lanes, nranks,
+                      final, g < tb)
                 gw += groups * per_warp
             return
         t = lane % GROUP

@@ -198,4 +198,7 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
         encode_store4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, active, final)
 
     return SimpleNamespace(move4=move4, load_values4=load_values4, add_decoded4=add_decoded4,
-                           encode_store4=encode_store4, lanes=lanes, quads=quads, divide=divide)
+                           encode_store4=encode_store4, lanes=lanes, quads=quads, divide=divide, seg_max=seg_max,
+                           fin_max=fin_max, get4=get4, put4=put4, getw=getw, putw=putw, encode4=encode4,
+                           decode4=decode4, scale_of=scale_of, widen=widen, narrow=narrow, load4=load4,
+                           store4=store4, cload4=cload4, cstore4=cstore4, sload=sload, sstore=sstore)

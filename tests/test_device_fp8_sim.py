@@ -336,6 +336,16 @@ def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
     from ringlab.kernels.fp8_ring_codec import fp8_block_ops
     from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
     vector = path == "vector"
+    if path == "tiled":                  # fp8_ring_tiles.py: two blocks per lane group (hop), four (forward)
+        from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
+        run = fp8_tile_ops(dtype, op, fmt, block, tiles=2, fwd_tiles=4, lanes=lanes).run
+
+        def tiled(addrs, lo, hi, nranks, final):
+            src, out, lc, ls = np.uint64(addrs[0]), np.uint64(addrs[1]), np.uint64(addrs[2]), np.uint64(addrs[3])
+            mc, ms = np.uint64(addrs[4]), np.uint64(addrs[5])
+            run(mode, src, out, lc, ls, mc, ms, lo, hi, 0, (hi - lo + block - 1) // block, 0, cuda.threadIdx.x, 32,
+                nranks, final)
+        return cuda.jit(tiled)
     if vector:
         move4 = fp8_quad_ops(dtype, op, fmt, block, lanes=lanes).move4
     else:
@@ -359,7 +369,7 @@ def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
     return cuda.jit(kernel)
 
 
-@pytest.mark.parametrize("path", ["vector", "element"])
+@pytest.mark.parametrize("path", ["vector", "element", "tiled"])
 @pytest.mark.parametrize("block", [32, 64, 128, 256])
 def test_gpu_lane_mapping_in_the_simulator(path, block):
     """The GPU's lanes per block (8 or 16 on the vector path, 32 on the element path) and their shuffles, run as 32
@@ -371,7 +381,7 @@ def test_gpu_lane_mapping_in_the_simulator(path, block):
     lanes = max(8, block // 16)          # lanes_per_block on the GPU (1 in the simulator)
     assert lanes_per_block(block) == 1
     fmt, lo = "e4m3", 8
-    hi = lo + 3 * block + 5                              # a partial last block and a straddling quad
+    hi = lo + (9 if path == "tiled" else 3) * block + 5  # a partial last block and a straddling quad
     rng = np.random.default_rng(block)
     x = (rng.standard_normal(hi + 3) * 5).astype(np.float32)
     x[lo + 7] = np.inf                                   # out of amax; becomes NaN in E4M3

@@ -13,7 +13,7 @@ from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, firs
 from ringlab.gpu.device_ring import PROBE_LIMIT_NS, DriverLaunch, mps_visible
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.kernels.formats import check_fp8_input_dtype
-from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS
+from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, STATUS_OK, fp8_codec
 
 __all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS"]
@@ -27,10 +27,13 @@ _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 class DeviceFp8Ring:
     """FP8 all-reduce by one persistent kernel per rank; ``algo``, ``fmt``, ``block`` fixed here. ``mode``: "auto"
     (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
-    flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing)."""
+    flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
+    ``threads`` x ``max_registers``, ``blocks_per_sm`` (sets the default max_parts), ``tiles`` / ``fwd_tiles``
+    (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled)."""
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
-                 mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None):
+                 mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None,
+                 tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         self.codec = fp8_codec(fmt, block)
@@ -39,9 +42,11 @@ class DeviceFp8Ring:
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
         if mode not in ("auto", "per-rank", "host"):
             raise ValueError(f"mode must be auto, per-rank or host, got {mode!r}")
-        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or int(threads) * int(max_registers) > 65536:
-            raise ValueError(f"threads must be a multiple of 32 in 32..1024 with threads x max_registers <= 65536 "
-                             f"(one block per SM), got {threads} x {max_registers}")
+        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or \
+                int(blocks_per_sm) < 1 or int(blocks_per_sm) * int(threads) * int(max_registers) > 65536:
+            raise ValueError(f"threads must be a multiple of 32 in 32..1024 with blocks_per_sm x threads x "
+                             f"max_registers <= 65536, got {blocks_per_sm} x {threads} x {max_registers}")
+        self.tiled = tiled_fp8_codec(fmt, block, tiles, fwd_tiles)     # the kernels' codec (same bits)
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"the device FP8 all-reduce needs CUDA IPC between all ranks, unusable here: {why}")
@@ -53,7 +58,7 @@ class DeviceFp8Ring:
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope, self.max_registers = scope or ("gpu" if every else "sys"), int(max_registers)
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))
+        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, int(blocks_per_sm) * sms // self.sharing)))
         self.peers = PeerMemory(comm)
         self.fallback, self.mode_why, self._probe_ok = None, "requested", True
         self._tables, self._progs, self._keep, self._launchers = {}, {}, [], {}
@@ -140,9 +145,10 @@ class DeviceFp8Ring:
     def _kernel(self, dtype, op):
         if self.algo == "fp8-ring":
             from ringlab.kernels.ring_kernel import ring_kernel
-            return ring_kernel(dtype, op, self.codec, scope=self.scope, max_registers=self.max_registers)
+            return ring_kernel(dtype, op, self.tiled, scope=self.scope, max_registers=self.max_registers)
         from ringlab.kernels.fp8_direct_kernel import direct_kernel
-        return direct_kernel(dtype, op, self.codec.fmt, self.codec.block, self.scope, self.max_registers)
+        return direct_kernel(dtype, op, self.codec.fmt, self.codec.block, self.scope, self.max_registers,
+                             self.tiled.tiles, self.tiled.fwd_tiles)
 
     def _row(self, src, out, count, trace):
         nbc, tr, calls = chunk_blocks(count, self.n, self.codec.block), self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS

@@ -1,0 +1,238 @@
+"""The FP8 codec's vector path over several blocks per lane group at once: every load of ``tiles`` blocks is
+issued before the first shuffle or store, so a lane keeps more bytes in flight (the same bits as move4).
+"""
+# Lane group g0 of a warp codes blocks g0, g0 + stride, ..., g0 + (tiles - 1) * stride (stride: the blocks the
+# whole CUDA block covers per round, so each round stays coalesced across warps). The generic pointers may
+# alias, so the compiler cannot move a block's loads above the previous block's stores: without tiling each
+# warp alternates "all loads waiting" and "amax shuffles, 1/scale, encode, stores, nothing in flight".
+# A lane group whose blocks are all whole and inside [lo, hi) takes unchecked loads and stores ("full");
+# otherwise the checked accesses of fp8_ring_quads.py. Shuffles sit at one place for both (a warp may mix).
+from types import SimpleNamespace
+
+import numpy as np
+from numba import float32, int64
+
+from ringlab.kernels.device import SIMULATED, cuda
+from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
+from ringlab.kernels.intrinsics import shfl_xor_fmax
+
+__all__ = ["fp8_tile_ops", "FORWARD"]
+
+FORWARD = 2
+
+
+def _inlined(fn):
+    """A device function inlined at numba's IR level: the local arrays it takes then stay in registers."""
+    return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
+
+
+def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
+    """``hop(mode, ...)`` (ENCODE / REDUCE_ENCODE of ``tiles`` = 1 or 2 blocks), ``fwd(mode, ...)`` (FORWARD / DECODE of
+    ``fwd_tiles`` blocks) and ``run(mode, ...)``: a CUDA block's warp-uniform loop over blocks [ta, tb)."""
+    qo = fp8_quad_ops(dtype, op, fmt, block, lanes)
+    lanes, quads, divide = qo.lanes, qo.quads, qo.divide
+    load4, store4, cload4, cstore4, sload, sstore = qo.load4, qo.store4, qo.cload4, qo.cstore4, qo.sload, qo.sstore
+    widen, narrow, encode4, decode4, scale_of, fin_max = qo.widen, qo.narrow, qo.encode4, qo.decode4, qo.scale_of, \
+        qo.fin_max
+    get4, put4, getw, putw = qo.get4, qo.put4, qo.getw, qo.putw
+    tiles, fwd_tiles = int(tiles), int(fwd_tiles)
+    if tiles not in (1, 2) or fwd_tiles < 1:
+        raise ValueError(f"tiles must be 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
+    nf = fwd_tiles * quads
+    one, zero = np.float32(1.0), np.float32(0.0)
+
+    @_inlined
+    def load_tile(va, vb, vc, vd, w, mode, src, lc, ls, lo, hi, g, tb, slot, t, full):
+        """Block g's values (and, REDUCE_ENCODE, the left's code words): loads only; returns the left's scale."""
+        e0 = lo + g * block
+        e1, q0 = min(e0 + block, hi), e0 // 4 + t
+        active = full or g < tb
+        for m in range(quads):
+            q = q0 + lanes * m
+            a, b, c, d = zero, zero, zero, zero
+            if full:
+                a, b, c, d = load4(src, q)
+                a, b, c, d = widen(a), widen(b), widen(c), widen(d)
+            elif active and 4 * q < e1:
+                a, b, c, d = get4(src, q, e1)
+            va[m], vb[m], vc[m], vd[m] = a, b, c, d
+        ps = one
+        if mode == 1:
+            ps = load_words(w, lc, ls, lo, hi, g, tb, slot, t, full)
+        return ps
+
+    @_inlined
+    def load_words(w, lc, ls, lo, hi, g, tb, slot, t, full):
+        """Block g's code words of (lc, ls) into w (0 outside the block); returns its scale (1 without a block)."""
+        e0 = lo + g * block
+        e1, q0 = min(e0 + block, hi), e0 // 4 + t
+        active = full or g < tb
+        ps = one
+        if active:
+            ps = np.float32(sload(ls, slot))
+        for m in range(quads):
+            q = q0 + lanes * m
+            cw = np.int64(0)
+            if full:
+                c0, c1, c2, c3 = cload4(lc, q)
+                cw = np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24)
+            elif active and 4 * q < e1:
+                cw = getw(lc, q, e1)
+            w[m] = cw
+        return ps
+
+    @_inlined
+    def add_words(va, vb, vc, vd, w, ps):
+        for m in range(quads):
+            a, b, c, d = decode4(w[m], ps)
+            va[m], vb[m], vc[m], vd[m] = va[m] + a, vb[m] + b, vc[m] + c, vd[m] + d
+
+    @_inlined
+    def add_tile(va, vb, vc, vd, w, ps, nranks, final):
+        """v += D(codes) (decode * scale rounded, then added); / N at avg's final; returns the lane's amax."""
+        add_words(va, vb, vc, vd, w, ps)
+        if divide and final:
+            n32 = float32(nranks)
+            for m in range(quads):
+                va[m], vb[m], vc[m], vd[m] = va[m] / n32, vb[m] / n32, vc[m] / n32, vd[m] / n32
+
+    @_inlined
+    def lane_max(va, vb, vc, vd):
+        m_ = zero
+        for m in range(quads):
+            m_ = fin_max(m_, va[m], vb[m], vc[m], vd[m])
+        return m_
+
+    @_inlined
+    def store_tile(va, vb, vc, vd, mc, ms, out, lo, hi, g, tb, slot, t, amax, full, final):
+        """Quantize block g with the block's amax into our codes and scale slot; ``final``: out = D(codes)."""
+        scale = scale_of(amax)
+        inv = one / scale
+        e0 = lo + g * block
+        e1, q0 = min(e0 + block, hi), e0 // 4 + t
+        if full:
+            if t == 0:
+                sstore(ms, slot, scale)
+            for m in range(quads):
+                q = q0 + lanes * m
+                cw = encode4(va[m], vb[m], vc[m], vd[m], inv)
+                cstore4(mc, q, np.uint8(cw & 0xFF), np.uint8((cw >> 8) & 0xFF), np.uint8((cw >> 16) & 0xFF),
+                        np.uint8((cw >> 24) & 0xFF))
+                if final:
+                    a, b, c, d = decode4(cw, scale)
+                    store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
+        elif g < tb:
+            if t == 0:
+                sstore(ms, slot, scale)
+            for m in range(quads):
+                q = q0 + lanes * m
+                if 4 * q < e1:
+                    cw = encode4(va[m], vb[m], vc[m], vd[m], inv)
+                    putw(mc, q, e1, cw)
+                    if final:
+                        a, b, c, d = decode4(cw, scale)
+                        put4(out, q, e1, a, b, c, d)
+
+    @_inlined
+    def hop(mode, src, out, lc, ls, mc, ms, lo, hi, g0, stride, tb, slot0, t, nranks, final):
+        """Blocks g0 (and g0 + stride when tiles = 2): values (+ D(left's codes)), / N at avg's final,
+        quantized; ``final``: out too. Both blocks' loads are issued before either's first shuffle."""
+        va = cuda.local.array(quads, float32)
+        vb = cuda.local.array(quads, float32)
+        vc = cuda.local.array(quads, float32)
+        vd = cuda.local.array(quads, float32)
+        w = cuda.local.array(quads, int64)
+        xa = cuda.local.array(quads, float32)
+        xb = cuda.local.array(quads, float32)
+        xc = cuda.local.array(quads, float32)
+        xd = cuda.local.array(quads, float32)
+        x = cuda.local.array(quads, int64)
+        g1 = g0 + stride
+        gl = g1 if tiles == 2 else g0
+        full = gl < tb and lo + (gl + 1) * block <= hi
+        ps = load_tile(va, vb, vc, vd, w, mode, src, lc, ls, lo, hi, g0, tb, slot0 + g0, t, full)
+        ps1 = one
+        if tiles == 2:
+            ps1 = load_tile(xa, xb, xc, xd, x, mode, src, lc, ls, lo, hi, g1, tb, slot0 + g1, t, full)
+        if mode == 1:
+            add_tile(va, vb, vc, vd, w, ps, nranks, final)
+            if tiles == 2:
+                add_tile(xa, xb, xc, xd, x, ps1, nranks, final)
+        am, am1 = lane_max(va, vb, vc, vd), zero
+        if tiles == 2:
+            am1 = lane_max(xa, xb, xc, xd)
+        off = lanes >> 1
+        while off > 0:                                  # both blocks' shuffles interleaved: independent chains
+            am = shfl_xor_fmax(am, off)                 # amax is finite: fmax is max
+            if tiles == 2:
+                am1 = shfl_xor_fmax(am1, off)
+            off = off >> 1
+        store_tile(va, vb, vc, vd, mc, ms, out, lo, hi, g0, tb, slot0 + g0, t, am, full, final)
+        if tiles == 2:
+            store_tile(xa, xb, xc, xd, mc, ms, out, lo, hi, g1, tb, slot0 + g1, t, am1, full, final)
+
+    @_inlined
+    def fwd(mode, src, out, lc, ls, mc, ms, lo, hi, g0, stride, tb, slot0, t, nranks, final):
+        """FORWARD (codes and scale into ours, decoded into out) or DECODE of blocks g0 + u * stride."""
+        gl = g0 + (fwd_tiles - 1) * stride
+        if not (gl < tb and lo + (gl + 1) * block <= hi):
+            for u in range(fwd_tiles):                  # a partial or missing block: checked accesses
+                g = g0 + u * stride
+                e0 = lo + g * block
+                e1, q0 = min(e0 + block, hi), e0 // 4 + t
+                if g < tb:
+                    ps0 = np.float32(sload(ls, slot0 + g))
+                    if mode == FORWARD and t == 0:
+                        sstore(ms, slot0 + g, ps0)
+                    for m in range(quads):
+                        q = q0 + lanes * m
+                        if 4 * q < e1:
+                            cw = getw(lc, q, e1)
+                            if mode == FORWARD:
+                                putw(mc, q, e1, cw)
+                            a, b, c, d = decode4(cw, ps0)
+                            put4(out, q, e1, a, b, c, d)
+            return
+        w = cuda.local.array(nf, int64)
+        ps = cuda.local.array(fwd_tiles, float32)
+        for u in range(fwd_tiles):                      # every code word and scale first
+            ps[u] = np.float32(sload(ls, slot0 + g0 + u * stride))
+            q0 = (lo + (g0 + u * stride) * block) // 4 + t
+            for m in range(quads):
+                c0, c1, c2, c3 = cload4(lc, q0 + lanes * m)
+                w[u * quads + m] = np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24)
+        for u in range(fwd_tiles):
+            g = g0 + u * stride
+            if mode == FORWARD and t == 0:
+                sstore(ms, slot0 + g, ps[u])
+            q0 = (lo + g * block) // 4 + t
+            for m in range(quads):
+                cw, q = w[u * quads + m], q0 + lanes * m
+                if mode == FORWARD:
+                    cstore4(mc, q, np.uint8(cw & 0xFF), np.uint8((cw >> 8) & 0xFF), np.uint8((cw >> 16) & 0xFF),
+                            np.uint8((cw >> 24) & 0xFF))
+                a, b, c, d = decode4(cw, ps[u])
+                store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
+
+    group = 1 if lanes == 1 else 32                 # lanes of a warp (the simulator's ranks are single threads)
+    per_warp = group // lanes                       # blocks a warp codes side by side
+
+    @_inlined
+    def run(mode, src, out, lc, ls, mc, ms, lo, hi, ta, tb, slot0, lane, nlanes, nranks, final):
+        """Blocks [ta, tb) of [lo, hi) by one CUDA block: warp-uniform rounds, every lane in the shuffles."""
+        wl = lane % group
+        t = wl % lanes
+        stride = max(nlanes // group, 1) * per_warp
+        gw = ta + (lane // group) * per_warp
+        if mode >= FORWARD:
+            while gw < tb:
+                fwd(mode, src, out, lc, ls, mc, ms, lo, hi, gw + wl // lanes, stride, tb, slot0, t, nranks, final)
+                gw += stride * fwd_tiles
+        else:
+            while gw < tb:
+                hop(mode, src, out, lc, ls, mc, ms, lo, hi, gw + wl // lanes, stride, tb, slot0, t, nranks, final)
+                gw += stride * tiles
+
+    return SimpleNamespace(hop=hop, fwd=fwd, run=run, load_tile=load_tile, load_words=load_words, add_words=add_words,
+                           lane_max=lane_max, store_tile=store_tile, group=group, lanes=lanes, quads=quads, tiles=tiles, fwd_tiles=fwd_tiles,
+                           per_warp=per_warp)
