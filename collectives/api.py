@@ -122,6 +122,9 @@ def prepare_out(a, out, shape, what):
     if out is None:
         if is_device_array(a):
             import cupy
+            if cupy.cuda.get_current_stream().is_capturing():   # cudaMalloc would invalidate the capture
+                raise ValueError(f"{what}: out=None allocates device memory, which a CUDA graph capture cannot "
+                                 "record: pass a preallocated out= (or out=x, in place)")
             return cupy.empty(shape, dtype=a.dtype)
         return np.empty(shape, dtype=a.dtype)
     if type(out) is np.ndarray and type(a) is np.ndarray and out.dtype == a.dtype and out.shape == tuple(shape):

@@ -66,6 +66,10 @@ def check(what, got, want):
 
 # ---- 1. stream order: the collective follows the producer on the caller's torch stream ------------------------
 side = torch.cuda.Stream()          # torch's streams do not synchronise with the legacy default stream
+with torch.cuda.stream(side):       # load the sleep and multiply kernels (lazy module loading synchronises)
+    torch.cuda._sleep(1000)
+    torch.ones(4, device="cuda") * 1
+side.synchronize()
 for name, (count, call, ref_call, device_route) in ROUTES.items():
     want = reference(ref_call, count)
     src = torch.from_numpy(inputs(count)).cuda()
