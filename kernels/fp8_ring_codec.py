@@ -21,7 +21,7 @@ from ringlab.kernels.fp8_access import _narrow, _widen
 from ringlab.kernels.fp8_bits import make_fp8_value_codec
 from ringlab.kernels.intrinsics import shfl_xor_fmax
 from ringlab.kernels.reference import MIN_SCALE
-from ringlab.kernels.ring_kernel import Codec
+from ringlab.kernels.ring_layout import Codec
 from ringlab.kernels.ring_layout import FINAL, REDUCE
 
 __all__ = ["fp8_block_ops", "fp8_moves", "block_part", "FP8_KERNEL_DTYPES", "FP8_KERNEL_OPS", "GROUP",

@@ -3,7 +3,6 @@
 Pull form: recv_* wait (acquire) on the left's counter, read its chunk over CUDA IPC, publish (release) on
 their own; block p owns part p of every chunk, counters count slices. The codec is a compile-time parameter.
 """
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,7 +11,7 @@ from ringlab.kernels.flags import FLAG_SCOPES, flag_access, flag_store, global_n
 from ringlab.kernels.formats import check_block, check_fp8_input_dtype, fp8_format
 from ringlab.kernels.optable import DEVICE_DTYPES, OPS
 from ringlab.kernels.ring_identity import combine_function as _combine, identity_moves
-from ringlab.kernels.ring_layout import (ALIGNED, CALLS, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO,
+from ringlab.kernels.ring_layout import (IDENTITY, Codec, ALIGNED, CALLS, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO,
                                          FROM_SRC, LEFT, LEFT_CODES, LEFT_FLAGS, LEFT_OUT, LEFT_SCALES, LEFT_SRC,
                                          MAX_PARTS, MAX_RANKS_PER_LAUNCH, MAX_SLICES, MY_FLAGS, NRANKS, OUT, PROG_COLS,
                                          REDUCE, RIGHT, RIGHT_FLAGS, SEND_CODES, SEND_SCALES, SLICE_STRIDE, SRC, STAGE_COUNT,
@@ -26,21 +25,7 @@ KERNEL_DTYPES, KERNEL_OPS = DEVICE_DTYPES, OPS     # identity codec: from the on
 _ = (SIMULATED, ALIGNED, CALLS, LEFT, NRANKS, OUT, RIGHT, SRC, MAX_RANKS_PER_LAUNCH, _combine)   # re-exported
 
 
-@dataclass(frozen=True)
-class Codec:
-    """How a chunk travels between ranks, fixed when the kernel is compiled.
-
-    ``identity``: the right neighbour reads the elements themselves from this rank's buffers. ``fp8``
-    (``fmt``, ``block``): codes + fp32 block scales in a per-rank send buffer the right has mapped
-    (kernels/fp8_ring_codec.py): ``send`` and ``recv_reduce_send`` encode into it, ``recv_*`` decode the
-    left's, the owner's ``recv_reduce_copy_send`` keeps fp32 and encodes the final chunk once.
-    """
-    name: str
-    fmt: str = ""
-    block: int = 0
-
-
-IDENTITY = Codec("identity")
+# Codec and IDENTITY live in ring_layout.py (the FP8 codec subclasses Codec without importing this module)
 
 
 def fp8_codec(fmt="e4m3", block=128):

@@ -2,7 +2,9 @@
 
 One place for what the host plan (gpu/device_plan.py) writes and the kernels (ring_kernel, fp8 codecs) read.
 """
-__all__ = ["TABLE_COLS", "PROG_COLS", "STAGE_IN", "STAGE_OUT", "STAGE_COUNT", "REDUCE", "FROM_SRC", "FINAL", "MAX_SLICES", "SLICE_STRIDE", "MAX_PARTS",
+from dataclasses import dataclass
+
+__all__ = ["TABLE_COLS", "PROG_COLS", "Codec", "IDENTITY", "STAGE_IN", "STAGE_OUT", "STAGE_COUNT", "REDUCE", "FROM_SRC", "FINAL", "MAX_SLICES", "SLICE_STRIDE", "MAX_PARTS",
            "STATUS_OK", "STATUS_TIMEOUT", "MAX_RANKS_PER_LAUNCH"]
 
 # Per rank in the launch, one row of addresses (uint64): buffers, counters, status, trace, and ranks; then the
@@ -21,3 +23,20 @@ SLICE_STRIDE = 64                   # counter values per primitive per call: bas
 MAX_PARTS = 64                      # blocks per rank; flags[p] is part p's counter, calls[p] its call count
 STATUS_OK, STATUS_TIMEOUT = 0, 1    # status words: code, peer rank waited on, primitive index
 MAX_RANKS_PER_LAUNCH = 64
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a chunk travels between ranks, fixed when the kernel is compiled.
+
+    ``identity``: the right neighbour reads the elements themselves from this rank's buffers. ``fp8``
+    (``fmt``, ``block``): codes + fp32 block scales in a per-rank send buffer the right has mapped
+    (kernels/fp8_ring_codec.py): ``send`` and ``recv_reduce_send`` encode into it, ``recv_*`` decode the
+    left's, the owner's ``recv_reduce_copy_send`` keeps fp32 and encodes the final chunk once.
+    """
+    name: str
+    fmt: str = ""
+    block: int = 0
+
+
+IDENTITY = Codec("identity")
