@@ -174,6 +174,10 @@ class PeerMemory:
         import cupy
         limit = default if timeout is None else resolve_timeout(timeout)
         caller = cupy.cuda.get_current_stream()
+        if caller.is_capturing():      # its host waits would never see a captured event complete: a hang
+            raise RuntimeError("a host-driven CUDA IPC collective waits on the host every call and cannot be captured "
+                               "in a CUDA graph: use transport='device' or algo 'oneshot' / 'twoshot' (with MPS "
+                               "running when ranks share a GPU)")
         ready = cupy.cuda.Event(disable_timing=True)
         ready.record(caller)
         stream.wait_event(ready)
