@@ -14,7 +14,7 @@ from mpi4py import MPI
 from ringlab import faults
 from ringlab.arrays import as_array, is_device_array, returns_input_type
 from ringlab.commstate import comm_state
-from ringlab.errors import CollectiveError, CollectiveTimeout, default_timeout, resolve_timeout
+from ringlab.errors import CollectiveError, CollectiveTimeout, resolve_timeout
 from ringlab.ops import OPS, SUPPORTED_DTYPES, check_op_dtype, dtype_label
 from ringlab.kernels.optable import DEVICE_DTYPES
 from ringlab.gpu.device import cuda_aware_mpi, select_transport
@@ -22,8 +22,9 @@ from ringlab.ring import ring_allgather_inplace, ring_allreduce_inplace
 from ringlab.ring_outofplace import ring_allreduce_into, ring_reduce_scatter_into
 from ringlab.schedule import chunk_bounds
 from ringlab.settings import parse_transport
-from ringlab.transport import CudaAwareMpiTransport, MpiTransport
-from ringlab.validate import InvalidCollectiveCall, agree_checked, checked_call, environment_checked
+from ringlab.transport import CudaAwareMpiTransport, MpiTransport, default_seconds
+from ringlab.validate import (InvalidCollectiveCall, agree_checked, check_transport, checked_call,  # noqa: F401
+                              environment_checked, prepare_out)
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "ALLREDUCE_ALGORITHMS", "register_allreduce",
            "stage_through_host", "prepare_out", "check_transport", "collective_call", "IPC_DTYPES"]
@@ -77,12 +78,17 @@ class collective_call:
     __slots__ = ("comm", "what", "timeout", "state", "lock", "_moving", "seconds")
 
     def __init__(self, comm, what, timeout=None):
+        global _last
         self.comm, self.what, self.timeout, self._moving, self.seconds = comm, what, timeout, False, _UNRESOLVED
+        if _last[0] is comm:           # the communicator of the previous call: its state, without Get_attr
+            self.state, self.lock = _last[1], _last[2]
+            return
         self.state = comm_state(comm)
         self.lock = self.state.get("issue-lock")
         if self.lock is None:
             with _state_lock:
                 self.lock = self.state.setdefault("issue-lock", threading.RLock())
+        _last = (comm, self.state, self.lock)
 
     def __enter__(self):
         self.lock.acquire()
@@ -108,6 +114,7 @@ class collective_call:
 
 
 _UNRESOLVED = object()   # collective_call.seconds until validate.checked_call resolves the timeout
+_last = (None, None, None)   # (comm, its comm_state, its lock) of the latest collective_call
 
 
 def _seconds_or_default(timeout):
@@ -115,45 +122,6 @@ def _seconds_or_default(timeout):
         return resolve_timeout(timeout)
     except ValueError:
         return resolve_timeout(None)
-
-
-def prepare_out(a, out, shape, what):
-    """The output array: allocated when ``out`` is None, else checked for place, dtype, shape and writability."""
-    if out is None:
-        if is_device_array(a):
-            import cupy
-            if cupy.cuda.get_current_stream().is_capturing():   # cudaMalloc would invalidate the capture
-                raise ValueError(f"{what}: out=None allocates device memory, which a CUDA graph capture cannot "
-                                 "record: pass a preallocated out= (or out=x, in place)")
-            return cupy.empty(shape, dtype=a.dtype)
-        return np.empty(shape, dtype=a.dtype)
-    if type(out) is np.ndarray and type(a) is np.ndarray and out.dtype == a.dtype and out.shape == tuple(shape):
-        flags = out.flags
-        if flags.c_contiguous and flags.writeable:     # the common host case, checked in one go
-            return out
-    o = as_array(out)
-    if is_device_array(o) != is_device_array(a):
-        raise TypeError(f"{what}: out is a {'device' if is_device_array(o) else 'host'} array but the "
-                        f"input is a {'device' if is_device_array(a) else 'host'} array")
-    if o.dtype != a.dtype:
-        raise TypeError(f"{what}: out has dtype {dtype_label(o.dtype)}, the input has {dtype_label(a.dtype)}")
-    if tuple(o.shape) != tuple(shape):
-        raise ValueError(f"{what}: out has shape {tuple(o.shape)}, expected {tuple(shape)}")
-    if not o.flags.c_contiguous:
-        raise ValueError(f"{what}: out must be C-contiguous (it is written in place)")
-    if not is_device_array(o) and not o.flags.writeable:
-        raise ValueError(f"{what}: out is read-only (flags.writeable is False); pass a writable array")
-    return o
-
-
-def check_transport(transport, a, what):
-    """Reject an unknown ``transport=`` (settings.TRANSPORTS), or a device transport named for a host array."""
-    if transport is None:
-        return
-    name, _ = parse_transport(transport)
-    if name not in ("auto", "mpi") and not is_device_array(a):
-        raise ValueError(f"{what}: transport {transport!r} applies to device (CuPy) arrays; host (NumPy) arrays "
-                         "go over MPI (transport None, 'auto' or 'mpi')")
 
 
 def _route(algo, transport):
@@ -243,19 +211,23 @@ def _host_allreduce(x, out, op, algo, comm, validate):
             return None
         res = out
     try:
-        seconds = default_timeout()
+        seconds = default_seconds()
     except Exception:  # noqa: BLE001 - a bad $RINGLAB_TIMEOUT: the general path reports it on every rank
         return None
     with collective_call(comm, "allreduce") as call:
-        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, algo, inplace), seconds, call.state)
+        state = call.state
+        agree_checked(comm, validate, ("allreduce", x.size, dtype_label(dt), op, algo, inplace), seconds, state)
         call.moving()
-        tr, into = MpiTransport(comm, timeout=seconds), getattr(fn, "into", None)
+        tr, into = state.get("host-transport"), getattr(fn, "into", None)
+        if tr is None or tr.timeout != seconds:        # one MpiTransport per communicator and timeout
+            tr = state["host-transport"] = MpiTransport(comm, timeout=seconds)
+        flat = res if res.ndim == 1 else res.reshape(-1)
         if inplace or into is None:        # as the general path: in place (after a copy when out of place)
             if not inplace:
                 res[...] = x
-            fn(res.reshape(-1), tr, op, _cache(algo))
+            fn(flat, tr, op, _cache(algo))
         else:
-            into(x.reshape(-1), res.reshape(-1), tr, op, _cache(algo))
+            into(x if x.ndim == 1 else x.reshape(-1), flat, tr, op, _cache(algo))
     return res
 
 

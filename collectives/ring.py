@@ -33,9 +33,17 @@ from ringlab.kernels.optable import OP_TABLE
 from ringlab.primitives import (program_steps, ring_allgather_program, ring_allreduce_program,
                                 ring_reduce_scatter_program)
 from ringlab.schedule import chunk_bounds
+from ringlab.transport import env_unset
 
 __all__ = ["ring_reduce_scatter_inplace", "ring_allgather_inplace", "ring_allreduce_inplace", "scratch_buffer",
-           "divide_inplace"]
+           "divide_inplace", "step_fault"]
+
+
+def step_fault(rank):
+    """faults.ring_step_hook(rank), without reading the environment when no fault can be planned."""
+    if env_unset("RINGLAB_FAULT") and getattr(faults, "_override", None) is getattr(faults, "_UNSET", False):
+        return None      # neither $RINGLAB_FAULT nor faults.set_fault: no plan (faults.planned_fault)
+    return faults.ring_step_hook(rank)
 
 
 def scratch_buffer(cache, key, nbytes, dtype, xp=np):
@@ -74,7 +82,7 @@ def _run_program(buf, transport, kind, rotate=0, op="sum", trace=None, cache=Non
     comm = transport.comm
     n = comm.size
     xp = np if type(buf) is np.ndarray else array_module(buf)
-    fault = faults.ring_step_hook(comm.rank)  # None unless a test planned a fault (RINGLAB_FAULT)
+    fault = step_fault(comm.rank)  # None unless a test planned a fault (RINGLAB_FAULT)
     recv_all = None
     sendrecv = transport.sendrecv
     largest, steps = _steps(kind, comm.rank, n, rotate, buf.size)

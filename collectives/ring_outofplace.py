@@ -8,9 +8,8 @@
 
 import numpy as np
 
-from ringlab import faults
 from ringlab.arrays import array_module
-from ringlab.ring import divide_inplace, scratch_buffer
+from ringlab.ring import divide_inplace, scratch_buffer, step_fault
 from ringlab.schedule import (chunk_bounds, reduce_scatter_owner, ring_allgather_schedule,
                               ring_reduce_scatter_schedule)
 
@@ -38,7 +37,7 @@ def ring_reduce_scatter_into(x, out, transport, op="sum", cache=None):
         # ``out`` can take a turn as receive buffer only when every chunk fits in it (sizes differ by <= 1).
         spare = [scratch_buffer(cache, "rs-a", largest * x.itemsize, x.dtype, xp)]
         spare.append(out if out.size >= largest else scratch_buffer(cache, "rs-b", largest * x.itemsize, x.dtype, xp))
-        fault = faults.ring_step_hook(r)
+        fault = step_fault(r)
         steps = ring_reduce_scatter_schedule(r, n, rotate=-1)
         s0, s1 = bounds[steps[0].send_chunk]
         send = x[s0:s1]          # the first hop forwards this rank's own copy: no working copy of the input
@@ -69,7 +68,7 @@ def ring_reduce_scatter_slots(x, slots, transport, op="sum", rotate=0):
         slots[...] = x
         return own
     combine = getattr(array_module(x), _UFUNC[op])
-    fault = faults.ring_step_hook(r)
+    fault = step_fault(r)
     steps = ring_reduce_scatter_schedule(r, n, rotate)
     s0, s1 = bounds[steps[0].send_chunk]
     send = x[s0:s1]
@@ -110,8 +109,10 @@ _PLANS = {}
 def ring_allreduce_into(x, out, transport, op="sum", cache=None):
     """Ring all-reduce of flat ``x`` into flat ``out`` (not ``x``): bitwise ring.ring_allreduce_inplace's
     result, with peak memory input + output."""
-    comm = transport.comm
-    n, r = comm.size, comm.rank
+    try:
+        n, r = transport.size, transport.rank          # MpiTransport keeps them (no MPI call per step)
+    except AttributeError:
+        n, r = transport.comm.size, transport.comm.rank
     if n == 1:
         out[...] = x
         if op == "avg":
@@ -119,8 +120,8 @@ def ring_allreduce_into(x, out, transport, op="sum", cache=None):
         return out
     rs, (lo, hi), ag = _allreduce_plan(x.size, n, r)
     # reduce-scatter as ring_reduce_scatter_slots: each chunk is received into its own place in out
-    combine = getattr(np if type(x) is np.ndarray else array_module(x), _UFUNC[op])
-    fault = faults.ring_step_hook(r)
+    combine = _NUMPY_UFUNC[op] if type(x) is np.ndarray else getattr(array_module(x), _UFUNC[op])
+    fault = step_fault(r)
     sendrecv = transport.sendrecv
     for st, from_x, s0, s1, dest, r0, r1, source, what in rs:
         if fault is not None:
@@ -135,3 +136,6 @@ def ring_allreduce_into(x, out, transport, op="sum", cache=None):
             fault(st)
         sendrecv(out[s0:s1], dest, out[r0:r1], source, what=what)
     return out
+
+
+_NUMPY_UFUNC = {op: getattr(np, name) for op, name in _UFUNC.items()}

@@ -9,12 +9,35 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from ringlab import settings
 from ringlab.errors import CollectiveTimeout, default_timeout, resolve_timeout
 from ringlab.faults import handle_timeout
 
-__all__ = ["MpiTransport", "CudaAwareMpiTransport", "wait_all"]
+__all__ = ["MpiTransport", "CudaAwareMpiTransport", "wait_all", "env_unset", "default_seconds"]
 
 _UNSET = object()
+try:       # os.environ's own mapping (CPython): os.environ.get costs ~1 us a call for an unset name
+    _ENV, _ENV_KEY = os.environ._data, os.environ.encodekey
+except AttributeError:
+    _ENV = None
+
+
+def env_unset(name):
+    """True when ``$name`` is certainly not set (read each call, as settings.get does; False: ask settings)."""
+    if _ENV is None:
+        return False
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = _ENV_KEY(name)
+    return key not in _ENV
+
+
+_ENV_KEYS = {}
+
+
+def default_seconds():
+    """errors.default_timeout() ($RINGLAB_TIMEOUT, parsed and checked), without the environment read when unset."""
+    return settings.SETTINGS["RINGLAB_TIMEOUT"].default if env_unset("RINGLAB_TIMEOUT") else default_timeout()
 
 
 def _as_bytes(a):
@@ -90,10 +113,11 @@ class MpiTransport:
         """``timeout``: seconds per wait; unset: $RINGLAB_TIMEOUT; None, 0 or inf: no limit."""
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         if timeout is _UNSET:
-            self.timeout = default_timeout()
+            self.timeout = default_seconds()
         else:
             self.timeout = None if timeout is None else resolve_timeout(timeout)
         self.tag = tag
+        self.rank, self.size = self.comm.rank, self.comm.size
 
     def sendrecv(self, sendbuf, dest, recvbuf, source, what=""):
         """Send ``sendbuf`` to ``dest`` while receiving ``recvbuf`` from ``source``."""

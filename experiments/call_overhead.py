@@ -2,12 +2,14 @@
 
     mpirun -n 2 python experiments/call_overhead.py                   # 64K and 16M, validated calls
     mpirun -n 2 python experiments/call_overhead.py --sizes 4K,64K,1M,16M,64M --rounds 200 --out results.txt
+    mpirun -n 2 python experiments/call_overhead.py --runs 3 --json docs/results/overhead/call_overhead_n2_cpu.json
 
 Each round times one call of every variant in turn, in an order that rotates from round to round
 (barrier-aligned, so load on a shared machine hits all variants alike); the table reports medians
 and the ratio to MPI's Allreduce.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -49,12 +51,37 @@ def main(argv=None):
     p.add_argument("--sizes", type=size_list_arg, default="64K,16M", help="message sizes; default %(default)s")
     p.add_argument("--rounds", type=int, default=300, help="timed rounds at the smallest size; default %(default)s")
     p.add_argument("--min-rounds", type=int, default=30, help="timed rounds at the largest sizes; default %(default)s")
+    p.add_argument("--runs", type=int, default=1, help="measure everything this many times; default %(default)s")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--json", help="also write every run's medians and ratios to this JSON file")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     lines = [f"# {comm.size} ranks, {MPI.Get_library_version().splitlines()[0].strip()}; "
-             f"tuning file {'present' if os.path.exists(tuning_path()) else 'absent'} ({tuning_path()})",
-             f"{'bytes':>10} {'variant':>22} {'median_us':>11} {'x mpi':>7}"]
+             f"tuning file {'present' if os.path.exists(tuning_path()) else 'absent'} ({tuning_path()})"]
+    runs = []
+    for run in range(args.runs):
+        lines.append(f"# run {run + 1} of {args.runs}, {time.strftime('%H:%M:%S', time.gmtime())} UTC, load average "
+                     f"{os.getloadavg()[0]:.2f}")
+        lines.append(f"{'bytes':>10} {'variant':>22} {'median_us':>11} {'x mpi':>7}")
+        runs.append(measure(comm, args, lines))
+    command = f"mpirun -n {comm.size} python experiments/call_overhead.py {' '.join(argv or sys.argv[1:])}"
+    if comm.rank == 0:
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(f"$ {command}\n{text}\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"command": command, "ranks": comm.size, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+                           "tuning_file": os.path.exists(tuning_path()), "date_utc": time.strftime("%Y-%m-%d %H:%M"),
+                           "runs": runs}, f, indent=1)
+                f.write("\n")
+
+
+def measure(comm, args, lines):
+    """One pass over every size: {bytes: {variant: {"median_us", "x_mpi"}}}, rows appended to ``lines``."""
+    result = {}
     for nbytes in args.sizes:
         x = np.ones(nbytes // 4, np.float32)
         y = np.empty_like(x)
@@ -77,13 +104,9 @@ def main(argv=None):
         base = medians["mpi Allreduce"]
         for name, us in medians.items():
             lines.append(f"{nbytes:>10} {name:>22} {us:>11.1f} {us / base:>7.2f}")
-    if comm.rank == 0:
-        text = "\n".join(lines)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(f"$ mpirun -n {comm.size} python experiments/call_overhead.py {' '.join(argv or sys.argv[1:])}\n")
-                f.write(text + "\n")
+        result[str(nbytes)] = {name: {"median_us": round(us, 2), "x_mpi": round(us / base, 3)}
+                               for name, us in medians.items()}
+    return result
 
 
 if __name__ == "__main__":
