@@ -80,8 +80,9 @@ class collective_call:
     def __init__(self, comm, what, timeout=None):
         global _last
         self.comm, self.what, self.timeout, self._moving, self.seconds = comm, what, timeout, False, _UNRESOLVED
-        if _last[0] is comm:           # the communicator of the previous call: its state, without Get_attr
-            self.state, self.lock = _last[1], _last[2]
+        last = _last                   # one read: another thread may replace it
+        if last[0] is comm:            # the communicator of the previous call: its state, without Get_attr
+            self.state, self.lock = last[1], last[2]
             return
         self.state = comm_state(comm)
         self.lock = self.state.get("issue-lock")

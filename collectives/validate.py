@@ -190,9 +190,13 @@ def _pair_run(comm, pair, state, timeout, what):
         wait_all(requests, timeout, describe)
     except BaseException:
         state.pop("agree-pair", None)       # still active: never started again (freed once complete)
+        if pair in _pairs:
+            _pairs.remove(pair)
         for req in requests:
-            req.Free()
-        _pairs.remove(pair)
+            try:
+                req.Free()
+            except Exception:  # noqa: BLE001 - an MPI that refuses to free an active request: leave it
+                pass
         raise
 
 
