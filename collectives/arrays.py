@@ -173,10 +173,9 @@ class on_torch_stream:
 
     def __enter__(self):
         import cupy
-        index = self.device.index if self.device.index is not None else _torch().cuda.current_device()
-        self._dev = cupy.cuda.Device(index)
+        self._dev = cupy.cuda.Device(_cuda_index(self.device))
         self._dev.__enter__()
-        self._stream = _torch_stream_as_cupy(_torch().device("cuda", index))
+        self._stream = caller_stream(self.device)
         self._stream.__enter__()
         return self._stream
 
@@ -187,12 +186,16 @@ class on_torch_stream:
             self._dev.__exit__(*exc)
 
 
+def _cuda_index(device):
+    """The GPU index of a torch CUDA device ("cuda" alone means torch's current device)."""
+    return device.index if device.index is not None else _torch().cuda.current_device()
+
+
 def caller_stream(device=None):
     """The CuPy stream that orders a caller's work: torch's current stream on ``device`` (a ``torch.device``,
     from ``torch_cuda_device``), or CuPy's current stream when ``device`` is None."""
     if device is not None:
-        index = device.index if device.index is not None else _torch().cuda.current_device()
-        return _torch_stream_as_cupy(_torch().device("cuda", index))
+        return _torch_stream_as_cupy(_torch().device("cuda", _cuda_index(device)))
     import cupy
     return cupy.cuda.get_current_stream()
 
