@@ -38,6 +38,8 @@ def _args(argv=None):
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--oracle-max", type=int, default=(1 << 24) + 1, help="largest count checked bit for bit")
+    p.add_argument("--trace-calls", type=int, default=5, help="traced calls per ring row: where a call's time goes "
+                   "on the GPU's clock, per primitive (0: none)")
     p.add_argument("--json", default=None)
     p.add_argument("--hop-error", metavar="JSON", default=None, help="CPU only: the error table (see above)")
     return p.parse_args(argv)
@@ -148,6 +150,25 @@ def parse_shapes(text, threads=512, max_registers=128):
     return shapes
 
 
+def ring_phases(comm, ex, x, y, calls):
+    """Medians over ``calls`` barrier-aligned traced calls of a ring executor, us on the GPU clock, slowest rank:
+    primitive 0 (first send), each reduce-scatter hop, each all-gather hop, the exit (after the last primitive)."""
+    import cupy
+    n = comm.size
+    per = []
+    for _ in range(calls):
+        comm.Barrier()
+        ex._launch(x, y, "sum", 120.0, trace=True)
+        cupy.cuda.get_current_stream().synchronize()
+        w = np.array([int(v) for v in ex.trace[:2 * n]], np.int64)     # start, end of primitives 1..2N-2, exit
+        d = np.diff(w) / 1e3
+        per.append(np.max(comm.allgather(d), axis=0))
+    d = np.median(np.array(per), axis=0)
+    return {"first_to_hop1": round(float(d[0]), 1), "reduce_hop": round(float(np.median(d[1:n - 1])), 1) if n > 2 else None,
+            "allgather_hop": round(float(np.median(d[n - 1:2 * n - 2])), 1), "exit": round(float(d[-1]), 1),
+            "total": round(float(d.sum()), 1)}
+
+
 def main(argv=None):
     args = _args(argv)
     if args.hop_error:
@@ -244,13 +265,16 @@ def main(argv=None):
                 ex.synchronize()
                 times.append(comm.allreduce(cupy.cuda.get_elapsed_time(start, end) * 1e-3 / args.calls, op=MPI.MAX))
             t = float(np.median(times))
+            phases = ring_phases(comm, ex, x, y, args.trace_calls) if args.trace_calls and path != "fp8-direct" \
+                and getattr(ex, "mode", "") == "per-rank" else None
             bpe = hbm_bytes_per_element(path, n, args.block)
             floor = n * bpe * count / bw            # every rank's traffic on the one GPU's HBM
             rows.append({"path": path, "shape": label, "fmt": args.fmt if path != "fp32-ring" else "fp32",
                          "block": args.block, "bytes": nbytes, "count": count, "nranks": n, "median_ms": t * 1e3,
                          "algbw_GBps": nbytes / t / 1e9, "hbm_bytes_per_elem": bpe, "hbm_floor_ms": floor * 1e3,
                          "pct_of_hbm_floor": 100 * floor / t, "mode": getattr(ex, "mode", "?"), "checked": how,
-                         "max_parts": getattr(ex, "max_parts", None), "times_ms": [v * 1e3 for v in times]})
+                         "max_parts": getattr(ex, "max_parts", None), "times_ms": [v * 1e3 for v in times],
+                         "trace_us": phases})
             del x, y
         if ex is not fp32:
             ex.close()
@@ -270,6 +294,10 @@ def main(argv=None):
         sp = f"{r['speedup_vs_fp32_ring']:.2f}" if r["speedup_vs_fp32_ring"] else "-"
         say(f" {r['path']:>11s} {r['shape']:>14s} {r['bytes'] >> 20:>8d}MB {r['mode']:>10s} {r['median_ms']:9.3f} {r['algbw_GBps']:11.1f} "
             f"{sp:>7s} {r['hbm_bytes_per_elem']:9.2f} {r['pct_of_hbm_floor']:7.0f}% {r['checked']:>18s}")
+    for r in rows:
+        if r["trace_us"]:
+            say(f"# {r['path']} {r['shape']} {r['bytes'] >> 20} MB, one traced call on the GPU clock (us, slowest rank, "
+                f"median of {args.trace_calls}): " + ", ".join(f"{k} {v}" for k, v in r["trace_us"].items()))
     return 0
 
 

@@ -31,6 +31,8 @@ def parse(argv=None):
     p.add_argument("--loop", type=int, default=200, help="back-to-back calls per loop round")
     p.add_argument("--rounds", type=int, default=7, help="loop rounds per row")
     p.add_argument("--graph", type=int, default=50, help="calls captured in one CUDA graph per replay (0: none)")
+    p.add_argument("--trace", type=int, default=20, help="traced one-shot/two-shot calls of the smallest size, for "
+                   "where a call's time goes on the GPU's clock (0: none)")
     p.add_argument("--json", default=None, help="write rows and metadata here")
     p.add_argument("--write-tuning", default=None, metavar="PATH",
                    help="merge the measured crossovers into this tuning file (the auto table)")
@@ -118,6 +120,53 @@ def graph_time(comm, variant, count, calls, rounds):
     return float(np.median(times)), "" if wrong == 0 else f"#wrong {wrong} after replay"
 
 
+def trace_breakdown(comm, ex, count, calls):
+    """Medians over ``calls`` barrier-aligned traced calls, in us on the GPU's clock (%globaltimer, one clock for
+    every rank): start skew (last start - first), then from the last rank's start: inputs ready, reduced, exit
+    (the slowest rank); and the kernel's own span (start to exit, the slowest rank)."""
+    import cupy
+    x = cupy.ones(count, cupy.float32)
+    y = cupy.empty_like(x)
+    ex.traced_call(x, y, "sum")
+    rows = []
+    for _ in range(calls):
+        comm.Barrier()
+        t = [int(v) for v in ex.traced_call(x, y, "sum")]
+        every = comm.allgather(t)
+        last = max(r[0] for r in every)
+        rows.append([last - min(r[0] for r in every)] + [max(r[k] for r in every) - last if all(r[k] for r in every)
+                                                         else float("nan") for k in (1, 2, 3)] +
+                    [max(r[3] - r[0] for r in every)])
+    med = np.nanmedian(np.array(rows, float), axis=0) / 1e3
+    return dict(zip(("start_skew", "inputs_ready", "reduced", "exit", "kernel_span"), (round(float(v), 2) for v in med)))
+
+
+def null_graph_time(comm, calls, rounds):
+    """Device us per call of ``calls`` one-element copies replayed from one CUDA graph, every rank at once: what a
+    kernel boundary costs here with this many ranks' contexts sharing the GPU (no flags, no peers)."""
+    import cupy
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        x = cupy.ones(2, cupy.float32)
+        y = cupy.empty_like(x)
+        y[...] = x
+        stream.synchronize()
+        stream.begin_capture()
+        for _ in range(calls):
+            y[...] = x
+        graph = stream.end_capture()
+        times = []
+        for _ in range(rounds):
+            comm.Barrier()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(comm.allreduce(cupy.cuda.get_elapsed_time(start, end) * 1e3 / calls, op=max_op()))
+    return float(np.median(times))
+
+
 def max_op():
     from mpi4py import MPI
     return MPI.MAX
@@ -169,6 +218,9 @@ def main(argv=None):
     for v in variants if args.graph else ():   # the same calls replayed from one CUDA graph
         for count in counts:
             graphs[(v.name, count)] = graph_time(comm, v, count, args.graph, args.rounds)
+    traces = {a: trace_breakdown(comm, execs[a][0], counts[0], args.trace) for a in ("oneshot", "twoshot")
+              if args.trace and a in execs and execs[a][1] == "per-rank"}
+    null_us = null_graph_time(comm, args.graph, args.rounds) if args.graph else float("nan")
     for r in rows:
         per, host, pick = loops[(r.variant, r.count)]
         r.note = f"pick={pick} mode={execs[pick][1]} loop_us={per:.2f} host_us={host:.2f}"
@@ -181,7 +233,8 @@ def main(argv=None):
                         loop_us={f"{k[0]}/{k[1] * 4}": v[0] for k, v in loops.items()},
                         host_us_per_call={f"{k[0]}/{k[1] * 4}": v[1] for k, v in loops.items()},
                         graph_calls=args.graph, graph_us={f"{k[0]}/{k[1] * 4}": v[0] for k, v in graphs.items()},
-                        graph_notes={f"{k[0]}/{k[1] * 4}": v[1] for k, v in graphs.items() if v[1]})
+                        graph_notes={f"{k[0]}/{k[1] * 4}": v[1] for k, v in graphs.items() if v[1]},
+                        trace_us={"bytes": counts[0] * 4, **traces}, null_graph_us=null_us)
     if comm.rank == 0:
         if args.json:
             write_json(args.json, rows, meta)
@@ -206,6 +259,10 @@ def main(argv=None):
                 cells.append(f"{r.time_us:15.1f} {per:7.1f} {g:7.1f} {mode + ('' if r.wrong == 0 else ' WRONG'):>14s}")
                 pick = p if v == "auto" else pick
             print(f" {count * 4:>9d} " + " ".join(cells) + f" {pick:>10s}")
+        for a, t in traces.items():
+            print(f"# {a} {counts[0] * 4} B on the GPU clock (median of {args.trace} traced calls, us): " +
+                  ", ".join(f"{k} {v}" for k, v in t.items()))
+        print(f"# a one-element copy kernel replayed from a graph on every rank at once: {null_us:.1f} us per call")
     for k, (e, _, _) in execs.items():
         if k != "ring":
             e.close()

@@ -6,7 +6,7 @@ part p of every chunk, so barriers are per part. Results are the host ring's bit
 import numpy as np
 
 from ringlab.kernels.device import cuda
-from ringlab.kernels.flags import flag_load, flag_store, global_ns, pointer_access, quad_access
+from ringlab.kernels.flags import FLAG_SCOPES, flag_access, flag_load, flag_store, global_ns, pointer_access, quad_access
 from ringlab.kernels.optable import DEVICE_DTYPES, OPS
 from ringlab.kernels.ring_kernel import _combine, rank_barrier
 
@@ -53,20 +53,23 @@ def launch_parts(algo, nranks, count, itemsize, max_parts):
     return int(max(1, min(max_parts, MAX_PARTS, work // (256 << 10))))
 
 
-def small_kernel(dtype, op, algo):
-    """The compiled kernel for (dtype, op, algo). Parameters: src, out, count, table address, timeout_ns
-    (0: no limit). No per-call parameter: each block counts its calls on the device (graph replay works)."""
-    key = (np.dtype(dtype).name, op, algo)
+def small_kernel(dtype, op, algo, scope="sys"):
+    """The compiled kernel for (dtype, op, algo, flag scope). Parameters: src, out, count, table address,
+    timeout_ns (0: no limit). No per-call parameter: each block counts its calls on the device (graph replay
+    works). ``scope`` "gpu" when every rank runs on this GPU (cheaper fences), else "sys"."""
+    key = (np.dtype(dtype).name, op, algo, scope)
     if key not in _kernels:
-        _kernels[key] = cuda.jit(_SIGNATURE)(small_kernel_source(dtype, op, algo))
+        _kernels[key] = cuda.jit(_SIGNATURE)(small_kernel_source(dtype, op, algo, scope))
     return _kernels[key]
 
 
-def small_kernel_source(dtype, op, algo):
+def small_kernel_source(dtype, op, algo, scope="sys"):
     """The kernel as a Python function, before compilation."""
     name = np.dtype(dtype).name
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+    if scope not in FLAG_SCOPES:
+        raise ValueError(f"flag scope must be one of {FLAG_SCOPES}, got {scope!r}")
     if name not in KERNEL_DTYPES or op not in KERNEL_OPS:
         raise TypeError(f"the one-shot/two-shot kernels have no kernel for {name} {op}")
     twoshot = algo == "twoshot"
@@ -75,6 +78,9 @@ def small_kernel_source(dtype, op, algo):
     addr_load, _ = pointer_access(np.int64)
     combine = _combine(op, dtype)
     itemsize = np.dtype(dtype).itemsize
+    peer_load, peer_store = flag_access(scope)     # the counters; status and trace (host memory) stay sys
+    own_load, own_store = flag_access("gpu")        # calls[p]: only this rank's next kernels read it
+    _, stamp = pointer_access(np.uint64)            # trace words: plain stores, read after a sync (no fence to time)
 
     @cuda.jit(device=True)
     def wait_peers(flags, n, rank, p, target, deadline, status, phase, call, lane, nlanes):
@@ -84,7 +90,7 @@ def small_kernel_source(dtype, op, algo):
         while q < n:
             if q != rank:
                 f = np.uint64(flags[q])
-                while flag_load(f, p) < target:
+                while peer_load(f, p) < target:
                     if deadline != 0 and global_ns() > deadline:
                         if flag_load(status, 0) == STATUS_OK:
                             flag_store(status, 3, call)
@@ -198,7 +204,7 @@ def small_kernel_source(dtype, op, algo):
             scr[q] = addr_load(table, row + SCRATCH + q)
             flg[q] = addr_load(table, row + FLAGS + q)
         mine, my_flags = np.uint64(scr[rank]), np.uint64(flg[rank])
-        call = flag_load(calls, p)
+        call = own_load(calls, p)
         base = call * np.uint64(PHASES)
         off = np.int64(call & np.uint64(1)) * (cap // itemsize)      # this call's half of every scratch
         aligned = ((src | out) & np.uint64(15)) == np.uint64(0)
@@ -209,14 +215,14 @@ def small_kernel_source(dtype, op, algo):
         if lane == 0:
             ok[cuda.threadIdx.y] = 1
             if trace != 0 and p == 0:
-                flag_store(trace, 0, t0)
+                stamp(trace, 0, t0)
         # phase 1: our part p of every chunk into our scratch half, published; wait for every peer's
         for c in range(n):
             a, b = bounds(count, n, c, p, nparts)
             copy_part(src, 0, mine, off, a, b, lane, nlanes, aligned)
         rank_barrier()
         if lane == 0:
-            flag_store(my_flags, p, base + np.uint64(PHASE_INPUT))
+            peer_store(my_flags, p, base + np.uint64(PHASE_INPUT))
         if wait_peers(flg, n, rank, p, base + np.uint64(PHASE_INPUT), deadline, status, PHASE_INPUT, call,
                       lane, nlanes) == 0:
             ok[cuda.threadIdx.y] = 0
@@ -224,7 +230,7 @@ def small_kernel_source(dtype, op, algo):
         if ok[cuda.threadIdx.y] == 0:
             return
         if lane == 0 and trace != 0 and p == 0:
-            flag_store(trace, 1, global_ns())
+            stamp(trace, 1, global_ns())
         if not twoshot:
             for c in range(n):           # one-shot: every chunk, each folded in the host ring's order
                 a, b = bounds(count, n, c, p, nparts)
@@ -234,7 +240,7 @@ def small_kernel_source(dtype, op, algo):
             reduce_part(scr, n, rank, off, out, mine, a, b, lane, nlanes, aligned)
             rank_barrier()
             if lane == 0:
-                flag_store(my_flags, p, base + np.uint64(PHASE_REDUCED))
+                peer_store(my_flags, p, base + np.uint64(PHASE_REDUCED))
             if wait_peers(flg, n, rank, p, base + np.uint64(PHASE_REDUCED), deadline, status, PHASE_REDUCED,
                           call, lane, nlanes) == 0:
                 ok[cuda.threadIdx.y] = 0
@@ -242,7 +248,7 @@ def small_kernel_source(dtype, op, algo):
             if ok[cuda.threadIdx.y] == 0:
                 return
             if lane == 0 and trace != 0 and p == 0:
-                flag_store(trace, 2, global_ns())
+                stamp(trace, 2, global_ns())
             for c in range(n):           # all-gather by reads of the owners' reduced chunks
                 if c != rank:
                     a, b = bounds(count, n, c, p, nparts)
@@ -250,8 +256,8 @@ def small_kernel_source(dtype, op, algo):
         # No exit barrier: the next call writes the other half; the one after waits (phase 1) for every peer
         # to have started the call in between, which on its stream means it finished reading this half.
         if lane == 0:
-            flag_store(calls, p, call + np.uint64(1))
+            own_store(calls, p, call + np.uint64(1))
             if trace != 0 and p == 0:
-                flag_store(trace, 3, global_ns())
+                stamp(trace, 3, global_ns())
 
     return kernel

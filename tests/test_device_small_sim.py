@@ -276,6 +276,12 @@ for algo, dtype, op in (("oneshot", "float32", "sum"), ("twoshot", "float16", "a
     ptx, _ = cuda.compile_ptx(small_kernel_source(dtype, op, algo), _SIGNATURE, cc=(9, 0))
     assert ptx.count("ld.acquire.sys") >= 2 and ptx.count("st.release.sys") >= 2 and ".nc" not in ptx, algo
     assert ".f64" not in ptx, f"{algo} {dtype}: float64 arithmetic crept in (an int64/uint64 mix?)"
+ptx, _ = cuda.compile_ptx(small_kernel_source("float32", "sum", "twoshot", "gpu"), _SIGNATURE, cc=(9, 0))
+# gpu scope (every rank on this GPU): the peers' counters at .gpu; only the timeout's status words stay .sys
+assert ptx.count("ld.acquire.gpu") >= 1 and ptx.count("st.release.gpu") >= 3, "gpu-scope counters"
+# two waits, each: one status read and the four status words of a timeout (nothing else at .sys)
+assert ptx.count("ld.acquire.sys") == 2 and ptx.count("fence.acq_rel.sys") == ptx.count("st.release.sys") == 8, \
+    "sys fences outside the timeout path"
 print("ptx ok")
 """
 
