@@ -6,12 +6,11 @@ the ring falls back to the host-driven FP8 IPC ring (gpu/fp8_ipc.py). Same bits 
 import numpy as np
 from mpi4py import MPI
 
-from ringlab.errors import CollectiveTimeout, resolve_timeout
-from ringlab.faults import handle_timeout
+from ringlab.errors import resolve_timeout
 from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, first_chunk, fp8_send_layout,
                                      launch_shape, program_table)
-from ringlab.gpu.device_ring import PROBE_LIMIT_NS, DriverLaunch, mps_visible
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
+from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
 from ringlab.kernels.formats import check_fp8_input_dtype
 from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, STATUS_OK, fp8_codec
@@ -30,6 +29,8 @@ class DeviceFp8Ring:
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
     ``threads`` x ``max_registers``, ``blocks_per_sm`` (sets the default max_parts), ``tiles`` / ``fwd_tiles``
     (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled)."""
+    STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
+    check, synchronize, _cached = check, synchronize, cached
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
                  mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None,
@@ -165,65 +166,25 @@ class DeviceFp8Ring:
                               blocks_per_chunk=nbc, first=first_chunk(count, self.n, self.rank))
         return np.array([row], np.int64)
 
-    def _cached(self, cache, key, host_table, stream):
-        import cupy
-        if stream.is_capturing():
-            raise RuntimeError("device FP8 all-reduce: the first call with these buffers (or this size) cannot be "
-                               "captured in a CUDA graph (it uploads a table); run it once before capturing")
-        if len(cache) > 64:
-            self._keep.append(list(cache.values()))   # a queued kernel may still read them: free later
-            self._keep = self._keep[-2:]
-            cache.clear()
-        cache[key] = cupy.asarray(host_table)
-        return cache[key]
+    # -- errors, traces, mode (check and synchronize: persistent.py) -----------------------------------
+    @property
+    def _label(self):
+        return f"device {self.algo}"
 
-    # -- errors, traces, mode -----------------------------------------------------------------------
-    def check(self):
-        """Raise CollectiveTimeout if an earlier call's kernel gave up waiting for a peer (no host sync)."""
-        if self.fallback is None and int(self.status[0]) != STATUS_OK:
-            peer, where = int(self.status[1]), int(self.status[2])
-            what = "primitive" if self.algo == "fp8-ring" else "phase"
-            exc = CollectiveTimeout(f"rank {self.rank}: device {self.algo} kernel gave up after {self.timeout} s "
-                                    f"waiting for rank {peer} ({what} {where}); the communicator is unusable now",
-                                    peer=peer, rank=self.rank)
-            handle_timeout(exc)
-            raise exc
-
-    def synchronize(self):
-        """Wait for the caller's stream, then raise any recorded timeout."""
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
-        self.check()
+    def _stalled_at(self):
+        return f"{'primitive' if self.algo == 'fp8-ring' else 'phase'} {int(self.status[2])}"
 
     def _probe(self):
         """("per-rank" | "host", why): does a traced call finish fast once every rank has started?"""
         import cupy
         x = cupy.ones(max(self.n, 1) * self.codec.block, cupy.float32)
         y = cupy.empty_like(x)
-        ok, span, last = 1, 0, 2 * self.n - 1 if self.algo == "fp8-ring" else 3
-        if self.n > 1:
-            self._kernel(np.dtype(np.float32), "sum")   # compile before the barrier: ranks then start together
-            for _ in range(2):                          # the first pays module loading
-                self.comm.Barrier()
-                self._launch(x, y, "sum", 5.0, trace=True)
-                cupy.cuda.get_current_stream().synchronize()
-                ok = int(self.status[0]) == STATUS_OK and bool(cupy.isfinite(y).all())
-                if not ok:
-                    break
-            starts = self.comm.allgather((int(self.trace[0]), int(self.trace[last])))
-            mine = same_gpu_ranks(self.comm)
-            if ok:
-                span = max(starts[k][1] for k in mine) - max(starts[k][0] for k in mine)
-        fast = self.comm.allreduce(int(ok and span < PROBE_LIMIT_NS), op=MPI.MIN)
-        self._probe_ok = bool(self.comm.allreduce(int(ok), op=MPI.MIN))
-        if fast:
-            return "per-rank", f"kernels co-run (probe: {span / 1e3:.0f} us after the last start)"
-        self.status[:] = 0                              # reset every counter before the fallback
-        cupy.cuda.runtime.memset(self.flags, 0, 16 * MAX_PARTS)
-        cupy.cuda.runtime.deviceSynchronize()
-        self.comm.Barrier()
-        why = "no co-residency: MPS not running?" if ok else "probe timed out"
-        return "host", f"{why} (probe span {span / 1e3:.0f} us, MPS pipe visible: {mps_visible()})"
+        launch = None if self.n == 1 else lambda: self._launch(x, y, "sum", 5.0, trace=True)
+        mode, why, self._probe_ok = probe(self, "host", launch, lambda: cupy.isfinite(y).all(),
+                                          2 * self.n - 1 if self.algo == "fp8-ring" else 3,
+                                          [(self.flags, 16 * MAX_PARTS)],
+                                          lambda: self._kernel(np.dtype(np.float32), "sum"), agree_ok=True)
+        return mode, why
 
     @property
     def opened(self):

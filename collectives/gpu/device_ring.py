@@ -4,7 +4,6 @@ Under MPS (or one rank per GPU) the per-rank kernels co-run; ``mode="auto"`` pro
 hands calls to the single-context SharedGpuRing. Messages up to ``stage_bytes`` run in a staging buffer mapped once,
 so a call needs no host message. Stream-ordered, graph-capturable (docs/device_ring.md).
 """
-import ctypes
 import os
 import time
 
@@ -15,22 +14,17 @@ from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
 from ringlab.gpu.device_plan import address_row, first_chunk, launch_shape, program_table
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
+from ringlab.gpu.persistent import PROBE_LIMIT_NS, THREADS, DriverLaunch, cached, check, mps_visible, probe, synchronize
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, STATUS_OK
 
-__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGISTERS", "PROBE_LIMIT_NS", "STAGE_BYTES"]
+__all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGISTERS", "PROBE_LIMIT_NS", "STAGE_BYTES",
+           "DriverLaunch"]       # mps_visible, THREADS, PROBE_LIMIT_NS, DriverLaunch: from persistent.py
 
-THREADS = 768                    # per block, with registers capped at MAX_REGISTERS: one block per SM fits
+# THREADS = 768 per block, with registers capped at MAX_REGISTERS: one block per SM fits
 MAX_REGISTERS = 80               # (the uncapped kernel needs 96: 512 threads; docs/device_ring.md has both)
 SLICE_BYTES = 4 << 20            # per block per slice, at least: fewer drains beat finer pipelining here
 STAGE_BYTES = 1 << 20            # per rank: calls up to this size copy in and out of a buffer peers mapped once
-PROBE_LIMIT_NS = 2_000_000       # co-resident ring of <= 64 ranks: tens of us; time-sliced: milliseconds
 _HANDLE = 64                     # bytes of a CUDA IPC handle
-
-
-def mps_visible():
-    """True when an MPS control daemon's pipe is visible to this process (for reports; the probe decides)."""
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    return os.path.exists(os.path.join(pipe, "control"))
 
 
 class DeviceRing:
@@ -44,6 +38,8 @@ class DeviceRing:
     ``stage_split``: separate staging halves for src and out (the ring out of place) instead of one in place;
     ``max_in_flight``: when > 0, the host waits for the call that many calls back before launching (queue depth).
     """
+    STATUS_OK, _label, _table_label = STATUS_OK, "device ring", "device ring"    # for persistent.py's methods
+    check, synchronize, _cached = check, synchronize, cached
 
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
                  blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS,
@@ -196,18 +192,6 @@ class DeviceRing:
         self._launchers[(dtype, op)] = fast
         return fast
 
-    def _cached(self, cache, key, host_table):
-        import cupy
-        if cupy.cuda.get_current_stream().is_capturing():
-            raise RuntimeError("device ring: the first call with these buffers (or this size) cannot be captured "
-                               "in a CUDA graph (it uploads a table); run it once before capturing")
-        if len(cache) > 64:
-            self._keep.append(list(cache.values()))   # a queued kernel may still read them: free later
-            self._keep = self._keep[-2:]
-            cache.clear()
-        cache[key] = cupy.asarray(host_table)
-        return cache[key]
-
     def _swap_with_neighbours(self, src, out):
         """Send our (src, out) handles right, receive the left's; return our addresses of the left's buffers."""
         (hs, os_), (ho, oo) = self.peers.export(src), self.peers.export(out)
@@ -236,22 +220,9 @@ class DeviceRing:
         """Peer mappings held (the leak check counts them, as for the IPC rings)."""
         return self.peers.opened
 
-    # -- errors, traces, mode -----------------------------------------------------------------------
-    def check(self):
-        """Raise CollectiveTimeout if an earlier call's kernel gave up waiting for a peer (no host sync)."""
-        if self.fallback is None and int(self.status[0]) != STATUS_OK:
-            peer, prim = int(self.status[1]), int(self.status[2])
-            exc = CollectiveTimeout(f"rank {self.rank}: device ring kernel gave up after {self.timeout} s waiting "
-                                    f"for rank {peer} (primitive {prim}); the communicator is unusable now",
-                                    peer=peer, rank=self.rank)
-            handle_timeout(exc)
-            raise exc
-
-    def synchronize(self):
-        """Wait for the caller's stream, then raise any recorded timeout."""
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
-        self.check()
+    # -- errors, traces, mode (check and synchronize: persistent.py) -----------------------------------
+    def _stalled_at(self):
+        return f"primitive {int(self.status[2])}"
 
     def last_trace(self):
         """globaltimer ns of the last traced call: kernel start, end of primitives 1..2N-2, exit (after a sync)."""
@@ -262,29 +233,14 @@ class DeviceRing:
         import cupy
         x = cupy.ones(max(self.n, 1), cupy.float32)
         y = cupy.empty_like(x)
-        ok, span = 1, 0
-        if (x.dtype, "sum") not in self._launchers:     # compile before the barrier: ranks then start together
-            self._launcher(x.dtype, "sum")
-        for _ in range(2):                              # the first pays module loading
-            self.comm.Barrier()
-            self._launch(x, y, "sum", 5.0, trace=True)
-            cupy.cuda.get_current_stream().synchronize()
-            ok = int(self.status[0]) == STATUS_OK and bool((y == self.n).all())
-            if not ok:
-                break
-        starts = self.comm.allgather((int(self.trace[0]), int(self.trace[2 * self.n - 1])))
-        mine = same_gpu_ranks(self.comm)
-        if ok:
-            span = max(starts[k][1] for k in mine) - max(starts[k][0] for k in mine)
-        fast = self.comm.allreduce(int(ok and span < PROBE_LIMIT_NS), op=MPI.MIN)
-        if fast:
-            return "per-rank", f"kernels co-run (probe: {span / 1e3:.0f} us after the last start)"
-        self.status[:] = 0                              # reset every counter before the fallback
-        cupy.cuda.runtime.memset(self.flags, 0, 16 * MAX_PARTS)
-        cupy.cuda.runtime.deviceSynchronize()
-        self.comm.Barrier()
-        why = "no co-residency: MPS not running?" if ok else "probe timed out"
-        return "single-context", f"{why} (probe span {span / 1e3:.0f} us, MPS pipe visible: {mps_visible()})"
+
+        def load_kernel():             # before the barrier: ranks then start together
+            if (x.dtype, "sum") not in self._launchers:
+                self._launcher(x.dtype, "sum")
+        mode, why, _ = probe(self, "single-context", lambda: self._launch(x, y, "sum", 5.0, trace=True),
+                             lambda: (y == self.n).all(), 2 * self.n - 1, [(self.flags, 16 * MAX_PARTS)],
+                             load_kernel)
+        return mode, why
 
     def close(self):
         if self.fallback is not None:
@@ -296,56 +252,6 @@ class DeviceRing:
             pass
         self._tables.clear(), self._progs.clear(), self._keep.clear()
         self.peers.close()
-
-
-class DriverLaunch:
-    """cuLaunchKernel of a compiled numba kernel whose parameters are five 64-bit integers, packed in place
-    (numba's own launch path costs far more host time than the kernel's latency)."""
-
-    def __init__(self, function):
-        from cuda.bindings import driver
-        self.d, self.function, self.streams = driver, function, {}
-        self.threads, self.max_parts = THREADS, 1
-        self.values = (ctypes.c_uint64 * 5)()
-        self.pointers = (ctypes.c_void_p * 5)(*[ctypes.addressof(self.values) + 8 * k for k in range(5)])
-        self.params = ctypes.addressof(self.pointers)
-
-    @classmethod
-    def for_kernel(cls, kern):
-        from cuda.bindings import driver
-        overload = next(iter(kern.overloads.values()))
-        handle = overload._codelibrary.get_cufunc().handle       # a CUkernel (library-managed module)
-        if isinstance(handle, driver.CUkernel):
-            err, handle = driver.cuKernelGetFunction(handle)
-            if int(err) != 0:
-                raise RuntimeError(f"cuKernelGetFunction failed: CUresult {int(err)}")
-        return cls(handle)
-
-    def attribute(self, name):
-        """cuFuncGetAttribute(CU_FUNC_ATTRIBUTE_<name>) of the kernel, e.g. MAX_THREADS_PER_BLOCK, NUM_REGS."""
-        a = getattr(self.d.CUfunction_attribute, f"CU_FUNC_ATTRIBUTE_{name}")
-        err, value = self.d.cuFuncGetAttribute(a, self.function)
-        if int(err) != 0:
-            raise RuntimeError(f"cuFuncGetAttribute({name}) failed: CUresult {int(err)}")
-        return int(value)
-
-    def blocks_per_sm(self, threads):
-        err, value = self.d.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: CUresult {int(err)}")
-        return int(value)
-
-    def __call__(self, parts, threads, stream_ptr, *args):
-        stream = self.streams.get(stream_ptr)
-        if stream is None:
-            if len(self.streams) > 64:
-                self.streams.clear()
-            stream = self.streams[stream_ptr] = self.d.CUstream(stream_ptr)
-        for k, v in enumerate(args):
-            self.values[k] = v & 0xFFFFFFFFFFFFFFFF
-        err, = self.d.cuLaunchKernel(self.function, parts, 1, 1, threads, 1, 1, 0, stream, self.params, 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cuLaunchKernel of the device ring failed: CUresult {int(err)}")
 
 
 _KERNEL_DTYPES = frozenset(np.dtype(d) for d in KERNEL_DTYPES)    # dtype objects: no name lookup per call

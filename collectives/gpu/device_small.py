@@ -13,10 +13,9 @@ from mpi4py import MPI
 
 from ringlab import settings
 from ringlab.commstate import comm_state
-from ringlab.errors import CollectiveTimeout, resolve_timeout
-from ringlab.faults import handle_timeout
-from ringlab.gpu.device_ring import PROBE_LIMIT_NS, THREADS, DriverLaunch, mps_visible
+from ringlab.errors import resolve_timeout
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
+from ringlab.gpu.persistent import THREADS, DriverLaunch, check, probe, synchronize
 from ringlab.kernels.small_kernel import (ALGOS, KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_RANKS, STATUS_OK,
                                           TRACE_WORDS, launch_parts, table_row)
 
@@ -29,13 +28,18 @@ _PHASE_NAMES = {1: "waiting for its input", 2: "waiting for its reduced chunk"}
 
 
 class DeviceSmallAllreduce:
-    """One-shot or two-shot all-reduce (``algo`` fixed here) by one persistent kernel per rank. Collective."""
+    """One-shot or two-shot all-reduce (``algo`` fixed here) by one persistent kernel per rank. Collective.
+    ``scope`` of the flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing)."""
+    STATUS_OK, check, synchronize = STATUS_OK, check, synchronize                # persistent.py's methods
 
-    def __init__(self, comm, algo="oneshot", timeout=None, mode="auto", capacity=CAPACITY, max_parts=None):
+    def __init__(self, comm, algo="oneshot", timeout=None, mode="auto", capacity=CAPACITY, max_parts=None,
+                 scope=None):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         if algo not in ALGOS:
             raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+        if scope not in (None, "gpu", "sys"):
+            raise ValueError(f"scope must be None, 'gpu' or 'sys', got {scope!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         usable, why = ipc_usable(comm)
@@ -49,6 +53,8 @@ class DeviceSmallAllreduce:
         if self.capacity <= 0:
             raise ValueError(f"capacity must be >= 64 bytes, got {capacity}")
         self.sharing = len(same_gpu_ranks(comm))
+        every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
+        self.scope = scope or ("gpu" if every else "sys")     # flags: gpu when every rank runs on this GPU
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))   # every block resident
         everyone = set(range(self.n))
@@ -114,13 +120,16 @@ class DeviceSmallAllreduce:
     def _launcher(self, dtype, op):
         """The compiled kernel's driver launcher, with as many threads and parts as stay resident."""
         from ringlab.kernels.small_kernel import small_kernel
-        fast = DriverLaunch.for_kernel(small_kernel(dtype, op, self.algo))
-        d = fast.d
-        err, most = d.cuFuncGetAttribute(d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
-                                         fast.function)
-        fast.threads = THREADS if int(err) != 0 else max(32, min(THREADS, int(most) // 32 * 32))
-        err, resident = d.cuOccupancyMaxActiveBlocksPerMultiprocessor(fast.function, fast.threads, 0)
-        if int(err) == 0 and int(resident) < 1:
+        fast = DriverLaunch.for_kernel(small_kernel(dtype, op, self.algo, self.scope))
+        try:                                            # a query the driver refuses leaves the defaults
+            fast.threads = max(32, min(THREADS, fast.attribute("MAX_THREADS_PER_BLOCK") // 32 * 32))
+        except RuntimeError:
+            fast.threads = THREADS
+        try:
+            resident = fast.blocks_per_sm(fast.threads)
+        except RuntimeError:
+            resident = 1
+        if resident < 1:
             raise RuntimeError(f"device {self.algo}: the {np.dtype(dtype).name} {op} kernel cannot run "
                                f"{fast.threads} threads per block")
         fast.max_parts = self.max_parts
@@ -131,22 +140,14 @@ class DeviceSmallAllreduce:
         """Peer mappings held (the leak check counts them)."""
         return self.peers.opened
 
-    # -- errors, traces, mode -----------------------------------------------------------------------
-    def check(self):
-        """Raise CollectiveTimeout if an earlier call's kernel gave up waiting for a peer (no host sync)."""
-        if self.fallback is None and int(self.status[0]) != STATUS_OK:
-            peer, phase, call = int(self.status[1]), int(self.status[2]), int(self.status[3])
-            exc = CollectiveTimeout(f"rank {self.rank}: device {self.algo} kernel gave up after {self.timeout} s "
-                                    f"waiting for rank {peer} ({_PHASE_NAMES.get(phase, f'phase {phase}')}, "
-                                    f"call {call}); the communicator is unusable now", peer=peer, rank=self.rank)
-            handle_timeout(exc)
-            raise exc
+    # -- errors, traces, mode (check and synchronize: persistent.py) -----------------------------------
+    @property
+    def _label(self):
+        return f"device {self.algo}"
 
-    def synchronize(self):
-        """Wait for the caller's stream, then raise any recorded timeout."""
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
-        self.check()
+    def _stalled_at(self):
+        phase, call = int(self.status[2]), int(self.status[3])
+        return f"{_PHASE_NAMES.get(phase, f'phase {phase}')}, call {call}"
 
     def traced_call(self, src, out, op="sum", timeout=None):
         """One call that records %globaltimer ns (start, inputs ready, reduced, exit) of block 0; synchronizes."""
@@ -166,30 +167,14 @@ class DeviceSmallAllreduce:
             return "per-rank", "one rank: nothing to wait for"
         x = cupy.ones(self.n, cupy.float32)
         y = cupy.empty_like(x)
-        ok, span = True, 0
-        if (x.dtype, "sum") not in self._launchers:     # compile before the barrier: ranks then start together
-            self._launchers[(x.dtype, "sum")] = self._launcher(x.dtype, "sum")
-        for _ in range(2):                              # the first pays module loading
-            self.comm.Barrier()
-            self._launch(x, y, "sum", 5.0, True)
-            cupy.cuda.get_current_stream().synchronize()
-            ok = int(self.status[0]) == STATUS_OK and bool((y == self.n).all())
-            if not ok:
-                break
-        ends = self.comm.allgather((int(self.trace[0]), int(self.trace[TRACE_WORDS - 1])))
-        if ok:
-            mine = same_gpu_ranks(self.comm)
-            span = max(ends[k][1] for k in mine) - max(ends[k][0] for k in mine)
-        fast = self.comm.allreduce(int(ok and span < PROBE_LIMIT_NS), op=MPI.MIN)
-        if fast:
-            return "per-rank", f"kernels co-run (probe: {span / 1e3:.0f} us after the last start)"
-        self.status[:] = 0                              # reset the counters before the fallback takes over
-        cupy.cuda.runtime.memset(self.flags, 0, 8 * MAX_PARTS)
-        cupy.cuda.runtime.memset(self.calls, 0, 8 * MAX_PARTS)
-        cupy.cuda.runtime.deviceSynchronize()
-        self.comm.Barrier()
-        why = "no co-residency: MPS not running?" if ok else "probe timed out"
-        return "fallback", f"{why} (probe span {span / 1e3:.0f} us, MPS pipe visible: {mps_visible()})"
+
+        def load_kernel():             # before the barrier: ranks then start together
+            if (x.dtype, "sum") not in self._launchers:
+                self._launchers[(x.dtype, "sum")] = self._launcher(x.dtype, "sum")
+        mode, why, _ = probe(self, "fallback", lambda: self._launch(x, y, "sum", 5.0, True),
+                             lambda: (y == self.n).all(), TRACE_WORDS - 1,
+                             [(self.flags, 8 * MAX_PARTS), (self.calls, 8 * MAX_PARTS)], load_kernel)
+        return mode, why
 
     def close(self):
         """Free scratch and counters after every rank's kernels are done (collective)."""
