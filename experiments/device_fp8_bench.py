@@ -206,7 +206,7 @@ def main(argv=None):
         try:
             return DeviceFp8Ring(comm, args.fmt, args.block, path, timeout=120.0, capacity=capacity, mode=args.mode,
                                  **kw)
-        except RuntimeError as exc:       # fp8-direct without co-resident kernels: no fallback
+        except (RuntimeError, ValueError) as exc:   # fp8-direct without co-resident kernels, or a refused shape
             say(f"{path}: skipped: {exc}")
             return None
 

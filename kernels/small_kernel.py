@@ -112,28 +112,64 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
         a = lo + p * q2 + min(p, r2)
         return a, a + q2 + (1 if p < r2 else 0)
 
+    # fold / fold4: the host ring's order (chunk c from rank c onwards), combined one peer at a time, but the
+    # peers' loads issued four (then two) at a time: one dependent L2 round trip per batch, not per peer.
+    @cuda.jit(device=True)
+    def peer_at(scr, n, c, k):
+        q = c + k
+        if q >= n:
+            q -= n
+        return np.uint64(scr[q])
+
     @cuda.jit(device=True)
     def fold(scr, n, c, e):
         """Element e of every rank's scratch, folded as the host ring folds chunk c: from rank c onwards."""
         acc = load(np.uint64(scr[c]), e)
-        for k in range(1, n):
-            q = c + k
-            if q >= n:
-                q -= n
-            acc = combine(load(np.uint64(scr[q]), e), acc, n, k == n - 1)
+        k = 1
+        while k + 3 < n:
+            v0, v1 = load(peer_at(scr, n, c, k), e), load(peer_at(scr, n, c, k + 1), e)
+            v2, v3 = load(peer_at(scr, n, c, k + 2), e), load(peer_at(scr, n, c, k + 3), e)
+            acc = combine(v0, acc, n, k == n - 1)
+            acc = combine(v1, acc, n, k + 1 == n - 1)
+            acc = combine(v2, acc, n, k + 2 == n - 1)
+            acc = combine(v3, acc, n, k + 3 == n - 1)
+            k += 4
+        if k + 1 < n:
+            v0, v1 = load(peer_at(scr, n, c, k), e), load(peer_at(scr, n, c, k + 1), e)
+            acc = combine(v0, acc, n, k == n - 1)
+            acc = combine(v1, acc, n, k + 1 == n - 1)
+            k += 2
+        if k < n:
+            acc = combine(load(peer_at(scr, n, c, k), e), acc, n, True)
         return acc
+
+    @cuda.jit(device=True)
+    def combine4(a0, a1, a2, a3, v0, v1, v2, v3, n, last):
+        return combine(v0, a0, n, last), combine(v1, a1, n, last), combine(v2, a2, n, last), combine(v3, a3, n, last)
 
     @cuda.jit(device=True)
     def fold4(scr, n, c, qe):
         a0, a1, a2, a3 = load4(np.uint64(scr[c]), qe)
-        for k in range(1, n):
-            q = c + k
-            if q >= n:
-                q -= n
-            v0, v1, v2, v3 = load4(np.uint64(scr[q]), qe)
-            last = k == n - 1
-            a0, a1 = combine(v0, a0, n, last), combine(v1, a1, n, last)
-            a2, a3 = combine(v2, a2, n, last), combine(v3, a3, n, last)
+        k = 1
+        while k + 3 < n:
+            v0, v1, v2, v3 = load4(peer_at(scr, n, c, k), qe)
+            w0, w1, w2, w3 = load4(peer_at(scr, n, c, k + 1), qe)
+            x0, x1, x2, x3 = load4(peer_at(scr, n, c, k + 2), qe)
+            y0, y1, y2, y3 = load4(peer_at(scr, n, c, k + 3), qe)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, v0, v1, v2, v3, n, k == n - 1)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, w0, w1, w2, w3, n, k + 1 == n - 1)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, x0, x1, x2, x3, n, k + 2 == n - 1)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, y0, y1, y2, y3, n, k + 3 == n - 1)
+            k += 4
+        if k + 1 < n:
+            v0, v1, v2, v3 = load4(peer_at(scr, n, c, k), qe)
+            w0, w1, w2, w3 = load4(peer_at(scr, n, c, k + 1), qe)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, v0, v1, v2, v3, n, k == n - 1)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, w0, w1, w2, w3, n, k + 1 == n - 1)
+            k += 2
+        if k < n:
+            v0, v1, v2, v3 = load4(peer_at(scr, n, c, k), qe)
+            a0, a1, a2, a3 = combine4(a0, a1, a2, a3, v0, v1, v2, v3, n, True)
         return a0, a1, a2, a3
 
     @cuda.jit(device=True)
