@@ -79,8 +79,10 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
     combine = _combine(op, dtype)
     itemsize = np.dtype(dtype).itemsize
     peer_load, peer_store = flag_access(scope)     # the counters; status and trace (host memory) stay sys
-    own_load, own_store = flag_access("gpu")        # calls[p]: only this rank's next kernels read it
-    _, stamp = pointer_access(np.uint64)            # trace words: plain stores, read after a sync (no fence to time)
+    # calls[p] is written by this rank's kernel and read by its next one, which stream order already orders: plain
+    # accesses, no fence. Trace words: plain stores too, read by the host after a sync (no fence to time).
+    own_load, own_store = pointer_access(np.uint64)
+    stamp = own_store
 
     @cuda.jit(device=True)
     def wait_peers(flags, n, rank, p, target, deadline, status, phase, call, lane, nlanes):
@@ -103,11 +105,13 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
         return good
 
     @cuda.jit(device=True)
-    def bounds(count, n, c, p, nparts):
-        """[a, b) of part p of chunk c: chunks as schedule.chunk_bounds, parts split each chunk the same way."""
-        q, r = count // n, count % n
+    def bounds(q, r, c, p, nparts):
+        """[a, b) of part p of chunk c, with q, r = divmod(count, n) (computed once per call: 64-bit divisions
+        are slow): chunks as schedule.chunk_bounds, parts split each chunk the same way."""
         lo = c * q + min(c, r)
         m = q + (1 if c < r else 0)
+        if nparts == 1:
+            return lo, lo + m
         q2, r2 = m // nparts, m % nparts
         a = lo + p * q2 + min(p, r2)
         return a, a + q2 + (1 if p < r2 else 0)
@@ -241,6 +245,8 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
             flg[q] = addr_load(table, row + FLAGS + q)
         mine, my_flags = np.uint64(scr[rank]), np.uint64(flg[rank])
         call = own_load(calls, p)
+        qn = count // n
+        rn = count - qn * n
         base = call * np.uint64(PHASES)
         off = np.int64(call & np.uint64(1)) * (cap // itemsize)      # this call's half of every scratch
         aligned = ((src | out) & np.uint64(15)) == np.uint64(0)
@@ -252,10 +258,19 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
             ok[cuda.threadIdx.y] = 1
             if trace != 0 and p == 0:
                 stamp(trace, 0, t0)
+        # Lane groups (whole warps) take chunks g, g + groups, ...: the chunks' round trips overlap instead of
+        # following one another (a lane finishes one chunk's loads and stores before it starts the next).
+        warps = max(nlanes // 32, 1)
+        groups = min(n, warps)
+        gsize = nlanes if nlanes < 32 else warps // groups * 32
+        g, gl = lane // gsize, lane % gsize
         # phase 1: our part p of every chunk into our scratch half, published; wait for every peer's
-        for c in range(n):
-            a, b = bounds(count, n, c, p, nparts)
-            copy_part(src, 0, mine, off, a, b, lane, nlanes, aligned)
+        if nparts == 1:                  # one part: the chunks tile the buffer, one copy by every lane
+            copy_part(src, 0, mine, off, 0, count, lane, nlanes, aligned)
+        else:
+            for c in range(n):
+                a, b = bounds(qn, rn, c, p, nparts)
+                copy_part(src, 0, mine, off, a, b, lane, nlanes, aligned)
         rank_barrier()
         if lane == 0:
             peer_store(my_flags, p, base + np.uint64(PHASE_INPUT))
@@ -268,11 +283,13 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
         if lane == 0 and trace != 0 and p == 0:
             stamp(trace, 1, global_ns())
         if not twoshot:
-            for c in range(n):           # one-shot: every chunk, each folded in the host ring's order
-                a, b = bounds(count, n, c, p, nparts)
-                reduce_part(scr, n, c, off, out, mine, a, b, lane, nlanes, aligned)
+            c = g
+            while g < groups and c < n:  # one-shot: every chunk, each folded in the host ring's order
+                a, b = bounds(qn, rn, c, p, nparts)
+                reduce_part(scr, n, c, off, out, mine, a, b, gl, gsize, aligned)
+                c += groups
         else:
-            a, b = bounds(count, n, rank, p, nparts)     # reduce-scatter by reads: our chunk from every input
+            a, b = bounds(qn, rn, rank, p, nparts)     # reduce-scatter by reads: our chunk from every input
             reduce_part(scr, n, rank, off, out, mine, a, b, lane, nlanes, aligned)
             rank_barrier()
             if lane == 0:
@@ -285,10 +302,12 @@ def small_kernel_source(dtype, op, algo, scope="sys"):
                 return
             if lane == 0 and trace != 0 and p == 0:
                 stamp(trace, 2, global_ns())
-            for c in range(n):           # all-gather by reads of the owners' reduced chunks
+            c = g
+            while g < groups and c < n:  # all-gather by reads of the owners' reduced chunks
                 if c != rank:
-                    a, b = bounds(count, n, c, p, nparts)
-                    copy_part(np.uint64(scr[c]), off, out, 0, a, b, lane, nlanes, aligned)
+                    a, b = bounds(qn, rn, c, p, nparts)
+                    copy_part(np.uint64(scr[c]), off, out, 0, a, b, gl, gsize, aligned)
+                c += groups
         # No exit barrier: the next call writes the other half; the one after waits (phase 1) for every peer
         # to have started the call in between, which on its stream means it finished reading this half.
         if lane == 0:
