@@ -138,6 +138,20 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
                     va[m], vb[m], vc[m], vd[m] = va[m] + a, vb[m] + b, vc[m] + c, vd[m] + d
 
     @_inlined
+    def store_codes4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, scale, inv, write_out):
+        """The block's codes (values * inv) and scale into ours, checked against e1; ``write_out``: out = D(codes)."""
+        if t == 0:
+            sstore(ms, slot, scale)
+        for m in range(quads):
+            q = q0 + lanes * m
+            if 4 * q < e1:
+                w = encode4(va[m], vb[m], vc[m], vd[m], inv)
+                putw(mc, q, e1, w)
+                if write_out:
+                    a, b, c, d = decode4(w, scale)
+                    put4(out, q, e1, a, b, c, d)
+
+    @_inlined
     def encode_store4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, active, write_out):
         """Quantize the block (this lane's quads, amax over the block's lanes); ``write_out``: out = D(codes)."""
         amax = zero
@@ -145,18 +159,8 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
             amax = fin_max(amax, va[m], vb[m], vc[m], vd[m])
         amax = seg_max(amax)
         scale = scale_of(amax)
-        inv = one / scale
         if active:
-            if t == 0:
-                sstore(ms, slot, scale)
-            for m in range(quads):
-                q = q0 + lanes * m
-                if 4 * q < e1:
-                    w = encode4(va[m], vb[m], vc[m], vd[m], inv)
-                    putw(mc, q, e1, w)
-                    if write_out:
-                        a, b, c, d = decode4(w, scale)
-                        put4(out, q, e1, a, b, c, d)
+            store_codes4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, scale, one / scale, write_out)
 
     @_inlined
     def load_values4(va, vb, vc, vd, src, q0, e1, active):
@@ -198,7 +202,7 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
         encode_store4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, active, final)
 
     return SimpleNamespace(move4=move4, load_values4=load_values4, add_decoded4=add_decoded4,
-                           encode_store4=encode_store4, lanes=lanes, quads=quads, divide=divide, seg_max=seg_max,
+                           encode_store4=encode_store4, store_codes4=store_codes4, lanes=lanes, quads=quads, divide=divide, seg_max=seg_max,
                            fin_max=fin_max, get4=get4, put4=put4, getw=getw, putw=putw, encode4=encode4,
                            decode4=decode4, scale_of=scale_of, widen=widen, narrow=narrow, load4=load4,
                            store4=store4, cload4=cload4, cstore4=cstore4, sload=sload, sstore=sstore)

@@ -35,6 +35,7 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
     widen, narrow, encode4, decode4, scale_of, fin_max = qo.widen, qo.narrow, qo.encode4, qo.decode4, qo.scale_of, \
         qo.fin_max
     get4, put4, getw, putw = qo.get4, qo.put4, qo.getw, qo.putw
+    move4, store_codes4 = qo.move4, qo.store_codes4
     tiles, fwd_tiles = int(tiles), int(fwd_tiles)
     if tiles not in (1, 2) or fwd_tiles < 1:
         raise ValueError(f"tiles must be 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
@@ -122,16 +123,7 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
                     a, b, c, d = decode4(cw, scale)
                     store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
         elif g < tb:
-            if t == 0:
-                sstore(ms, slot, scale)
-            for m in range(quads):
-                q = q0 + lanes * m
-                if 4 * q < e1:
-                    cw = encode4(va[m], vb[m], vc[m], vd[m], inv)
-                    putw(mc, q, e1, cw)
-                    if final:
-                        a, b, c, d = decode4(cw, scale)
-                        put4(out, q, e1, a, b, c, d)
+            store_codes4(va, vb, vc, vd, mc, ms, out, q0, e1, slot, t, scale, inv, final)
 
     @_inlined
     def hop(mode, src, out, lc, ls, mc, ms, lo, hi, g0, stride, tb, slot0, t, nranks, final):
@@ -176,22 +168,10 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
         """FORWARD (codes and scale into ours, decoded into out) or DECODE of blocks g0 + u * stride."""
         gl = g0 + (fwd_tiles - 1) * stride
         if not (gl < tb and lo + (gl + 1) * block <= hi):
-            for u in range(fwd_tiles):                  # a partial or missing block: checked accesses
+            for u in range(fwd_tiles):                  # a partial or missing block: move4's checked accesses
                 g = g0 + u * stride
                 e0 = lo + g * block
-                e1, q0 = min(e0 + block, hi), e0 // 4 + t
-                if g < tb:
-                    ps0 = np.float32(sload(ls, slot0 + g))
-                    if mode == FORWARD and t == 0:
-                        sstore(ms, slot0 + g, ps0)
-                    for m in range(quads):
-                        q = q0 + lanes * m
-                        if 4 * q < e1:
-                            cw = getw(lc, q, e1)
-                            if mode == FORWARD:
-                                putw(mc, q, e1, cw)
-                            a, b, c, d = decode4(cw, ps0)
-                            put4(out, q, e1, a, b, c, d)
+                move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), slot0 + g, t, nranks, final, g < tb)
             return
         w = cuda.local.array(nf, int64)
         ps = cuda.local.array(fwd_tiles, float32)
