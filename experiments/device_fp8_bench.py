@@ -33,7 +33,7 @@ def _args(argv=None):
     p.add_argument("--threads", type=int, default=512, help="FP8 kernels: threads per block")
     p.add_argument("--max-registers", type=int, default=128, help="FP8 kernels: registers per thread (cap)")
     p.add_argument("--shapes", default=None, help="FP8 launch shapes to sweep, each THREADSxREGS[@BLOCKS_PER_SM]"
-                   "[:TILES:FWD_TILES], e.g. 512x128:0:1,512x128:2:4,512x64@2:1:4 (default: --threads x "
+                   "[:TILES:FWD_TILES|:wSTEPS], e.g. 512x128:0:1,512x128:2:4,512x64@2:1:4,768x80:w4 (default: --threads x "
                    "--max-registers with the executor's tiles); every shape is checked before it is timed")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
@@ -134,18 +134,21 @@ def hop_error(path):
 
 
 def parse_shapes(text, threads=512, max_registers=128):
-    """[(label, {threads, max_registers, blocks_per_sm, tiles?, fwd_tiles?})] of a --shapes list."""
+    """[(label, {threads, max_registers, blocks_per_sm, tiles?, fwd_tiles?, warp_steps?})] of a --shapes list
+    (``:wS``: fp8_ring_warps.py's warp tiles of S quads per lane)."""
     import re
     if not text:
         return [(f"{threads}x{max_registers}", {"threads": threads, "max_registers": max_registers})]
     shapes = []
     for item in text.split(","):
-        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+))?", item.strip())
+        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+)|:w(\d+))?", item.strip())
         if not m:
-            raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES]")
+            raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS]")
         kw = {"threads": int(m[1]), "max_registers": int(m[2]), "blocks_per_sm": int(m[3] or 1)}
         if m[4] is not None:
             kw.update(tiles=int(m[4]), fwd_tiles=int(m[5]))
+        if m[6] is not None:
+            kw.update(warp_steps=int(m[6]))
         shapes.append((item.strip(), kw))
     return shapes
 

@@ -33,20 +33,23 @@ _SIGNATURE = "void(uint64, int64, int64, int64, uint64)"
 _kernels = {}
 
 
-def direct_kernel(dtype, op, fmt, block, scope="sys", max_registers=None, tiles=TILES, fwd_tiles=FWD_TILES):
+def direct_kernel(dtype, op, fmt, block, scope="sys", max_registers=None, tiles=TILES, fwd_tiles=FWD_TILES,
+                  warp_steps=0):
     """The compiled fp8-direct kernel. Parameters: table address, nranks, count, unused (0), timeout_ns.
     ``scope``: the flags' ("gpu" when every rank runs on this GPU); ``max_registers`` caps registers per thread;
     ``tiles`` / ``fwd_tiles``: blocks per lane group and round on the vector path (fp8_ring_tiles.py; 0: untiled)."""
-    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block), scope, max_registers, tiles, fwd_tiles)
+    key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block), scope, max_registers, tiles, fwd_tiles,
+           warp_steps)
     if key not in _kernels:
         options = {} if max_registers is None else {"max_registers": int(max_registers)}
         _kernels[key] = cuda.jit(_SIGNATURE, **options)(direct_kernel_source(dtype, op, fmt, block, scope, tiles,
-                                                                            fwd_tiles))
+                                                                            fwd_tiles, warp_steps))
     return _kernels[key]
 
 
-def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_tiles=FWD_TILES):
-    """The kernel as a Python function, before compilation."""
+def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_tiles=FWD_TILES, warp_steps=0):
+    """The kernel as a Python function, before compilation (``warp_steps`` > 0: the encode and decode phases on
+    fp8_ring_warps.py's warp tiles; the owner's fold keeps the lane-group tiles)."""
     from ringlab.kernels.ring_kernel import rank_barrier
     ops = fp8_block_ops(dtype, op, fmt, block)
     move, load_values, add_decoded, encode_store = ops.move, ops.load_values, ops.add_decoded, ops.encode_store
@@ -55,9 +58,12 @@ def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_ti
     move4, load_values4, add_decoded4, encode_store4 = quad.move4, quad.load_values4, quad.add_decoded4, quad.encode_store4
     lanes, quads = quad.lanes, quad.quads
     per_warp = GROUP // lanes
-    legacy = tiles == 0
+    legacy = tiles == 0 and not warp_steps
     tile = fp8_tile_ops(dtype, op, fmt, block, max(int(tiles), 1), fwd_tiles)
     run, load_tile, load_words, add_words = tile.run, tile.load_tile, tile.load_words, tile.add_words
+    if warp_steps:
+        from ringlab.kernels.fp8_ring_warps import fp8_warp_ops
+        run = fp8_warp_ops(dtype, op, fmt, block, warp_steps).run
     lane_max, store_tile, tgroup, tper_warp = tile.lane_max, tile.store_tile, tile.group, tile.per_warp
     one = np.float32(1.0)
     addr_load, _ = pointer_access(np.int64)

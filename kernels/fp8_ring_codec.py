@@ -34,6 +34,7 @@ ENCODE, REDUCE_ENCODE, FORWARD, DECODE = 0, 1, 2, 3
 _STORAGE = {"float32": (np.float32, "f32"), "float16": (np.float16, "f16"), "bfloat16": (np.uint16, "bf16")}
 TILES, FWD_TILES = 1, 4          # blocks a lane group codes per round: encode/hop, forward/decode (fp8_ring_tiles.py;
                                   # the H200 sweep in docs/fp8.md: 1:4 fastest of 0:1, 1:4, 2:4)
+WARP = 0                          # quads per lane of the warp-tile path (fp8_ring_warps.py); 0: the lane groups
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,18 @@ class TiledFp8Codec(Codec):
     """The FP8 codec with the vector path's blocks per lane group and round (a compile-time choice, no bits)."""
     tiles: int = TILES
     fwd_tiles: int = FWD_TILES
+    warp_steps: int = WARP
 
 
-def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES):
-    """ring_kernel's FP8 codec with ``tiles`` (1, 2; 0 untiled) / ``fwd_tiles`` (>= 1) blocks per lane group on the vector path."""
+def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES, warp_steps=WARP):
+    """ring_kernel's FP8 codec with ``tiles`` (1, 2; 0 untiled) / ``fwd_tiles`` (>= 1) blocks per lane group on the
+    vector path, or (``warp_steps`` 1, 2, 4; 0: lane groups) fp8_ring_warps.py's warp tiles of that many quads per lane."""
+    from ringlab.kernels.fp8_ring_warps import WARP_STEPS
     if int(tiles) not in (0, 1, 2) or int(fwd_tiles) < 1:
         raise ValueError(f"tiles must be 0 (untiled), 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
-    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), int(tiles), int(fwd_tiles))
+    if int(warp_steps) not in (0,) + WARP_STEPS:
+        raise ValueError(f"warp_steps must be 0 (lane groups) or one of {WARP_STEPS}, got {warp_steps}")
+    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), int(tiles), int(fwd_tiles), int(warp_steps))
 
 
 def _block_part(lo, hi, block, k, nslices, p, nparts):
@@ -169,9 +175,14 @@ def fp8_moves(dtype, op, codec):
     from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
     block = check_block(codec.block)
     move = fp8_block_ops(dtype, op, codec.fmt, block).move
+    from ringlab.kernels.fp8_ring_warps import fp8_warp_ops
     tiles, fwd_tiles = getattr(codec, "tiles", TILES), getattr(codec, "fwd_tiles", FWD_TILES)
-    legacy = tiles == 0
-    run = fp8_tile_ops(dtype, op, codec.fmt, block, max(tiles, 1), fwd_tiles).run
+    warp_steps = getattr(codec, "warp_steps", WARP)
+    legacy = tiles == 0 and warp_steps == 0
+    if warp_steps:
+        run = fp8_warp_ops(dtype, op, codec.fmt, block, warp_steps).run
+    else:
+        run = fp8_tile_ops(dtype, op, codec.fmt, block, max(tiles, 1), fwd_tiles).run
     quad = fp8_quad_ops(dtype, op, codec.fmt, block)
     move4, lanes = quad.move4, quad.lanes
     per_warp = GROUP // lanes

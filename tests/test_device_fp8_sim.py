@@ -75,8 +75,9 @@ def _reg(a):
 class SimFp8Ranks:
     """N ranks' send buffers, counters and status words in simulated device memory; calls share counters."""
 
-    def __init__(self, n, fmt, block, capacity, parts=1):
+    def __init__(self, n, fmt, block, capacity, parts=1, codec=None):
         self.n, self.parts, self.fmt, self.block = n, parts, fmt, block
+        self.codec = fp8_codec(fmt, block) if codec is None else codec
         cb, sb = fp8_send_layout(capacity, n, block)
         self.codes = [np.zeros(cb, np.uint8) for _ in range(n)]
         self.scales = [np.zeros(sb // 4, np.float32) for _ in range(n)]
@@ -96,7 +97,7 @@ class SimFp8Ranks:
                             left_scales=R(self.scales[r - 1]), blocks_per_chunk=chunk_blocks(count, n, self.block),
                             first=first_chunk(count, n, r)) for r in ranks]
         table, prog = np.array(rows, np.int64), program_table(n, count, ranks)
-        kern = ring_kernel(srcs[0].dtype, op, fp8_codec(self.fmt, self.block))
+        kern = ring_kernel(srcs[0].dtype, op, self.codec)
         kern[(self.parts, 1), (1, len(ranks))](R(table), R(prog), 2 * n - 1, slices, timeout_ns)
 
     def direct(self, srcs, outs, op, timeout_ns=0, skip_rank=None):
@@ -107,7 +108,7 @@ class SimFp8Ranks:
                            R(self.status[r]), R(self.trace[r]), R(self.calls[r]), r,
                            chunk_blocks(count, n, self.block), R(peers)) for r in ranks]
         table = np.array(rows, np.int64)
-        kern = direct_kernel(srcs[0].dtype, op, self.fmt, self.block)
+        kern = direct_kernel(srcs[0].dtype, op, self.fmt, self.block, warp_steps=getattr(self.codec, "warp_steps", 0))
         kern[(self.parts, 1), (1, len(ranks))](R(table), n, count, 0, timeout_ns)
 
 
@@ -143,6 +144,50 @@ def test_counts_formats_blocks_bit_exact(algo, n):
             srcs = _inputs(n, count, np.float32, count + n, scale=3.0)
             want = host_fp8(srcs, "sum", fmt, block, algo)
             _assert_bitwise(_run(sim, algo, srcs, "sum", slices=2), want, (algo, n, fmt, block, count))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_fp8_direct_on_warp_tiles_gives_the_host_bits(steps):
+    """fp8-direct's encode and decode phases on the warp tiles (the owner's fold unchanged)."""
+    from ringlab.kernels.fp8_ring_codec import tiled_fp8_codec
+    for n, fmt, block, dtype, op in ((3, "e4m3", 32, np.float32, "sum"), (4, "e5m2", 256, np.float16, "avg"),
+                                     (5, "e4m3", 128, ml_dtypes.bfloat16, "sum")):
+        sim = SimFp8Ranks(n, fmt, block, capacity=700, parts=2, codec=tiled_fp8_codec(fmt, block, warp_steps=steps))
+        for count in (1, n - 1, 97, 677):
+            srcs = _inputs(n, count, dtype, count + steps, scale=2.0)
+            if count > 90:
+                srcs[1][7], srcs[0][60] = np.nan, -np.inf
+            want = host_fp8(srcs, op, fmt, block, "fp8-direct")
+            _assert_bitwise(_run(sim, "fp8-direct", srcs, op), want, (steps, n, fmt, block, dtype, count))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_warp_tile_path_gives_the_host_bits(steps):
+    """The FP8 ring over fp8_ring_warps.py's warp tiles (one thread per rank here; tests of 32 lanes below):
+    N = 1..5, counts 1, N-1, primes and a multi-tile count, every block size, both formats, sum and avg,
+    fp32 / fp16 / bf16, NaN and inf, slices and parts: the host ring's bits on every rank."""
+    from ringlab.kernels.fp8_ring_codec import tiled_fp8_codec
+    cases = [(n, fmt, block, np.float32, "sum") for n, (fmt, block) in
+             zip(range(1, 6), [("e4m3", 32), ("e5m2", 64), ("e4m3", 128), ("e5m2", 256), ("e4m3", 64)])]
+    cases += [(3, "e4m3", 32, ml_dtypes.bfloat16, "avg"), (2, "e5m2", 128, np.float16, "avg")]
+    for n, fmt, block, dtype, op in cases:
+        sim = SimFp8Ranks(n, fmt, block, capacity=1100, parts=2, codec=tiled_fp8_codec(fmt, block, warp_steps=steps))
+        for count in sorted({1, max(n - 1, 1), 37, 293 if n > 2 else 1031}):
+            srcs = _inputs(n, count, dtype, count + n + steps, scale=3.0)
+            if count > 40:
+                srcs[0][5], srcs[-1][40], srcs[n // 2][17] = np.nan, np.inf, -np.inf
+            want = host_fp8(srcs, op, fmt, block, "fp8-ring")
+            _assert_bitwise(_run(sim, "fp8-ring", srcs, op, slices=2), want, (steps, n, fmt, block, dtype, count))
+
+
+def test_warp_steps_are_checked():
+    from ringlab.kernels.fp8_ring_codec import tiled_fp8_codec
+    from ringlab.kernels.fp8_ring_warps import fp8_warp_ops
+    for bad in (3, -1, 8):
+        with pytest.raises(ValueError, match="warp_steps"):
+            tiled_fp8_codec("e4m3", 128, warp_steps=bad)
+        with pytest.raises(ValueError, match="warp steps"):
+            fp8_warp_ops(np.float32, "sum", "e4m3", 128, steps=bad)
 
 
 @pytest.mark.parametrize("algo", ["fp8-ring", "fp8-direct"])
@@ -336,9 +381,13 @@ def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
     from ringlab.kernels.fp8_ring_codec import fp8_block_ops
     from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
     vector = path == "vector"
-    if path == "tiled":                  # fp8_ring_tiles.py: two blocks per lane group (hop), four (forward)
+    if path.startswith("warp"):          # fp8_ring_warps.py: warp tiles of 1, 2 or 4 quads per lane
+        from ringlab.kernels.fp8_ring_warps import fp8_warp_ops
+        run = fp8_warp_ops(dtype, op, fmt, block, steps=int(path[4:]), width=32).run
+    elif path == "tiled":                # fp8_ring_tiles.py: two blocks per lane group (hop), four (forward)
         from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
         run = fp8_tile_ops(dtype, op, fmt, block, tiles=2, fwd_tiles=4, lanes=lanes).run
+    if path == "tiled" or path.startswith("warp"):
 
         def tiled(addrs, lo, hi, nranks, final):
             src, out, lc, ls = np.uint64(addrs[0]), np.uint64(addrs[1]), np.uint64(addrs[2]), np.uint64(addrs[3])
@@ -369,7 +418,7 @@ def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
     return cuda.jit(kernel)
 
 
-@pytest.mark.parametrize("path", ["vector", "element", "tiled"])
+@pytest.mark.parametrize("path", ["vector", "element", "tiled", "warp1", "warp2", "warp4"])
 @pytest.mark.parametrize("block", [32, 64, 128, 256])
 def test_gpu_lane_mapping_in_the_simulator(path, block):
     """The GPU's lanes per block (8 or 16 on the vector path, 32 on the element path) and their shuffles, run as 32
@@ -381,10 +430,11 @@ def test_gpu_lane_mapping_in_the_simulator(path, block):
     lanes = max(8, block // 16)          # lanes_per_block on the GPU (1 in the simulator)
     assert lanes_per_block(block) == 1
     fmt, lo = "e4m3", 8
-    hi = lo + (9 if path == "tiled" else 3) * block + 5  # a partial last block and a straddling quad
+    hi = lo + (3 if path in ("vector", "element") else 9) * block + 5  # a partial last block, a straddling quad
     rng = np.random.default_rng(block)
     x = (rng.standard_normal(hi + 3) * 5).astype(np.float32)
     x[lo + 7] = np.inf                                   # out of amax; becomes NaN in E4M3
+    x[lo + block + 2 * 4: lo + block + 3 * 4] = np.nan   # a whole quad of NaN: out of amax, stays NaN
     peer_codes, peer_scales = quantize_fp8_blockwise(rng.standard_normal(hi - lo).astype(np.float32), fmt, block)
     nb = -(-(hi - lo) // block)
     bufs = {k: np.zeros(hi + 3, np.uint8) for k in ("lc", "mc")}

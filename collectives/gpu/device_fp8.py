@@ -12,7 +12,7 @@ from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, firs
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
 from ringlab.kernels.formats import check_fp8_input_dtype
-from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, tiled_fp8_codec
+from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, STATUS_OK, fp8_codec
 
 __all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS"]
@@ -28,13 +28,14 @@ class DeviceFp8Ring:
     (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
     ``threads`` x ``max_registers``, ``blocks_per_sm`` (sets the default max_parts), ``tiles`` / ``fwd_tiles``
-    (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled)."""
+    (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled), ``warp_steps`` (> 0: the warp
+    tiles of kernels/fp8_ring_warps.py instead, that many quads per lane)."""
     STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
     check, synchronize, _cached = check, synchronize, cached
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
                  mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None,
-                 tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1):
+                 tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1, warp_steps=WARP):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         self.codec = fp8_codec(fmt, block)
@@ -47,7 +48,7 @@ class DeviceFp8Ring:
                 int(blocks_per_sm) < 1 or int(blocks_per_sm) * int(threads) * int(max_registers) > 65536:
             raise ValueError(f"threads must be a multiple of 32 in 32..1024 with blocks_per_sm x threads x "
                              f"max_registers <= 65536, got {blocks_per_sm} x {threads} x {max_registers}")
-        self.tiled = tiled_fp8_codec(fmt, block, tiles, fwd_tiles)     # the kernels' codec (same bits)
+        self.tiled = tiled_fp8_codec(fmt, block, tiles, fwd_tiles, warp_steps)     # the kernels' codec (same bits)
         if self.algo == "fp8-direct" and self.tiled.tiles == 2:        # docs/fp8.md: its probe call never finished
             raise ValueError("fp8-direct with tiles=2 did not complete a call on the H200 (spilling owner loop); "
                              "use tiles 0 or 1")
@@ -152,7 +153,7 @@ class DeviceFp8Ring:
             return ring_kernel(dtype, op, self.tiled, scope=self.scope, max_registers=self.max_registers)
         from ringlab.kernels.fp8_direct_kernel import direct_kernel
         return direct_kernel(dtype, op, self.codec.fmt, self.codec.block, self.scope, self.max_registers,
-                             self.tiled.tiles, self.tiled.fwd_tiles)
+                             self.tiled.tiles, self.tiled.fwd_tiles, self.tiled.warp_steps)
 
     def _row(self, src, out, count, trace):
         nbc, tr, calls = chunk_blocks(count, self.n, self.codec.block), self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS

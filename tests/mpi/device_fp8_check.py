@@ -20,6 +20,7 @@ def _args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer formats, blocks and counts")
     p.add_argument("--stall", action="store_true", help="rank 1 never calls: expect CollectiveTimeout")
     p.add_argument("--algos", default="fp8-ring,fp8-direct")
+    p.add_argument("--warp-steps", type=int, default=None, help="the kernels' warp tiles (fp8_ring_warps.py)")
     return p.parse_args(argv)
 
 
@@ -68,6 +69,8 @@ def main(argv=None):
     def make(algo, fmt, block, **kw):
         """The executor, or None when fp8-direct has no fallback here (no co-residency): noted, not a failure."""
         try:
+            if args.warp_steps is not None:
+                kw.setdefault("warp_steps", args.warp_steps)
             return DeviceFp8Ring(comm, fmt, block, algo, mode=args.mode, **kw)
         except RuntimeError as exc:
             if algo != "fp8-direct":
