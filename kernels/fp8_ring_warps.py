@@ -35,8 +35,8 @@ def fp8_warp_ops(dtype, op, fmt, block, steps=4, width=None):
     if int(steps) not in WARP_STEPS:
         raise ValueError(f"warp steps must be one of {WARP_STEPS}, got {steps}")
     qo = fp8_quad_ops(dtype, op, fmt, block, lanes=1)
-    load4, cload4, sload, sstore = qo.load4, qo.cload4, qo.sload, qo.sstore
-    get4, put4, getw, putw, store4, cstore4 = qo.get4, qo.put4, qo.getw, qo.putw, qo.store4, qo.cstore4
+    load4, sload, sstore = qo.load4, qo.sload, qo.sstore
+    get4, put4, getw, putw, store4 = qo.get4, qo.put4, qo.getw, qo.putw, qo.store4
     widen, narrow, encode4, decode4, scale_of, fin_max = qo.widen, qo.narrow, qo.encode4, qo.decode4, qo.scale_of, \
         qo.fin_max
     width = (1 if SIMULATED else 32) if width is None else int(width)
@@ -107,11 +107,7 @@ def fp8_warp_ops(dtype, op, fmt, block, steps=4, width=None):
                 wq[j] = 0
                 if 4 * q < e1:
                     am[j] = np.float32(sload(ls, slot0 + r // qpb))
-                    if full:
-                        c0, c1, c2, c3 = cload4(lc, q)
-                        wq[j] = np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24)
-                    else:
-                        wq[j] = getw(lc, q, e1)
+                    wq[j] = getw(lc, q, e1)
         if mode == _REDUCE:
             for j in range(nsteps):
                 a, b, c, d = decode4(wq[j], am[j])
@@ -129,11 +125,7 @@ def fp8_warp_ops(dtype, op, fmt, block, steps=4, width=None):
                 w = encode4(va[j], vb[j], vc[j], vd[j], iv[j])
                 if r % qpb == 0:
                     sstore(ms, slot0 + r // qpb, am[j])
-                if full:
-                    cstore4(mc, q, np.uint8(w & 0xFF), np.uint8((w >> 8) & 0xFF), np.uint8((w >> 16) & 0xFF),
-                            np.uint8((w >> 24) & 0xFF))
-                else:
-                    putw(mc, q, e1, w)
+                putw(mc, q, e1, w)
                 if final:
                     a, b, c, d = decode4(w, am[j])
                     if full:
@@ -153,11 +145,7 @@ def fp8_warp_ops(dtype, op, fmt, block, steps=4, width=None):
             ps[j], wq[j] = one, 0
             if 4 * q < e1:
                 ps[j] = np.float32(sload(ls, slot0 + r // qpb))
-                if full:
-                    c0, c1, c2, c3 = cload4(lc, q)
-                    wq[j] = np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24)
-                else:
-                    wq[j] = getw(lc, q, e1)
+                wq[j] = getw(lc, q, e1)
         for j in range(nsteps):
             r = r0 + width * j
             q = qa + r
@@ -166,11 +154,7 @@ def fp8_warp_ops(dtype, op, fmt, block, steps=4, width=None):
                 if mode == _FORWARD:
                     if r % qpb == 0:
                         sstore(ms, slot0 + r // qpb, ps[j])
-                    if full:
-                        cstore4(mc, q, np.uint8(w & 0xFF), np.uint8((w >> 8) & 0xFF), np.uint8((w >> 16) & 0xFF),
-                                np.uint8((w >> 24) & 0xFF))
-                    else:
-                        putw(mc, q, e1, w)
+                    putw(mc, q, e1, w)
                 a, b, c, d = decode4(w, ps[j])
                 if full:
                     store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
