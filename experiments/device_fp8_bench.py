@@ -35,6 +35,8 @@ def _args(argv=None):
     p.add_argument("--shapes", default=None, help="FP8 launch shapes to sweep, each THREADSxREGS[@BLOCKS_PER_SM]"
                    "[:TILES:FWD_TILES|:wSTEPS], e.g. 512x128:0:1,512x128:2:4,512x64@2:1:4,768x80:w4 (default: --threads x "
                    "--max-registers with the executor's tiles); every shape is checked before it is timed")
+    p.add_argument("--fp32-shapes", default="", help="more fp32 device ring rows, device_ring_bench.py's shapes "
+                   "(e.g. 768x1r80s64g1k32: 64 KB slices, walked one slice per group); x fp32 is vs the default ring")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--oracle-max", type=int, default=(1 << 24) + 1, help="largest count checked bit for bit")
@@ -141,14 +143,19 @@ def parse_shapes(text, threads=512, max_registers=128):
         return [(f"{threads}x{max_registers}", {"threads": threads, "max_registers": max_registers})]
     shapes = []
     for item in text.split(","):
-        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+)|:w(\d+))?", item.strip())
+        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+)|:w(\d+))?(?:s(\d+))?(?:g(\d+))?(?:k(\d+))?",
+                         item.strip())
         if not m:
-            raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS]")
+            raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS]"
+                             "[sSLICE_KB][gGROUP][kMAX_SLICES]")
         kw = {"threads": int(m[1]), "max_registers": int(m[2]), "blocks_per_sm": int(m[3] or 1)}
         if m[4] is not None:
             kw.update(tiles=int(m[4]), fwd_tiles=int(m[5]))
         if m[6] is not None:
             kw.update(warp_steps=int(m[6]))
+        for key, v, scale in (("slice_bytes", m[7], 1024), ("group", m[8], 1), ("max_slices", m[9], 1)):
+            if v is not None:
+                kw[key] = int(v) * scale
         shapes.append((item.strip(), kw))
     return shapes
 
@@ -201,12 +208,17 @@ def main(argv=None):
     fp32 = get_device_ring(comm, timeout=120.0, mode="auto" if args.mode in ("auto", "host") else args.mode)
     shapes = parse_shapes(args.shapes, args.threads, args.max_registers)
     runs = [("fp32-ring", "-", None)] if "fp32-ring" in paths else []
+    from experiments.device_ring_bench import shape_arg
+    runs += [("fp32-ring", s, shape_arg(s)) for s in args.fp32_shapes.split(",") if s]
     runs += [(path, label, kw) for label, kw in shapes for path in paths if path != "fp32-ring"]
 
     def executor(path, kw):
-        if path == "fp32-ring":
+        if path == "fp32-ring" and kw is None:
             return fp32
         try:
+            if path == "fp32-ring":
+                from ringlab.gpu.device_ring import DeviceRing
+                return DeviceRing(comm, timeout=120.0, **kw)
             return DeviceFp8Ring(comm, args.fmt, args.block, path, timeout=120.0, capacity=capacity, mode=args.mode,
                                  **kw)
         except (RuntimeError, ValueError) as exc:   # fp8-direct without co-resident kernels, or a refused shape
@@ -282,7 +294,7 @@ def main(argv=None):
         if ex is not fp32:
             ex.close()
     for r in rows:
-        base = next(b for b in rows if b["bytes"] == r["bytes"] and b["path"] == "fp32-ring") \
+        base = next(b for b in rows if b["bytes"] == r["bytes"] and b["path"] == "fp32-ring" and b["shape"] == "-") \
             if "fp32-ring" in paths else None
         r["speedup_vs_fp32_ring"] = base["median_ms"] / r["median_ms"] if base else None
     meta = run_metadata(comm, copy_bandwidth_Bps=bw, mps_pipe_visible=mps_visible(), fmt=args.fmt, block=args.block,

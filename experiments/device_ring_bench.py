@@ -63,16 +63,21 @@ def loop_latency(comm, variants, counts, calls=50, rounds=5):
 
 
 def shape_arg(text):
-    """'768x1r80s1024' -> DeviceRing keywords (threads, blocks_per_sm, max_registers (r0: none), slice_bytes)."""
+    """'768x1r80s64g1k32' -> DeviceRing keywords (threads, blocks_per_sm, max_registers (r0: none), slice_bytes
+    in KB, group: slices per group of the walk, max_slices)."""
     import re
-    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?(?:s(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?(?:s(\d+))?(?:g(\d+))?(?:k(\d+))?", text)
     if m is None:
-        raise ValueError(f"bad launch shape {text!r}; expected THREADSxBLOCKS[rREGS][sSLICE_KB]")
+        raise ValueError(f"bad launch shape {text!r}; expected THREADSxBLOCKS[rREGS][sSLICE_KB][gGROUP][kMAX_SLICES]")
     kw = {"threads": int(m[1]), "blocks_per_sm": int(m[2])}
     if m[3] is not None:
         kw["max_registers"] = int(m[3]) or None
     if m[4] is not None:
         kw["slice_bytes"] = int(m[4]) << 10
+    if m[5] is not None:
+        kw["group"] = int(m[5])
+    if m[6] is not None:
+        kw["max_slices"] = int(m[6])
     return kw
 
 

@@ -19,7 +19,7 @@ from ringlab.kernels.ring_layout import (IDENTITY, Codec, ALIGNED, CALLS, CHUNK_
 
 __all__ = ["Codec", "IDENTITY", "fp8_codec", "ring_kernel", "TABLE_COLS", "PROG_COLS", "SLICE_STRIDE", "MAX_SLICES",
            "STATUS_OK", "STATUS_TIMEOUT", "MAX_PARTS", "REDUCE", "FROM_SRC", "FINAL", "KERNEL_DTYPES", "KERNEL_OPS",
-           "codec_dtypes"]
+           "codec_dtypes", "check_group"]
 
 KERNEL_DTYPES, KERNEL_OPS = DEVICE_DTYPES, OPS     # identity codec: from the one op/dtype table
 _ = (SIMULATED, ALIGNED, CALLS, LEFT, NRANKS, OUT, RIGHT, SRC, MAX_RANKS_PER_LAUNCH, _combine)   # re-exported
@@ -55,16 +55,26 @@ else:
         cuda.syncthreads()                         # a rank's part = one CUDA block
 
 
-def ring_kernel(dtype, op, codec=IDENTITY, scope="sys", max_registers=None):
+def ring_kernel(dtype, op, codec=IDENTITY, scope="sys", max_registers=None, group=0):
     """The compiled persistent kernel for (dtype, op, codec, flag scope). Parameters: table and program
     addresses, nprims (2N-1), slices K, timeout_ns (0: no limit). No per-call parameter: a block counts its
     calls on the device (calls[p]), so a CUDA graph replays it correctly. ``scope`` "gpu" when every rank runs
-    on this GPU; ``max_registers`` caps registers per thread (more threads per block)."""
-    key = (np.dtype(dtype).name, op, codec, scope, max_registers)
+    on this GPU; ``max_registers`` caps registers per thread (more threads per block); ``group``: the walk's
+    order (check_group)."""
+    key = (np.dtype(dtype).name, op, codec, scope, max_registers, check_group(group))
     if key not in _kernels:
         options = {} if max_registers is None else {"max_registers": int(max_registers)}
-        _kernels[key] = cuda.jit(_SIGNATURE, **options)(ring_kernel_source(dtype, op, codec, scope))
+        _kernels[key] = cuda.jit(_SIGNATURE, **options)(ring_kernel_source(dtype, op, codec, scope, group))
     return _kernels[key]
+
+
+def check_group(group):
+    """Slices per group G of the walk: for each group of G slices, every primitive over those slices, as NCCL's
+    loop over the buffer runs every step on one piece (the left's output is read one group later, while it may
+    still be in L2). 0: one group of every slice (each primitive over the whole chunk before the next)."""
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or not 0 <= int(group) <= SLICE_STRIDE:
+        raise ValueError(f"group (slices per group) must be an integer in 0..{SLICE_STRIDE}, got {group!r}")
+    return int(group)
 
 
 def _moves(dtype, op, codec):
@@ -85,8 +95,9 @@ def _moves(dtype, op, codec):
     return fp8_moves(dtype, op, codec)
 
 
-def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
+def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys", group=0):
     """The kernel as a Python function, before compilation (for ``cuda.compile_ptx`` checks)."""
+    group = check_group(group)
     if scope not in FLAG_SCOPES:
         raise ValueError(f"flag scope must be one of {FLAG_SCOPES}, got {scope!r}")
     moves = _moves(dtype, op, codec)
@@ -163,37 +174,46 @@ def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys"):
                 deadline = t0 + np.uint64(timeout_ns)
             if trace != 0 and p == 0:
                 trace_put(trace, 0, t0)
+        # The walk, G slices at a time (G = K: each primitive over every slice first). Counters count finished
+        # (primitive, slice) items in walk order: item (i, k) of group g (slices k0..k0+gk-1) is number
+        # k0 * nprims + i * gk + (k - k0) + 1 of the call, on every rank alike, so ">= target" means "done".
+        G = np.int64(group) if group != 0 else np.int64(nslices)
+        if G > nslices:
+            G = np.int64(nslices)
+        for k0 in range(0, nslices, G):
+            gk = min(G, nslices - k0)
+            gbase = base + np.uint64(k0 * nprims)
             if not has_first:
-                flag_put(mine, p, base + K)                    # primitive 0, send: my input is ready
-        if has_first:                                          # primitive 0 encodes its chunk, slice by slice
-            for k in range(nslices):
-                first(src, mc, ms, lo0, hi0, c0, nbc, k, nslices, p, nparts, lane, nlanes, aligned)
-                rank_barrier()
                 if lane == 0:
-                    flag_put(mine, p, base + np.uint64(k + 1))
-        for i in range(1, nprims):
-            e = (y * (nprims - 1) + i - 1) * PROG_COLS
-            lo, hi, bits, reread = addr_load(prog, e), addr_load(prog, e + 1), addr_load(prog, e + 2), addr_load(prog, e + 3)
-            chunk = addr_load(prog, e + 4)
-            peer = np.uint64(addr_load(table, row + (LEFT_SRC if bits & FROM_SRC else LEFT_OUT)))
-            for k in range(nslices):
-                if lane == 0:
-                    good = wait_geq(left_f, p, base + np.uint64(i - 1) * K + np.uint64(k + 1),
-                                    deadline, status, left, i)
-                    if good and reread >= 0:    # right read this chunk at its primitive reread+1
-                        good = wait_geq(right_f, p, base + np.uint64(reread + 1) * K + np.uint64(k + 1),
-                                        deadline, status, right, i)
-                    ok[cuda.threadIdx.y] = good
-                rank_barrier()
-                if ok[cuda.threadIdx.y] == 0:
-                    return
-                step(src, out, peer, mc, ms, lc, ls, nbc, lo, hi, chunk, bits, i == nprims - 1, k, nslices, p, nparts,
-                     lane, nlanes, nranks, aligned)
-                rank_barrier()
-                if lane == 0:
-                    flag_put(mine, p, base + np.uint64(i) * K + np.uint64(k + 1))
-            if lane == 0 and trace != 0 and p == 0:
-                trace_put(trace, i, global_ns())
+                    flag_put(mine, p, gbase + np.uint64(gk))       # primitive 0, send: my input is ready
+            else:                                                  # primitive 0 encodes its slices
+                for j in range(gk):
+                    first(src, mc, ms, lo0, hi0, c0, nbc, k0 + j, nslices, p, nparts, lane, nlanes, aligned)
+                    rank_barrier()
+                    if lane == 0:
+                        flag_put(mine, p, gbase + np.uint64(j + 1))
+            for i in range(1, nprims):
+                e = (y * (nprims - 1) + i - 1) * PROG_COLS
+                lo, hi, bits = addr_load(prog, e), addr_load(prog, e + 1), addr_load(prog, e + 2)
+                reread, chunk = addr_load(prog, e + 3), addr_load(prog, e + 4)
+                peer = np.uint64(addr_load(table, row + (LEFT_SRC if bits & FROM_SRC else LEFT_OUT)))
+                for j in range(gk):
+                    if lane == 0:
+                        good = wait_geq(left_f, p, gbase + np.uint64((i - 1) * gk + j + 1), deadline, status, left, i)
+                        if good and reread >= 0:    # right read this chunk at its primitive reread+1
+                            good = wait_geq(right_f, p, gbase + np.uint64((reread + 1) * gk + j + 1),
+                                            deadline, status, right, i)
+                        ok[cuda.threadIdx.y] = good
+                    rank_barrier()
+                    if ok[cuda.threadIdx.y] == 0:
+                        return
+                    step(src, out, peer, mc, ms, lc, ls, nbc, lo, hi, chunk, bits, i == nprims - 1, k0 + j, nslices,
+                         p, nparts, lane, nlanes, nranks, aligned)
+                    rank_barrier()
+                    if lane == 0:
+                        flag_put(mine, p, gbase + np.uint64(i * gk + j + 1))
+                if lane == 0 and trace != 0 and p == 0:
+                    trace_put(trace, i, global_ns())          # the last group's times remain
         if can_stage:     # part p of every chunk is final in our stage: copy it out (the right may still read it)
             stage_out = np.uint64(addr_load(table, row + STAGE_OUT))
             if stage_out != 0:

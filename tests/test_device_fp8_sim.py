@@ -88,7 +88,7 @@ class SimFp8Ranks:
         for a in self.codes + self.scales + self.flags + self.status + self.trace + self.calls:
             flags.register(a)
 
-    def ring(self, srcs, outs, op, slices=1, timeout_ns=0, skip_rank=None):
+    def ring(self, srcs, outs, op, slices=1, timeout_ns=0, skip_rank=None, group=0):
         n, count, R = self.n, srcs[0].size, _reg
         ranks = [r for r in range(n) if r != skip_rank]
         rows = [address_row(R(srcs[r]), R(outs[r]), 0, 0, R(self.flags[r]), R(self.flags[r - 1]),
@@ -97,7 +97,7 @@ class SimFp8Ranks:
                             left_scales=R(self.scales[r - 1]), blocks_per_chunk=chunk_blocks(count, n, self.block),
                             first=first_chunk(count, n, r)) for r in ranks]
         table, prog = np.array(rows, np.int64), program_table(n, count, ranks)
-        kern = ring_kernel(srcs[0].dtype, op, self.codec)
+        kern = ring_kernel(srcs[0].dtype, op, self.codec, group=group)
         kern[(self.parts, 1), (1, len(ranks))](R(table), R(prog), 2 * n - 1, slices, timeout_ns)
 
     def direct(self, srcs, outs, op, timeout_ns=0, skip_rank=None):
@@ -117,12 +117,12 @@ def _inputs(n, count, dtype, seed, scale=1.0):
     return [(rng.standard_normal(count) * scale).astype(dtype) for _ in range(n)]
 
 
-def _run(sim, algo, srcs, op, slices=1):
+def _run(sim, algo, srcs, op, slices=1, group=0):
     outs = [np.full(srcs[0].size, np.nan, srcs[0].dtype) for _ in srcs]
     if sim.n == 1:
         outs[0][...] = srcs[0]                 # the executor copies: nothing travels
     elif algo == "fp8-ring":
-        sim.ring(srcs, outs, op, slices=slices)
+        sim.ring(srcs, outs, op, slices=slices, group=group)
     else:
         sim.direct(srcs, outs, op)
     return outs
@@ -144,6 +144,25 @@ def test_counts_formats_blocks_bit_exact(algo, n):
             srcs = _inputs(n, count, np.float32, count + n, scale=3.0)
             want = host_fp8(srcs, "sum", fmt, block, algo)
             _assert_bitwise(_run(sim, algo, srcs, "sum", slices=2), want, (algo, n, fmt, block, count))
+
+
+@pytest.mark.parametrize("codec", ["plain", "tiles", "warps"])
+def test_grouped_walks_give_the_host_bits(codec):
+    """The FP8 ring walked G slices at a time (G = 1, 2, K not a multiple of G; 0 = all) gives the host ring's
+    bits with every codec path: NaN and inf, fp16 avg, in place, calls of different orders sharing counters."""
+    from ringlab.kernels.fp8_ring_codec import FWD_TILES, TILES, tiled_fp8_codec
+    for n, fmt, block, dtype, op in ((3, "e5m2", 64, np.float16, "avg"), (5, "e4m3", 32, np.float32, "sum")):
+        made = {"plain": None, "tiles": tiled_fp8_codec(fmt, block, TILES, FWD_TILES),
+                "warps": tiled_fp8_codec(fmt, block, warp_steps=2)}[codec]
+        sim = SimFp8Ranks(n, fmt, block, capacity=1200, parts=2, codec=made)
+        for count, slices, group in ((521, 3, 1), (n * 64 + 5, 4, 3), (301, 2, 0)):
+            srcs = _inputs(n, count, dtype, count + n, scale=3.0)
+            srcs[0][5], srcs[-1][40], srcs[n // 2][17] = np.nan, np.inf, -np.inf
+            want = host_fp8(srcs, op, fmt, block, "fp8-ring")
+            _assert_bitwise(_run(sim, "fp8-ring", srcs, op, slices=slices, group=group), want,
+                            (codec, n, fmt, block, count, slices, group))
+            sim.ring(srcs, srcs, op, slices=slices, group=group)          # in place
+            _assert_bitwise(srcs, want, (codec, n, "in place", count, slices, group))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])

@@ -31,7 +31,7 @@ class SimRanks:
         for a in self.flags + self.status + self.trace + self.calls:
             flags.register(a)
 
-    def allreduce(self, srcs, outs, op, slices=1, timeout_ns=0, skip_rank=None):
+    def allreduce(self, srcs, outs, op, slices=1, timeout_ns=0, skip_rank=None, group=0):
         n = self.n
         for a in srcs + outs:
             flags.register(a)
@@ -46,7 +46,7 @@ class SimRanks:
                           for r in ranks], dtype=np.int64)
         prog = program_table(n, srcs[0].size, ranks)
         flags.register(table), flags.register(prog)
-        kern = ring_kernel(srcs[0].dtype, op)
+        kern = ring_kernel(srcs[0].dtype, op, group=group)
         kern[(self.parts, 1), (1, len(ranks))](flags.register(table), flags.register(prog), 2 * n - 1,
                                                 slices, timeout_ns)
 
@@ -104,6 +104,38 @@ def test_every_dtype_and_op(dtype, op):
         assert np.array_equal(outs[r], want, equal_nan=True), (dtype, op, r)
 
 
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_grouped_walks_give_the_same_bits(n):
+    """Every order of the walk (G slices per group, G = 1 .. K and 0 = all; K not a multiple of G) gives the
+    host ring's bits, out of place and in place, calls of different orders sharing the counters."""
+    sim = SimRanks(n, parts=2)
+    call = 0
+    for count in (n * 5 + 3, 61):
+        for slices, group in ((1, 1), (3, 1), (3, 2), (4, 3), (5, 2), (5, 0), (5, 5), (2, 7)):
+            for in_place in (False, True):
+                srcs = _inputs(n, count, np.float32, call)
+                call += 1
+                want = host_ring_reference(srcs, "sum")
+                outs = srcs if in_place else [np.full(count, np.nan, np.float32) for _ in range(n)]
+                sim.allreduce(srcs, outs, "sum", slices=slices, group=group)
+                for r in range(n):
+                    assert np.array_equal(outs[r], want), (n, count, slices, group, in_place, r)
+
+
+def test_group_and_max_slices_are_checked():
+    from ringlab.gpu.device_plan import check_max_slices
+    from ringlab.kernels.ring_kernel import SLICE_STRIDE, check_group
+    assert check_group(0) == 0 and check_group(SLICE_STRIDE) == SLICE_STRIDE
+    for bad in (-1, SLICE_STRIDE + 1, 1.5, True, "2", None):
+        with pytest.raises(ValueError, match="group"):
+            ring_kernel(np.float32, "sum", group=bad)
+        with pytest.raises(ValueError, match="max_slices"):
+            check_max_slices(bad if bad != SLICE_STRIDE + 1 else 0)
+    assert launch_shape(8, 16 << 20, 4, 16, 32 << 10, 32) == (16, 16)      # 64 MB: 512 KB per part / 32 KB
+    assert launch_shape(8, 16 << 20, 4, 16, 16 << 10, 32) == (16, 32)
+    assert launch_shape(8, 16 << 20, 4, 16, 16 << 10) == (16, 8)           # the default cap
+
+
 def test_in_place_and_repeated_calls_share_counters():
     n, count = 4, 9
     sim = SimRanks(n, parts=2)
@@ -129,12 +161,13 @@ def test_nan_and_integer_wraparound_follow_the_host_ring():
     assert np.array_equal(outs[1], host_ring_reference(big, "sum"))
 
 
-def test_stalled_peer_times_out_naming_it():
+@pytest.mark.parametrize("slices,group", [(1, 0), (3, 1)])
+def test_stalled_peer_times_out_naming_it(slices, group):
     n = 3
     sim = SimRanks(n)
     srcs = _inputs(n, 6, np.float32, 0)
     outs = [np.zeros(6, np.float32) for _ in range(n)]
-    sim.allreduce(srcs, outs, "sum", timeout_ns=50_000_000, skip_rank=1)   # rank 1 never starts
+    sim.allreduce(srcs, outs, "sum", slices=slices, timeout_ns=50_000_000, skip_rank=1, group=group)   # 1 never starts
     assert sim.status[2][0] == STATUS_TIMEOUT and sim.status[2][1] == 1     # rank 2 waited on its left, 1
     assert sim.status[0][0] == STATUS_TIMEOUT and sim.status[0][1] == 2     # rank 0 on 2, itself stuck on 1
 

@@ -7,18 +7,19 @@ import numpy as np
 from mpi4py import MPI
 
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, first_chunk, fp8_send_layout,
+from ringlab.gpu.device_plan import (address_row, check_max_slices, chunk_blocks, direct_row, first_chunk, fp8_send_layout,
                                      launch_shape, program_table)
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
 from ringlab.kernels.formats import check_fp8_input_dtype
 from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, WARP, tiled_fp8_codec
-from ringlab.kernels.ring_kernel import MAX_PARTS, STATUS_OK, fp8_codec
+from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
 
 __all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
 THREADS, MAX_REGISTERS = 512, 128   # one block per SM: 512 x 128 registers fill an SM's 64K (uncapped: ~140)
+SLICE_BYTES = 256 << 10             # per block per slice, at least (fp8-ring)
 DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
 _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 
@@ -29,13 +30,16 @@ class DeviceFp8Ring:
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
     ``threads`` x ``max_registers``, ``blocks_per_sm`` (sets the default max_parts), ``tiles`` / ``fwd_tiles``
     (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled), ``warp_steps`` (> 0: the warp
-    tiles of kernels/fp8_ring_warps.py instead, that many quads per lane)."""
+    tiles of kernels/fp8_ring_warps.py instead, that many quads per lane); fp8-ring only: ``slice_bytes`` (the least
+    a block codes between two flag updates), ``max_slices`` (<= 64) and ``group`` (slices per group of the walk,
+    0: all; kernels/ring_kernel.py's check_group)."""
     STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
     check, synchronize, _cached = check, synchronize, cached
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
                  mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None,
-                 tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1, warp_steps=WARP):
+                 tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1, warp_steps=WARP, slice_bytes=SLICE_BYTES,
+                 group=0, max_slices=MAX_SLICES):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         self.codec = fp8_codec(fmt, block)
@@ -52,6 +56,12 @@ class DeviceFp8Ring:
         if self.algo == "fp8-direct" and self.tiled.tiles == 2:        # docs/fp8.md: its probe call never finished
             raise ValueError("fp8-direct with tiles=2 did not complete a call on the H200 (spilling owner loop); "
                              "use tiles 0 or 1")
+        self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
+        if isinstance(slice_bytes, bool) or not isinstance(slice_bytes, (int, np.integer)) or slice_bytes < 1:
+            raise ValueError(f"slice_bytes must be a positive integer, got {slice_bytes!r}")
+        self.slice_bytes = int(slice_bytes)
+        if self.algo == "fp8-direct" and (self.group, self.max_slices, self.slice_bytes) != (0, MAX_SLICES, SLICE_BYTES):
+            raise ValueError("group, max_slices and slice_bytes shape fp8-ring's walk; fp8-direct has no slices")
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"the device FP8 all-reduce needs CUDA IPC between all ranks, unusable here: {why}")
@@ -125,7 +135,7 @@ class DeviceFp8Ring:
         table = self._tables.get(key)
         if table is None:
             table = self._cached(self._tables, key, self._row(src.data.ptr, out.data.ptr, count, trace), stream)
-        parts, slices = launch_shape(self.n, count, src.itemsize, self.max_parts)
+        parts, slices = launch_shape(self.n, count, src.itemsize, self.max_parts, self.slice_bytes, self.max_slices)
         limit_ns = 0 if limit is None else int(limit * 1e9)
         if self.algo == "fp8-ring":
             prog = self._progs.get(count)
@@ -150,7 +160,8 @@ class DeviceFp8Ring:
     def _kernel(self, dtype, op):
         if self.algo == "fp8-ring":
             from ringlab.kernels.ring_kernel import ring_kernel
-            return ring_kernel(dtype, op, self.tiled, scope=self.scope, max_registers=self.max_registers)
+            return ring_kernel(dtype, op, self.tiled, scope=self.scope, max_registers=self.max_registers,
+                               group=self.group)
         from ringlab.kernels.fp8_direct_kernel import direct_kernel
         return direct_kernel(dtype, op, self.codec.fmt, self.codec.block, self.scope, self.max_registers,
                              self.tiled.tiles, self.tiled.fwd_tiles, self.tiled.warp_steps)

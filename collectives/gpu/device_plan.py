@@ -8,12 +8,12 @@ import numpy as np
 
 from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
                                          LEFT_CODES, LEFT_SCALES, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
-                                         SEND_CODES, SEND_SCALES, STAGE_COUNT, STAGE_IN, STAGE_OUT,
+                                         SEND_CODES, SEND_SCALES, SLICE_STRIDE, STAGE_COUNT, STAGE_IN, STAGE_OUT,
                                          TABLE_COLS)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
-__all__ = ["program_table", "launch_shape", "address_row", "chunk_blocks", "first_chunk", "fp8_send_layout"]
+__all__ = ["program_table", "launch_shape", "check_max_slices", "address_row", "chunk_blocks", "first_chunk", "fp8_send_layout"]
 
 
 @lru_cache(maxsize=128)
@@ -33,13 +33,22 @@ def program_table(nranks, count, ranks):
     return np.array(rows, dtype=np.int64).reshape(-1, PROG_COLS)
 
 
-def launch_shape(nranks, count, itemsize, max_parts, slice_bytes=256 << 10):
+def launch_shape(nranks, count, itemsize, max_parts, slice_bytes=256 << 10, max_slices=MAX_SLICES):
     """(parts P, slices K) for one call: one block and one slice for small chunks (latency: every slice is a
-    flag hop), up to ``max_parts`` blocks and MAX_SLICES slices of >= ``slice_bytes`` per block for large ones."""
+    flag hop), up to ``max_parts`` blocks and ``max_slices`` (<= SLICE_STRIDE) slices of >= ``slice_bytes`` per
+    block for large ones."""
     chunk_bytes = -(-count // max(nranks, 1)) * itemsize
     parts = int(max(1, min(max_parts, chunk_bytes // (64 << 10))))
-    slices = int(max(1, min(MAX_SLICES, chunk_bytes // (parts * max(int(slice_bytes), 1)))))
+    slices = int(max(1, min(check_max_slices(max_slices), chunk_bytes // (parts * max(int(slice_bytes), 1)))))
     return parts, slices
+
+
+def check_max_slices(max_slices):
+    """``max_slices`` as an int, or a clear error: a call's counters hold SLICE_STRIDE items per primitive."""
+    if isinstance(max_slices, bool) or not isinstance(max_slices, (int, np.integer)) or \
+            not 1 <= int(max_slices) <= SLICE_STRIDE:
+        raise ValueError(f"max_slices must be an integer in 1..{SLICE_STRIDE}, got {max_slices!r}")
+    return int(max_slices)
 
 
 def chunk_blocks(count, nranks, block):

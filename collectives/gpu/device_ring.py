@@ -12,10 +12,10 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
-from ringlab.gpu.device_plan import address_row, first_chunk, launch_shape, program_table
+from ringlab.gpu.device_plan import address_row, check_max_slices, first_chunk, launch_shape, program_table
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import PROBE_LIMIT_NS, THREADS, DriverLaunch, cached, check, mps_visible, probe, synchronize
-from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, STATUS_OK
+from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_SLICES, STATUS_OK, check_group
 
 __all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGISTERS", "PROBE_LIMIT_NS", "STAGE_BYTES",
            "DriverLaunch"]       # mps_visible, THREADS, PROBE_LIMIT_NS, DriverLaunch: from persistent.py
@@ -35,6 +35,8 @@ class DeviceRing:
     ``stage_bytes``: calls up to this size go through the staging buffer (0: never). ``scope`` of the flags:
     None picks "gpu" when every rank runs on this GPU, else "sys"; ``max_registers`` caps the kernel's;
     ``slice_bytes``: the least bytes a block moves between two flag updates (pipelining vs drains).
+    ``group`` (slices per group, 0: all; kernels/ring_kernel.py's check_group) and ``max_slices`` (<= 64): the
+    walk's order and how finely a chunk is sliced (both change no bits);
     ``stage_split``: separate staging halves for src and out (the ring out of place) instead of one in place;
     ``max_in_flight``: when > 0, the host waits for the call that many calls back before launching (queue depth).
     """
@@ -43,7 +45,7 @@ class DeviceRing:
 
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
                  blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS,
-                 slice_bytes=SLICE_BYTES, stage_split=False, max_in_flight=0):
+                 slice_bytes=SLICE_BYTES, stage_split=False, max_in_flight=0, group=0, max_slices=MAX_SLICES):
         import cupy
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
@@ -58,6 +60,7 @@ class DeviceRing:
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope = scope or ("gpu" if every else "sys")
         self.max_registers, self.slice_bytes = max_registers, int(slice_bytes)
+        self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
         # Every block of every rank must be resident at once (they wait on each other): one block per SM
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
@@ -175,14 +178,15 @@ class DeviceRing:
         fast = self._launchers.get((src.dtype, op))
         if fast is None:
             fast = self._launcher(src.dtype, op)
-        parts, slices = launch_shape(self.n, src.size, src.itemsize, fast.max_parts, self.slice_bytes)
+        parts, slices = launch_shape(self.n, src.size, src.itemsize, fast.max_parts, self.slice_bytes, self.max_slices)
         fast(parts, fast.threads, stream.ptr, table.data.ptr, prog.data.ptr, 2 * self.n - 1, slices,
              0 if limit is None else int(limit * 1e9))
 
     def _launcher(self, dtype, op):
         """The compiled kernel's driver launcher, with threads and parts it can hold resident."""
         from ringlab.kernels.ring_kernel import ring_kernel
-        fast = DriverLaunch.for_kernel(ring_kernel(dtype, op, scope=self.scope, max_registers=self.max_registers))
+        fast = DriverLaunch.for_kernel(ring_kernel(dtype, op, scope=self.scope, max_registers=self.max_registers,
+                                                      group=self.group))
         fast.threads = min(self.threads, fast.attribute("MAX_THREADS_PER_BLOCK") // 32 * 32)
         resident = fast.blocks_per_sm(fast.threads)
         if resident < 1:
