@@ -177,9 +177,7 @@ def ring_kernel_source(dtype, op, codec=IDENTITY, scope="sys", group=0):
         # The walk, G slices at a time (G = K: each primitive over every slice first). Counters count finished
         # (primitive, slice) items in walk order: item (i, k) of group g (slices k0..k0+gk-1) is number
         # k0 * nprims + i * gk + (k - k0) + 1 of the call, on every rank alike, so ">= target" means "done".
-        G = np.int64(group) if group != 0 else np.int64(nslices)
-        if G > nslices:
-            G = np.int64(nslices)
+        G = np.int64(group) if group != 0 else np.int64(nslices)     # G > K: one group (gk bounds it)
         for k0 in range(0, nslices, G):
             gk = min(G, nslices - k0)
             gbase = base + np.uint64(k0 * nprims)
