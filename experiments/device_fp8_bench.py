@@ -30,8 +30,10 @@ def _args(argv=None):
     p.add_argument("--fmt", default="e4m3")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--mode", default="auto", help="auto, per-rank, or host (FP8) / single-context (fp32)")
-    p.add_argument("--threads", type=int, default=512, help="FP8 kernels: threads per block")
-    p.add_argument("--max-registers", type=int, default=128, help="FP8 kernels: registers per thread (cap)")
+    p.add_argument("--threads", type=int, default=None, help="FP8 kernels: threads per block (default: per algo, "
+                   "device_fp8.LAUNCH)")
+    p.add_argument("--max-registers", type=int, default=None, help="FP8 kernels: registers per thread (cap; default: "
+                   "per algo)")
     p.add_argument("--shapes", default=None, help="FP8 launch shapes to sweep, each THREADSxREGS[@BLOCKS_PER_SM]"
                    "[:TILES:FWD_TILES|:wSTEPS], e.g. 512x128:0:1,512x128:2:4,512x64@2:1:4,768x80:w4 (default: --threads x "
                    "--max-registers with the executor's tiles); every shape is checked before it is timed")
@@ -135,12 +137,14 @@ def hop_error(path):
     return 0
 
 
-def parse_shapes(text, threads=512, max_registers=128):
+def parse_shapes(text, threads=None, max_registers=None):
     """[(label, {threads, max_registers, blocks_per_sm, tiles?, fwd_tiles?, warp_steps?})] of a --shapes list
-    (``:wS``: fp8_ring_warps.py's warp tiles of S quads per lane)."""
+    (``:wS``: fp8_ring_warps.py's warp tiles of S quads per lane); no list: each algo's default shape
+    (device_fp8.LAUNCH), or ``threads`` x ``max_registers`` where given."""
     import re
     if not text:
-        return [(f"{threads}x{max_registers}", {"threads": threads, "max_registers": max_registers})]
+        kw = {k: v for k, v in (("threads", threads), ("max_registers", max_registers)) if v is not None}
+        return [("default" if not kw else f"{threads or '-'}x{max_registers or '-'}", kw)]
     shapes = []
     for item in text.split(","):
         m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+)|:w(\d+))?(?:s(\d+))?(?:g(\d+))?(?:k(\d+))?",
@@ -192,7 +196,7 @@ def main(argv=None):
     from ringlab.arrays import use_local_gpu
     from ringlab.bench.harness import run_metadata
     from ringlab.fp8 import fp8_allreduce_error_bound
-    from ringlab.gpu.device_fp8 import DeviceFp8Ring
+    from ringlab.gpu.device_fp8 import LAUNCH, DeviceFp8Ring
     from ringlab.gpu.device_plan import hbm_bytes_per_element
     from ringlab.gpu.device_ring import get_device_ring, mps_visible
     from experiments.gpu_datapath import copy_bandwidth
@@ -299,7 +303,7 @@ def main(argv=None):
         r["speedup_vs_fp32_ring"] = base["median_ms"] / r["median_ms"] if base else None
     meta = run_metadata(comm, copy_bandwidth_Bps=bw, mps_pipe_visible=mps_visible(), fmt=args.fmt, block=args.block,
                         threads=args.threads, max_registers=args.max_registers, shapes=[s for s, _ in shapes],
-                        modes=modes)
+                        launch_defaults={k: list(v) for k, v in LAUNCH.items()}, modes=modes)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -115,7 +115,7 @@ device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact check
 device-fp8-sweep)  # FP8 launch shapes THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS][sKB][gG][kK] (FP32_SHAPES: fp32 rows;
   # SWEEP_ARGS: more device_fp8_bench.py arguments, e.g. --block 256)
   mps_start
-  step fp8_check_quick 150 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py --quick ${CHECK_ARGS:-}
+  step fp8_check_quick 300 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py --quick ${CHECK_ARGS:-}
   step fp8_sweep "${SWEEP_S:-300}" env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_fp8_bench.py --rounds 5 \
     --shapes "${SHAPES:-512x128:0:1,512x128:1:4,512x128:2:4,1024x64:1:4}" --fp32-shapes "${FP32_SHAPES:-}" \
     --json "$RES/h200_n8_fp8_sweep.json" ${SWEEP_ARGS:-}

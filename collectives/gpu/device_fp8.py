@@ -15,10 +15,14 @@ from ringlab.kernels.formats import check_fp8_input_dtype
 from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
 
-__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS"]
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS",
+           "LAUNCH"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
 THREADS, MAX_REGISTERS = 512, 128   # one block per SM: 512 x 128 registers fill an SM's 64K (uncapped: ~140)
+# default (threads, register cap) per algo, one block per SM; fp8-direct runs faster with more warps despite its
+# spills (docs/fp8.md, "Launch shapes per algorithm")
+LAUNCH = {"fp8-ring": (THREADS, MAX_REGISTERS), "fp8-direct": (768, 80)}
 SLICE_BYTES = 256 << 10             # per block per slice, at least (fp8-ring)
 DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
 _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
@@ -28,8 +32,8 @@ class DeviceFp8Ring:
     """FP8 all-reduce by one persistent kernel per rank; ``algo``, ``fmt``, ``block`` fixed here. ``mode``: "auto"
     (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
-    ``threads`` x ``max_registers``, ``blocks_per_sm`` (sets the default max_parts), ``tiles`` / ``fwd_tiles``
-    (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled), ``warp_steps`` (> 0: the warp
+    ``threads`` x ``max_registers`` (None: LAUNCH[algo]), ``blocks_per_sm`` (sets the default max_parts),
+    ``tiles`` / ``fwd_tiles`` (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled), ``warp_steps`` (> 0: the warp
     tiles of kernels/fp8_ring_warps.py instead, that many quads per lane); fp8-ring only: ``slice_bytes`` (the least
     a block codes between two flag updates), ``max_slices`` (<= 64) and ``group`` (slices per group of the walk,
     0: all; kernels/ring_kernel.py's check_group)."""
@@ -37,15 +41,18 @@ class DeviceFp8Ring:
     check, synchronize, _cached = check, synchronize, cached
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
-                 mode="auto", trace=False, max_parts=None, threads=THREADS, max_registers=MAX_REGISTERS, scope=None,
+                 mode="auto", trace=False, max_parts=None, threads=None, max_registers=None, scope=None,
                  tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1, warp_steps=WARP, slice_bytes=SLICE_BYTES,
                  group=0, max_slices=MAX_SLICES):
-        import cupy
-        from ringlab.gpu.ipc import ipc_usable
         self.codec = fp8_codec(fmt, block)
         self.algo = _ALIASES.get(algo, algo)
         if self.algo not in DEVICE_FP8_ALGOS:
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
+        threads = LAUNCH[self.algo][0] if threads is None else threads
+        max_registers = LAUNCH[self.algo][1] if max_registers is None else max_registers
+        for name, v in (("threads", threads), ("max_registers", max_registers), ("blocks_per_sm", blocks_per_sm)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         if mode not in ("auto", "per-rank", "host"):
             raise ValueError(f"mode must be auto, per-rank or host, got {mode!r}")
         if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or \
@@ -62,6 +69,8 @@ class DeviceFp8Ring:
         self.slice_bytes = int(slice_bytes)
         if self.algo == "fp8-direct" and (self.group, self.max_slices, self.slice_bytes) != (0, MAX_SLICES, SLICE_BYTES):
             raise ValueError("group, max_slices and slice_bytes shape fp8-ring's walk; fp8-direct has no slices")
+        import cupy                                        # the arguments are checked before any GPU work
+        from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"the device FP8 all-reduce needs CUDA IPC between all ranks, unusable here: {why}")
