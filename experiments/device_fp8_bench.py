@@ -293,7 +293,7 @@ def main(argv=None):
                          "algbw_GBps": nbytes / t / 1e9, "hbm_bytes_per_elem": bpe, "hbm_floor_ms": floor * 1e3,
                          "pct_of_hbm_floor": 100 * floor / t, "mode": getattr(ex, "mode", "?"), "checked": how,
                          "max_parts": getattr(ex, "max_parts", None), "times_ms": [v * 1e3 for v in times],
-                         "trace_us": phases})
+                         "trace_us": phases, "group": getattr(ex, "group", 0)})
             del x, y
         if ex is not fp32:
             ex.close()
@@ -316,7 +316,9 @@ def main(argv=None):
     for r in rows:
         if r["trace_us"]:
             say(f"# {r['path']} {r['shape']} {r['bytes'] >> 20} MB, one traced call on the GPU clock (us, slowest rank, "
-                f"median of {args.trace_calls}): " + ", ".join(f"{k} {v}" for k, v in r["trace_us"].items()))
+                f"median of {args.trace_calls}): " + ", ".join(f"{k} {v}" for k, v in r["trace_us"].items())
+                + (f" (walk in groups of {r['group']}: the hops are the last group's, compare the total only)"
+                   if r["group"] else ""))
     return 0
 
 

@@ -278,7 +278,7 @@ def test_integer_dtype_is_a_type_error():
         fp8_codec("e4m3", 48)
 
 
-@pytest.mark.parametrize("algo, shape", [("fp8-ring", "512 x 128"), ("fp8-direct", "768 x 80")])
+@pytest.mark.parametrize("algo, shape", [("fp8-ring", "512 x 128"), ("fp8-direct", "512 x 128")])
 def test_executor_launch_defaults_per_algo_and_bad_shapes(algo, shape):
     """DeviceFp8Ring checks its launch arguments before any GPU work (CPU here): each algo's default shape
     (device_fp8.LAUNCH) shows in the error for two blocks per SM; non-integers and oversized shapes are refused."""
