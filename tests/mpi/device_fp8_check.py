@@ -10,6 +10,7 @@ Exits non-zero on failure.
 import argparse
 import hashlib
 import sys
+import time
 
 import numpy as np
 
@@ -43,6 +44,12 @@ def main(argv=None):
     n, rank = comm.size, comm.rank
     use_local_gpu(comm)
     bad, notes = [], []
+    t0 = time.monotonic()
+
+    def progress(what):
+        """Rank 0's running log (flushed): a run cut off by its time limit still shows how far it got."""
+        if rank == 0:
+            print(f"[{time.monotonic() - t0:6.1f} s] {what}", flush=True)
 
     def same_everywhere(a):
         digest = hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
@@ -109,6 +116,7 @@ def main(argv=None):
                 break
             if rank == 0:
                 notes.append(f"{algo} {fmt}/{block}: mode {ring.mode} ({ring.mode_why})")
+            progress(f"{algo} {fmt}/{block}: built, mode {ring.mode}; checking counts {counts}")
             big = (1 << 24) + 3 if (fmt, block) == ("e4m3", 128) and not args.quick else None   # 16 parts, 2 slices
             for count in counts + ((big,) if big else ()):
                 g = np.random.default_rng([rank, count, block])
@@ -131,6 +139,7 @@ def main(argv=None):
                     and np.isfinite(got[2002])):
                 bad.append(f"{algo} {fmt}/{block} NaN/inf policy: {got[10]}, {got[2000]}, {got[2002]}")
             ring.close()
+            progress(f"{algo} {fmt}/{block}: done ({len(bad)} failures on rank 0 so far)")
 
         # repeated calls on a side stream, then a CUDA graph of one call replayed with new inputs
         ring = make(algo, "e4m3", 128, timeout=60.0, capacity=1 << 20)
@@ -162,6 +171,7 @@ def main(argv=None):
                     bad.append(note)
             notes.append(note)
         ring.synchronize()
+        progress(note)
         for what, fn, err in (("int32 input", lambda: ring.allreduce(cupy.ones(8, cupy.int32), cupy.ones(8, cupy.int32)),
                                TypeError),
                               ("op max", lambda: ring.allreduce(cupy.ones(8, cupy.float32), cupy.ones(8, cupy.float32),
