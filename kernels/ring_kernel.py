@@ -15,7 +15,7 @@ from ringlab.kernels.ring_layout import (IDENTITY, Codec, ALIGNED, CALLS, CHUNK_
                                          FROM_SRC, LEFT, LEFT_CODES, LEFT_FLAGS, LEFT_OUT, LEFT_SCALES, LEFT_SRC,
                                          MAX_PARTS, MAX_RANKS_PER_LAUNCH, MAX_SLICES, MY_FLAGS, NRANKS, OUT, PROG_COLS,
                                          REDUCE, RIGHT, RIGHT_FLAGS, SEND_CODES, SEND_SCALES, SLICE_STRIDE, SRC, STAGE_COUNT,
-                                         STAGE_IN, STAGE_OUT, STATUS, STATUS_OK, STATUS_TIMEOUT, TABLE_COLS, TRACE)
+                                         STAGE_IN, STAGE_OUT, STATUS, STATUS_OK, STATUS_TIMEOUT, TABLE_COLS, TRACE, check_int)
 
 __all__ = ["Codec", "IDENTITY", "fp8_codec", "ring_kernel", "TABLE_COLS", "PROG_COLS", "SLICE_STRIDE", "MAX_SLICES",
            "STATUS_OK", "STATUS_TIMEOUT", "MAX_PARTS", "REDUCE", "FROM_SRC", "FINAL", "KERNEL_DTYPES", "KERNEL_OPS",
@@ -72,9 +72,7 @@ def check_group(group):
     """Slices per group G of the walk: for each group of G slices, every primitive over those slices, as NCCL's
     loop over the buffer runs every step on one piece (the left's output is read one group later, while it may
     still be in L2). 0: one group of every slice (each primitive over the whole chunk before the next)."""
-    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or not 0 <= int(group) <= SLICE_STRIDE:
-        raise ValueError(f"group (slices per group) must be an integer in 0..{SLICE_STRIDE}, got {group!r}")
-    return int(group)
+    return check_int("group (slices per group)", group, 0, SLICE_STRIDE)
 
 
 def _moves(dtype, op, codec):

@@ -5,7 +5,7 @@ One place for what the host plan (gpu/device_plan.py) writes and the kernels (ri
 from dataclasses import dataclass
 
 __all__ = ["TABLE_COLS", "PROG_COLS", "Codec", "IDENTITY", "STAGE_IN", "STAGE_OUT", "STAGE_COUNT", "REDUCE", "FROM_SRC", "FINAL", "MAX_SLICES", "SLICE_STRIDE", "MAX_PARTS",
-           "STATUS_OK", "STATUS_TIMEOUT", "MAX_RANKS_PER_LAUNCH"]
+           "STATUS_OK", "STATUS_TIMEOUT", "MAX_RANKS_PER_LAUNCH", "check_int"]
 
 # Per rank in the launch, one row of addresses (uint64): buffers, counters, status, trace, and ranks; then the
 # codec's columns (0 for the identity codec): our send buffer's codes and scales, our mapping of the left's,
@@ -23,6 +23,17 @@ SLICE_STRIDE = 64                   # counter values per primitive per call: bas
 MAX_PARTS = 64                      # blocks per rank; flags[p] is part p's counter, calls[p] its call count
 STATUS_OK, STATUS_TIMEOUT = 0, 1    # status words: code, peer rank waited on, primitive index
 MAX_RANKS_PER_LAUNCH = 64
+
+
+def check_int(name, value, lo=None, hi=None):
+    """``value`` as an int, or a ValueError naming ``name``: bools, floats and strings are refused, bounds inclusive
+    (the launch arguments' one check: group, max_slices, threads, slice_bytes, ...)."""
+    import numpy as np
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+            (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f" in {lo}..{hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+        raise ValueError(f"{name} must be an integer{span}, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ import numpy as np
 from mpi4py import MPI
 
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.device_plan import (address_row, check_max_slices, chunk_blocks, direct_row, first_chunk, fp8_send_layout,
-                                     launch_shape, program_table)
+from ringlab.gpu.device_plan import (address_row, check_max_slices, chunk_blocks, direct_row, first_chunk,
+                                     fp8_send_layout, launch_shape, program_table)
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
 from ringlab.kernels.formats import check_fp8_input_dtype
 from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
+from ringlab.kernels.ring_layout import check_int
 
 __all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS",
            "LAUNCH"]
@@ -33,8 +34,8 @@ class DeviceFp8Ring:
     (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
     ``threads`` x ``max_registers`` (None: LAUNCH[algo]), ``blocks_per_sm`` (sets the default max_parts),
-    ``tiles`` / ``fwd_tiles`` (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled), ``warp_steps`` (> 0: the warp
-    tiles of kernels/fp8_ring_warps.py instead, that many quads per lane); fp8-ring only: ``slice_bytes`` (the least
+    ``tiles`` / ``fwd_tiles`` (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled),
+    ``warp_steps`` (> 0: the warp tiles of kernels/fp8_ring_warps.py instead, that many quads per lane); fp8-ring only: ``slice_bytes`` (the least
     a block codes between two flag updates), ``max_slices`` (<= 64) and ``group`` (slices per group of the walk,
     0: all; kernels/ring_kernel.py's check_group)."""
     STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
@@ -50,9 +51,8 @@ class DeviceFp8Ring:
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
         threads = LAUNCH[self.algo][0] if threads is None else threads
         max_registers = LAUNCH[self.algo][1] if max_registers is None else max_registers
-        for name, v in (("threads", threads), ("max_registers", max_registers), ("blocks_per_sm", blocks_per_sm)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
+        threads, max_registers, blocks_per_sm = (check_int(name, v) for name, v in (
+            ("threads", threads), ("max_registers", max_registers), ("blocks_per_sm", blocks_per_sm)))
         if mode not in ("auto", "per-rank", "host"):
             raise ValueError(f"mode must be auto, per-rank or host, got {mode!r}")
         if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or \
@@ -64,10 +64,9 @@ class DeviceFp8Ring:
             raise ValueError("fp8-direct with tiles=2 did not complete a call on the H200 (spilling owner loop); "
                              "use tiles 0 or 1")
         self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
-        if isinstance(slice_bytes, bool) or not isinstance(slice_bytes, (int, np.integer)) or slice_bytes < 1:
-            raise ValueError(f"slice_bytes must be a positive integer, got {slice_bytes!r}")
-        self.slice_bytes = int(slice_bytes)
-        if self.algo == "fp8-direct" and (self.group, self.max_slices, self.slice_bytes) != (0, MAX_SLICES, SLICE_BYTES):
+        self.slice_bytes = check_int("slice_bytes", slice_bytes, 1)
+        walk = (self.group, self.max_slices, self.slice_bytes)
+        if self.algo == "fp8-direct" and walk != (0, MAX_SLICES, SLICE_BYTES):
             raise ValueError("group, max_slices and slice_bytes shape fp8-ring's walk; fp8-direct has no slices")
         import cupy                                        # the arguments are checked before any GPU work
         from ringlab.gpu.ipc import ipc_usable

@@ -9,11 +9,12 @@ import numpy as np
 from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
                                          LEFT_CODES, LEFT_SCALES, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
                                          SEND_CODES, SEND_SCALES, SLICE_STRIDE, STAGE_COUNT, STAGE_IN, STAGE_OUT,
-                                         TABLE_COLS)
+                                         TABLE_COLS, check_int)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
-__all__ = ["program_table", "launch_shape", "check_max_slices", "address_row", "chunk_blocks", "first_chunk", "fp8_send_layout"]
+__all__ = ["program_table", "launch_shape", "check_max_slices", "address_row", "chunk_blocks", "first_chunk",
+           "fp8_send_layout"]
 
 
 @lru_cache(maxsize=128)
@@ -45,10 +46,7 @@ def launch_shape(nranks, count, itemsize, max_parts, slice_bytes=256 << 10, max_
 
 def check_max_slices(max_slices):
     """``max_slices`` as an int, or a clear error: a call's counters hold SLICE_STRIDE items per primitive."""
-    if isinstance(max_slices, bool) or not isinstance(max_slices, (int, np.integer)) or \
-            not 1 <= int(max_slices) <= SLICE_STRIDE:
-        raise ValueError(f"max_slices must be an integer in 1..{SLICE_STRIDE}, got {max_slices!r}")
-    return int(max_slices)
+    return check_int("max_slices", max_slices, 1, SLICE_STRIDE)
 
 
 def chunk_blocks(count, nranks, block):
