@@ -14,6 +14,7 @@
 #   bash experiments/device_run.sh device-small      # one-shot / two-shot persistent kernels: checks, latency, auto
 #   bash experiments/device_run.sh device-fp8        # FP8 device ring and fp8-direct: checks, speed vs fp32 ring;
 #                                                      the public API's device routes bit for bit
+#                                                      (CHECK_ARGS: more check arguments, e.g. --algos fp8-direct)
 #   bash experiments/device_run.sh device-fp8-sweep  # the FP8 kernels' launch shapes / tiles (each checked, then timed)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -104,8 +105,8 @@ device-small)  # one-shot / two-shot persistent kernels (docs/device_small.md): 
   ;;
 device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact checks, stalled peer, speed vs the fp32 ring
   mps_start
-  step fp8_check_n8 300 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py
-  step fp8_stall 60 env RINGLAB_ABORT_ON_TIMEOUT=0 RINGLAB_TIMEOUT=2 mpirun -n 3 python3 tests/mpi/device_fp8_check.py \
+  step fp8_check_n8 "${CHECK_S:-420}" env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py ${CHECK_ARGS:-}
+  step fp8_stall 120 env RINGLAB_ABORT_ON_TIMEOUT=0 RINGLAB_TIMEOUT=2 mpirun -n 3 python3 tests/mpi/device_fp8_check.py \
     --stall --mode per-rank
   step fp8_bench 200 env RINGLAB_TIMEOUT=20 mpirun -n 8 python3 experiments/device_fp8_bench.py \
     --json "$RES/h200_n8_fp8_mps.json"

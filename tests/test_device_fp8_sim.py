@@ -278,12 +278,12 @@ def test_integer_dtype_is_a_type_error():
         fp8_codec("e4m3", 48)
 
 
-@pytest.mark.parametrize("algo, shape", [("fp8-ring", "512 x 128"), ("fp8-direct", "512 x 128")])
+@pytest.mark.parametrize("algo, shape", [("fp8-ring", "1024 x 64"), ("fp8-direct", "768 x 80")])
 def test_executor_launch_defaults_per_algo_and_bad_shapes(algo, shape):
     """DeviceFp8Ring checks its launch arguments before any GPU work (CPU here): each algo's default shape
     (device_fp8.LAUNCH) shows in the error for two blocks per SM; non-integers and oversized shapes are refused."""
     from ringlab.gpu.device_fp8 import LAUNCH, DeviceFp8Ring
-    assert LAUNCH[algo] == tuple(int(v) for v in shape.split(" x "))
+    assert LAUNCH[algo][:2] == tuple(int(v) for v in shape.split(" x ")) and LAUNCH[algo][2] == 1  # tiles 2: refused
     with pytest.raises(ValueError, match=f"got 2 x {shape}$"):
         DeviceFp8Ring(None, algo=algo, blocks_per_sm=2)
     for bad in ({"threads": True}, {"threads": 512.0}, {"max_registers": "80"}, {"blocks_per_sm": None}):

@@ -136,6 +136,32 @@ def test_group_and_max_slices_are_checked():
     assert launch_shape(8, 16 << 20, 4, 16, 16 << 10) == (16, 8)           # the default cap
 
 
+def test_executors_check_launch_arguments_before_gpu_work():
+    """The three device executors refuse bad launch arguments with a ValueError naming them before any GPU work
+    (CPU here: comm=None is never reached); max_parts above the flag words' MAX_PARTS would write past them."""
+    from ringlab.gpu.device_fp8 import DeviceFp8Ring
+    from ringlab.gpu.device_plan import check_max_parts
+    from ringlab.gpu.device_ring import DeviceRing
+    from ringlab.gpu.device_small import DeviceSmallAllreduce
+    from ringlab.kernels.ring_layout import MAX_PARTS
+    assert check_max_parts(None) is None and check_max_parts(0) is None and check_max_parts(np.int64(0)) is None
+    assert check_max_parts(MAX_PARTS) == MAX_PARTS and type(check_max_parts(np.int32(3))) is int
+    assert launch_shape(8, 1 << 30, 4, 10 * MAX_PARTS)[0] == MAX_PARTS      # the plan clamps too
+    for make in (DeviceRing, DeviceFp8Ring, DeviceSmallAllreduce):
+        for bad in (MAX_PARTS + 1, -1, 2.0, True, "4"):
+            with pytest.raises(ValueError, match="max_parts must be an integer in 1..64"):
+                make(None, max_parts=bad)
+    ring_cases = [({"threads": 100}, "multiple of 32"), ({"threads": 2048}, "multiple of 32"),
+                  ({"threads": 512.0}, "threads must be an integer"), ({"blocks_per_sm": 0}, "blocks_per_sm"),
+                  ({"max_registers": 8}, "max_registers"), ({"max_registers": "80"}, "max_registers"),
+                  ({"slice_bytes": 0}, "slice_bytes"), ({"slice_bytes": 1.5e6}, "slice_bytes"),
+                  ({"stage_bytes": -1}, "stage_bytes"), ({"max_in_flight": -2}, "max_in_flight"),
+                  ({"group": -1}, "group"), ({"max_slices": 0}, "max_slices"), ({"mode": "fast"}, "mode")]
+    for kw, words in ring_cases:
+        with pytest.raises(ValueError, match=words):
+            DeviceRing(None, **kw)
+
+
 def test_in_place_and_repeated_calls_share_counters():
     n, count = 4, 9
     sim = SimRanks(n, parts=2)

@@ -7,23 +7,21 @@ import numpy as np
 from mpi4py import MPI
 
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.device_plan import (address_row, check_max_slices, chunk_blocks, direct_row, first_chunk,
+from ringlab.gpu.device_plan import (address_row, check_max_parts, check_max_slices, chunk_blocks, direct_row, first_chunk,
                                      fp8_send_layout, launch_shape, program_table)
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
 from ringlab.kernels.formats import check_fp8_input_dtype
-from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, FWD_TILES, TILES, WARP, tiled_fp8_codec
+from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
 from ringlab.kernels.ring_layout import check_int
 
-__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "THREADS", "MAX_REGISTERS",
-           "LAUNCH"]
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "LAUNCH"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
-THREADS, MAX_REGISTERS = 512, 128   # one block per SM: 512 x 128 registers fill an SM's 64K (uncapped: ~140)
-# default (threads, register cap) per algo, one block per SM. fp8-direct measured faster at 768 x 80 in a sweep
-# (docs/fp8.md, "Launch shapes per algorithm"); it becomes its default once the full device check passes there
-LAUNCH = {"fp8-ring": (THREADS, MAX_REGISTERS), "fp8-direct": (THREADS, MAX_REGISTERS)}
+# default (threads, register cap, tiles, fwd_tiles) per algo, one block per SM: each the fastest shape measured
+# for it that also passed the full device check (docs/fp8.md, "Launch shapes per algorithm")
+LAUNCH = {"fp8-ring": (1024, 64, 1, 2), "fp8-direct": (768, 80, 1, 4)}
 SLICE_BYTES = 256 << 10             # per block per slice, at least (fp8-ring)
 DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
 _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
@@ -33,8 +31,8 @@ class DeviceFp8Ring:
     """FP8 all-reduce by one persistent kernel per rank; ``algo``, ``fmt``, ``block`` fixed here. ``mode``: "auto"
     (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
-    ``threads`` x ``max_registers`` (None: LAUNCH[algo]), ``blocks_per_sm`` (sets the default max_parts),
-    ``tiles`` / ``fwd_tiles`` (blocks per lane group and round, kernels/fp8_ring_tiles.py; tiles 0: untiled),
+    ``threads`` x ``max_registers``, ``tiles`` / ``fwd_tiles`` (blocks per lane group and round,
+    kernels/fp8_ring_tiles.py; tiles 0: untiled) (each None: LAUNCH[algo]), ``blocks_per_sm`` (sets the default max_parts),
     ``warp_steps`` (> 0: the warp tiles of kernels/fp8_ring_warps.py instead, that many quads per lane); fp8-ring only: ``slice_bytes`` (the least
     a block codes between two flag updates), ``max_slices`` (<= 64) and ``group`` (slices per group of the walk,
     0: all; kernels/ring_kernel.py's check_group)."""
@@ -43,14 +41,14 @@ class DeviceFp8Ring:
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
                  mode="auto", trace=False, max_parts=None, threads=None, max_registers=None, scope=None,
-                 tiles=TILES, fwd_tiles=FWD_TILES, blocks_per_sm=1, warp_steps=WARP, slice_bytes=SLICE_BYTES,
+                 tiles=None, fwd_tiles=None, blocks_per_sm=1, warp_steps=WARP, slice_bytes=SLICE_BYTES,
                  group=0, max_slices=MAX_SLICES):
         self.codec = fp8_codec(fmt, block)
         self.algo = _ALIASES.get(algo, algo)
         if self.algo not in DEVICE_FP8_ALGOS:
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
-        threads = LAUNCH[self.algo][0] if threads is None else threads
-        max_registers = LAUNCH[self.algo][1] if max_registers is None else max_registers
+        threads, max_registers, tiles, fwd_tiles = (d if v is None else v for v, d in zip(
+            (threads, max_registers, tiles, fwd_tiles), LAUNCH[self.algo]))
         threads, max_registers, blocks_per_sm = (check_int(name, v) for name, v in (
             ("threads", threads), ("max_registers", max_registers), ("blocks_per_sm", blocks_per_sm)))
         if mode not in ("auto", "per-rank", "host"):
@@ -64,6 +62,7 @@ class DeviceFp8Ring:
             raise ValueError("fp8-direct with tiles=2 did not complete a call on the H200 (spilling owner loop); "
                              "use tiles 0 or 1")
         self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
+        max_parts = check_max_parts(max_parts)
         self.slice_bytes = check_int("slice_bytes", slice_bytes, 1)
         walk = (self.group, self.max_slices, self.slice_bytes)
         if self.algo == "fp8-direct" and walk != (0, MAX_SLICES, SLICE_BYTES):

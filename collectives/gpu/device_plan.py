@@ -7,13 +7,13 @@ from functools import lru_cache
 import numpy as np
 
 from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
-                                         LEFT_CODES, LEFT_SCALES, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
+                                         LEFT_CODES, LEFT_SCALES, MAX_PARTS, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
                                          SEND_CODES, SEND_SCALES, SLICE_STRIDE, STAGE_COUNT, STAGE_IN, STAGE_OUT,
                                          TABLE_COLS, check_int)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
-__all__ = ["program_table", "launch_shape", "check_max_slices", "address_row", "chunk_blocks", "first_chunk",
+__all__ = ["program_table", "launch_shape", "check_max_parts", "check_max_slices", "address_row", "chunk_blocks", "first_chunk",
            "fp8_send_layout"]
 
 
@@ -39,9 +39,17 @@ def launch_shape(nranks, count, itemsize, max_parts, slice_bytes=256 << 10, max_
     flag hop), up to ``max_parts`` blocks and ``max_slices`` (<= SLICE_STRIDE) slices of >= ``slice_bytes`` per
     block for large ones."""
     chunk_bytes = -(-count // max(nranks, 1)) * itemsize
-    parts = int(max(1, min(max_parts, chunk_bytes // (64 << 10))))
+    parts = int(max(1, min(max_parts, MAX_PARTS, chunk_bytes // (64 << 10))))
     slices = int(max(1, min(check_max_slices(max_slices), chunk_bytes // (parts * max(int(slice_bytes), 1)))))
     return parts, slices
+
+
+def check_max_parts(max_parts):
+    """``max_parts`` as an int in 1..MAX_PARTS, or None (None or 0: the executor's default), or a clear error: a
+    rank's flag words hold MAX_PARTS counters, so more blocks would write past them."""
+    if max_parts is None or (not isinstance(max_parts, bool) and isinstance(max_parts, (int, np.integer)) and max_parts == 0):
+        return None
+    return check_int("max_parts", max_parts, 1, MAX_PARTS)
 
 
 def check_max_slices(max_slices):

@@ -12,10 +12,11 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
-from ringlab.gpu.device_plan import address_row, check_max_slices, first_chunk, launch_shape, program_table
+from ringlab.gpu.device_plan import address_row, check_max_parts, check_max_slices, first_chunk, launch_shape, program_table
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import PROBE_LIMIT_NS, THREADS, DriverLaunch, cached, check, mps_visible, probe, synchronize
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_SLICES, STATUS_OK, check_group
+from ringlab.kernels.ring_layout import check_int
 
 __all__ = ["DeviceRing", "get_device_ring", "mps_visible", "THREADS", "MAX_REGISTERS", "PROBE_LIMIT_NS", "STAGE_BYTES",
            "DriverLaunch"]       # mps_visible, THREADS, PROBE_LIMIT_NS, DriverLaunch: from persistent.py
@@ -46,32 +47,35 @@ class DeviceRing:
     def __init__(self, comm, timeout=None, mode="auto", trace=False, max_parts=None, threads=THREADS,
                  blocks_per_sm=1, stage_bytes=STAGE_BYTES, scope=None, max_registers=MAX_REGISTERS,
                  slice_bytes=SLICE_BYTES, stage_split=False, max_in_flight=0, group=0, max_slices=MAX_SLICES):
-        import cupy
+        if mode not in ("auto", "per-rank", "single-context"):
+            raise ValueError(f"mode must be auto, per-rank or single-context, got {mode!r}")
+        threads, blocks_per_sm = check_int("threads", threads), check_int("blocks_per_sm", blocks_per_sm, 1)
+        if max_registers is not None:                  # None: uncapped
+            max_registers = check_int("max_registers", max_registers, 16, 255)
+        stage_bytes, max_in_flight = (check_int(name, v, 0) for name, v in (
+            ("stage_bytes", stage_bytes), ("max_in_flight", max_in_flight)))
+        slice_bytes = check_int("slice_bytes", slice_bytes, 1)
+        max_parts = check_max_parts(max_parts)
+        if not (32 <= threads <= 1024 and threads % 32 == 0):
+            raise ValueError(f"threads must be a multiple of 32 in 32..1024, got {threads}")
+        self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
+        import cupy                                        # the arguments are checked before any GPU work
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"the device ring needs CUDA IPC between all ranks, unusable here: {why}")
-        if mode not in ("auto", "per-rank", "single-context"):
-            raise ValueError(f"mode must be auto, per-rank or single-context, got {mode!r}")
         self.comm, self.n, self.rank = comm, comm.size, comm.rank
         self.timeout, self.trace_enabled = resolve_timeout(timeout), bool(trace)
         self.left, self.right = (self.rank - 1) % self.n, (self.rank + 1) % self.n
         self.sharing = len(same_gpu_ranks(comm))
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope = scope or ("gpu" if every else "sys")
-        self.max_registers, self.slice_bytes = max_registers, int(slice_bytes)
-        self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
+        self.max_registers, self.slice_bytes = max_registers, slice_bytes
         # Every block of every rank must be resident at once (they wait on each other): one block per SM
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        if min(int(stage_bytes), int(max_in_flight)) < 0 or int(slice_bytes) < 1:
-            raise ValueError(f"stage_bytes and max_in_flight must be >= 0 and slice_bytes >= 1, got {stage_bytes}, "
-                             f"{max_in_flight}, {slice_bytes}")
-        if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or int(blocks_per_sm) < 1:
-            raise ValueError(f"threads must be a multiple of 32 in 32..1024 and blocks_per_sm >= 1, "
-                             f"got {threads}, {blocks_per_sm}")
-        self.threads, self.blocks_per_sm = int(threads), int(blocks_per_sm)
-        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms * self.blocks_per_sm // self.sharing)))
+        self.threads, self.blocks_per_sm = threads, blocks_per_sm
+        self.max_parts = max_parts or max(1, min(MAX_PARTS, sms * self.blocks_per_sm // self.sharing))
         self.peers = PeerMemory(comm)
         # words 0..MAX_PARTS-1: part p's progress counter (peers read it); MAX_PARTS..: part p's call count
         self.flags, mapped = self.peers.shared_words(2 * MAX_PARTS, {self.left, self.right})

@@ -14,6 +14,7 @@ from mpi4py import MPI
 from ringlab import settings
 from ringlab.commstate import comm_state
 from ringlab.errors import resolve_timeout
+from ringlab.gpu.device_plan import check_max_parts
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import THREADS, DriverLaunch, check, probe, synchronize
 from ringlab.kernels.small_kernel import (ALGOS, KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_RANKS, STATUS_OK,
@@ -34,14 +35,15 @@ class DeviceSmallAllreduce:
 
     def __init__(self, comm, algo="oneshot", timeout=None, mode="auto", capacity=CAPACITY, max_parts=None,
                  scope=None):
-        import cupy
-        from ringlab.gpu.ipc import ipc_usable
         if algo not in ALGOS:
             raise ValueError(f"algo must be one of {', '.join(ALGOS)}, got {algo!r}")
         if scope not in (None, "gpu", "sys"):
             raise ValueError(f"scope must be None, 'gpu' or 'sys', got {scope!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        max_parts = check_max_parts(max_parts)
+        import cupy                                        # the arguments are checked before any GPU work
+        from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
         if not usable:
             raise ValueError(f"device {algo} needs CUDA IPC between all ranks, unusable here: {why}")
@@ -56,7 +58,7 @@ class DeviceSmallAllreduce:
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope = scope or ("gpu" if every else "sys")     # flags: gpu when every rank runs on this GPU
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, sms // self.sharing)))   # every block resident
+        self.max_parts = max_parts or int(max(1, min(MAX_PARTS, sms // self.sharing)))   # every block resident
         everyone = set(range(self.n))
         self.peers = PeerMemory(comm)
         self.flags, flags = self.peers.shared_words(MAX_PARTS, everyone)        # per-part counters, peers read
