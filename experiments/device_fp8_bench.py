@@ -291,7 +291,8 @@ def main(argv=None):
             rows.append({"path": path, "shape": label, "fmt": args.fmt if path != "fp32-ring" else "fp32",
                          "block": args.block, "bytes": nbytes, "count": count, "nranks": n, "median_ms": t * 1e3,
                          "algbw_GBps": nbytes / t / 1e9, "hbm_bytes_per_elem": bpe, "hbm_floor_ms": floor * 1e3,
-                         "pct_of_hbm_floor": 100 * floor / t, "mode": getattr(ex, "mode", "?"), "checked": how,
+                         "pct_of_hbm_floor": 100 * floor / t, "mode": getattr(ex, "mode", "?"),
+                         "mode_why": getattr(ex, "mode_why", ""), "checked": how,
                          "max_parts": getattr(ex, "max_parts", None), "times_ms": [v * 1e3 for v in times],
                          "trace_us": phases, "group": getattr(ex, "group", 0)})
             del x, y

@@ -16,6 +16,7 @@
 #                                                      the public API's device routes bit for bit
 #                                                      (CHECK_ARGS: more check arguments, e.g. --algos fp8-direct)
 #   bash experiments/device_run.sh device-fp8-sweep  # the FP8 kernels' launch shapes / tiles (each checked, then timed)
+#   bash experiments/device_run.sh device-fp8-nomps  # the FP8 paths without MPS (fallback / time-sliced rows)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -122,6 +123,10 @@ device-fp8-sweep)  # FP8 launch shapes THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_T
     --json "$RES/h200_n8_fp8_sweep.json" ${SWEEP_ARGS:-}
   mps_stop
   ;;
+device-fp8-nomps)  # no MPS: the FP8 ring's host-driven fallback and fp8-direct time-sliced, beside the fp32 fallback
+  step fp8_bench_nomps "${BENCH_S:-200}" env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 experiments/device_fp8_bench.py \
+    --rounds "${ROUNDS:-3}" --trace-calls 0 --json "$RES/h200_n8_fp8_nomps.json"
+  ;;
 device-overlap)  # the overlap experiment over the device ring, MPS on
   mps_start
   step overlap_device 200 env RINGLAB_TRANSPORT=device mpirun -n 8 python3 experiments/overlap.py --backend cupy \
@@ -143,7 +148,7 @@ multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp3
     --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
   ;;
 *)
-  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8, device-fp8-sweep" >&2; exit 2
+  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8, device-fp8-sweep, device-fp8-nomps" >&2; exit 2
   ;;
 esac
 cat "$summary"

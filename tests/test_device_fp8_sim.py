@@ -278,6 +278,18 @@ def test_integer_dtype_is_a_type_error():
         fp8_codec("e4m3", 48)
 
 
+def test_without_co_running_kernels_each_algo_settles_clearly():
+    """No co-residency ("host" after the probe): fp8-ring takes its host-driven fallback silently, fp8-direct keeps
+    its kernel time-sliced with a warning that says why and what to do, or fails clearly if the probe never ended."""
+    from ringlab.gpu.device_fp8 import settle_mode
+    assert settle_mode("fp8-ring", "host", False, "why") == ("host", None)
+    assert settle_mode("fp8-direct", "per-rank", True, "co-run") == ("per-rank", None)
+    mode, warning = settle_mode("fp8-direct", "host", True, "probe: 4.8 ms after the last start")
+    assert mode == "time-sliced" and "4.8 ms" in warning and "start MPS" in warning and "fp8-ring" in warning
+    with pytest.raises(RuntimeError, match="did not complete a probe call.*transport='staged' or 'mpi'"):
+        settle_mode("fp8-direct", "host", False, "probe timed out")
+
+
 @pytest.mark.parametrize("algo, shape", [("fp8-ring", "1024 x 64"), ("fp8-direct", "768 x 80")])
 def test_executor_launch_defaults_per_algo_and_bad_shapes(algo, shape):
     """DeviceFp8Ring checks its launch arguments before any GPU work (CPU here): each algo's default shape

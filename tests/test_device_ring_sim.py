@@ -160,6 +160,10 @@ def test_executors_check_launch_arguments_before_gpu_work():
     for kw, words in ring_cases:
         with pytest.raises(ValueError, match=words):
             DeviceRing(None, **kw)
+    for make, least in ((DeviceFp8Ring, 1), (DeviceSmallAllreduce, 64)):
+        for bad in (least - 1, -5, 1e6, None):
+            with pytest.raises(ValueError, match=f"capacity must be an integer >= {least}"):
+                make(None, capacity=bad)
 
 
 def test_in_place_and_repeated_calls_share_counters():

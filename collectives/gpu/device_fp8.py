@@ -3,6 +3,8 @@
 Send buffers (codes + block scales) are mapped once per communicator; without co-resident kernels (no MPS)
 the ring falls back to the host-driven FP8 IPC ring (gpu/fp8_ipc.py). Same bits as collectives/fp8.py.
 """
+import warnings
+
 import numpy as np
 from mpi4py import MPI
 
@@ -16,7 +18,7 @@ from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
 from ringlab.kernels.ring_layout import check_int
 
-__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "LAUNCH"]
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "settle_mode", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "LAUNCH"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
 # default (threads, register cap, tiles, fwd_tiles) per algo, one block per SM: each the fastest shape measured
@@ -63,6 +65,7 @@ class DeviceFp8Ring:
                              "use tiles 0 or 1")
         self.group, self.max_slices = check_group(group), check_max_slices(max_slices)
         max_parts = check_max_parts(max_parts)
+        capacity = check_int("capacity", capacity, 1)                  # elements per call
         self.slice_bytes = check_int("slice_bytes", slice_bytes, 1)
         walk = (self.group, self.max_slices, self.slice_bytes)
         if self.algo == "fp8-direct" and walk != (0, MAX_SLICES, SLICE_BYTES):
@@ -75,7 +78,7 @@ class DeviceFp8Ring:
         self.comm, self.n, self.rank = comm, comm.size, comm.rank
         self.left, self.right = (self.rank - 1) % self.n, (self.rank + 1) % self.n
         self.timeout, self.trace_enabled, self.threads = resolve_timeout(timeout), bool(trace), int(threads)
-        self.capacity = comm.allreduce(int(capacity), op=MPI.MIN)      # the same bound on every rank
+        self.capacity = comm.allreduce(capacity, op=MPI.MIN)           # the same bound on every rank
         self.sharing = len(same_gpu_ranks(comm))
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope, self.max_registers = scope or ("gpu" if every else "sys"), int(max_registers)
@@ -88,15 +91,10 @@ class DeviceFp8Ring:
         comm.Barrier()
         if mode == "auto":
             mode, self.mode_why = self._probe()
-        if mode == "host" and self.algo == "fp8-direct":
-            # no host-driven fp8-direct over IPC: its three barriers per call still complete when the contexts
-            # time-slice (slowly: milliseconds each), so it keeps the kernel unless the probe itself timed out
-            if not self._probe_ok:
-                raise RuntimeError("device fp8-direct: the per-rank kernels did not complete a probe call (start MPS); "
-                                   "use ringlab.allreduce_fp8(algo='fp8-direct', transport='staged' or 'mpi') "
-                                   f"({self.mode_why})")
-            mode = "time-sliced"
-        elif mode == "host":
+        mode, slow = settle_mode(self.algo, mode, self._probe_ok, self.mode_why)
+        if slow and self.rank == 0:
+            warnings.warn(slow, RuntimeWarning, stacklevel=2)
+        if mode == "host":
             from ringlab.gpu.fp8_ipc import get_fp8_ipc_ring
             self.fallback = get_fp8_ipc_ring(comm, self.codec.fmt, self.codec.block)
         self.mode = mode
@@ -236,6 +234,22 @@ def _check_buffers(src, out, op, capacity):
     if src.size > capacity:
         raise ValueError(f"the device FP8 all-reduce was built for up to {capacity} elements per call, got {src.size}; "
                          "create it with a larger capacity= (a split call would not match the host FP8 path's bits)")
+
+
+def settle_mode(algo, mode, probe_ok, why):
+    """(mode, warning or None) after the probe: "host" means the kernels do not co-run. fp8-ring then hands calls to
+    the host-driven FP8 IPC ring; fp8-direct has none, and its three barriers per call still complete as the
+    contexts time-slice, so it keeps its kernel ("time-sliced", tens of milliseconds a call: docs/fp8.md) with a
+    warning, unless the probe call itself did not finish (a RuntimeError naming the other routes)."""
+    if mode != "host" or algo != "fp8-direct":
+        return mode, None
+    if not probe_ok:
+        raise RuntimeError("device fp8-direct: the per-rank kernels did not complete a probe call (start MPS); "
+                           f"use ringlab.allreduce_fp8(algo='fp8-direct', transport='staged' or 'mpi') ({why})")
+    return "time-sliced", ("device fp8-direct runs time-sliced: the ranks' kernels do not co-run on this GPU "
+                           f"({why}), so every call waits for the contexts' time slices (tens of milliseconds); "
+                           "start MPS, or use transport='staged' / 'mpi', or algo='fp8-ring' (its host-driven "
+                           "fallback is faster here; docs/fp8.md)")
 
 
 def get_device_fp8_ring(comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY):

@@ -15,6 +15,7 @@ from ringlab import settings
 from ringlab.commstate import comm_state
 from ringlab.errors import resolve_timeout
 from ringlab.gpu.device_plan import check_max_parts
+from ringlab.kernels.ring_layout import check_int
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import THREADS, DriverLaunch, check, probe, synchronize
 from ringlab.kernels.small_kernel import (ALGOS, KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_RANKS, STATUS_OK,
@@ -42,6 +43,7 @@ class DeviceSmallAllreduce:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         max_parts = check_max_parts(max_parts)
+        capacity = check_int("capacity", capacity, 64)                 # bytes per call
         import cupy                                        # the arguments are checked before any GPU work
         from ringlab.gpu.ipc import ipc_usable
         usable, why = ipc_usable(comm)
@@ -51,9 +53,7 @@ class DeviceSmallAllreduce:
             raise ValueError(f"device {algo}: at most {MAX_RANKS} ranks, the communicator has {comm.size}")
         self.comm, self.algo, self.n, self.rank = comm, algo, comm.size, comm.rank
         self.timeout = resolve_timeout(timeout)
-        self.capacity = comm.allreduce(int(capacity), op=MPI.MIN) // 64 * 64   # the same limit on every rank
-        if self.capacity <= 0:
-            raise ValueError(f"capacity must be >= 64 bytes, got {capacity}")
+        self.capacity = comm.allreduce(capacity, op=MPI.MIN) // 64 * 64   # the same limit on every rank
         self.sharing = len(same_gpu_ranks(comm))
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope = scope or ("gpu" if every else "sys")     # flags: gpu when every rank runs on this GPU
