@@ -298,6 +298,10 @@ def test_executor_launch_defaults_per_algo_and_bad_shapes(algo, shape):
     assert LAUNCH[algo][:2] == tuple(int(v) for v in shape.split(" x ")) and LAUNCH[algo][2] == 1  # tiles 2: refused
     with pytest.raises(ValueError, match=f"got 2 x {shape}$"):
         DeviceFp8Ring(None, algo=algo, blocks_per_sm=2)
+    from ringlab.gpu.device_fp8 import launch_defaults
+    assert launch_defaults(algo, None, None, 1) == LAUNCH[algo][:2] + (1,)
+    assert [launch_defaults(algo, t, None, 1)[1] for t in (256, 512, 768, 1024)] == [255, 128, 80, 64]
+    assert launch_defaults(algo, 512, None, 2) == (512, 64, 2) and launch_defaults(algo, 512, 96, 1) == (512, 96, 1)
     for bad in ({"threads": True}, {"threads": 512.0}, {"max_registers": "80"}, {"blocks_per_sm": None}):
         with pytest.raises(ValueError, match="must be an integer"):
             DeviceFp8Ring(None, algo=algo, **bad)

@@ -9,7 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.device_plan import (address_row, check_max_parts, check_max_slices, chunk_blocks, direct_row, first_chunk,
+from ringlab.gpu.device_plan import (address_row, check_max_parts, check_max_slices, parts_for, chunk_blocks, direct_row, first_chunk,
                                      fp8_send_layout, launch_shape, program_table)
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
@@ -18,7 +18,7 @@ from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
 from ringlab.kernels.ring_layout import check_int
 
-__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "settle_mode", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "LAUNCH"]
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "settle_mode", "launch_defaults", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "LAUNCH"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
 # default (threads, register cap, tiles, fwd_tiles) per algo, one block per SM: each the fastest shape measured
@@ -34,10 +34,10 @@ class DeviceFp8Ring:
     (probe), "per-rank" or "host" (the fp8_ipc ring; fp8-direct keeps its kernel: "time-sliced"). ``scope`` of the
     flags: None picks "gpu" when every rank runs on this GPU, else "sys" (as DeviceRing). Launch shape (no bits):
     ``threads`` x ``max_registers``, ``tiles`` / ``fwd_tiles`` (blocks per lane group and round,
-    kernels/fp8_ring_tiles.py; tiles 0: untiled) (each None: LAUNCH[algo]), ``blocks_per_sm`` (sets the default max_parts),
-    ``warp_steps`` (> 0: the warp tiles of kernels/fp8_ring_warps.py instead, that many quads per lane); fp8-ring only: ``slice_bytes`` (the least
-    a block codes between two flag updates), ``max_slices`` (<= 64) and ``group`` (slices per group of the walk,
-    0: all; kernels/ring_kernel.py's check_group)."""
+    kernels/fp8_ring_tiles.py; tiles 0: untiled), each None: LAUNCH[algo] (see launch_defaults); ``blocks_per_sm``
+    (sets the default max_parts); ``warp_steps`` (> 0: the warp tiles of kernels/fp8_ring_warps.py instead, that
+    many quads per lane); fp8-ring only: ``slice_bytes`` (the least a block codes between two flag updates),
+    ``max_slices`` (<= 64) and ``group`` (slices per group of the walk, 0: all; ring_kernel.py's check_group)."""
     STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
     check, synchronize, _cached = check, synchronize, cached
 
@@ -49,10 +49,8 @@ class DeviceFp8Ring:
         self.algo = _ALIASES.get(algo, algo)
         if self.algo not in DEVICE_FP8_ALGOS:
             raise ValueError(f"unknown FP8 algo {algo!r}; expected one of {', '.join(DEVICE_FP8_ALGOS)}")
-        threads, max_registers, tiles, fwd_tiles = (d if v is None else v for v, d in zip(
-            (threads, max_registers, tiles, fwd_tiles), LAUNCH[self.algo]))
-        threads, max_registers, blocks_per_sm = (check_int(name, v) for name, v in (
-            ("threads", threads), ("max_registers", max_registers), ("blocks_per_sm", blocks_per_sm)))
+        threads, max_registers, blocks_per_sm = launch_defaults(self.algo, threads, max_registers, blocks_per_sm)
+        tiles, fwd_tiles = (d if v is None else v for v, d in zip((tiles, fwd_tiles), LAUNCH[self.algo][2:]))
         if mode not in ("auto", "per-rank", "host"):
             raise ValueError(f"mode must be auto, per-rank or host, got {mode!r}")
         if not (32 <= int(threads) <= 1024 and int(threads) % 32 == 0) or \
@@ -83,7 +81,7 @@ class DeviceFp8Ring:
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope, self.max_registers = scope or ("gpu" if every else "sys"), int(max_registers)
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        self.max_parts = int(max_parts or max(1, min(MAX_PARTS, int(blocks_per_sm) * sms // self.sharing)))
+        self.max_parts = parts_for(max_parts, sms, blocks_per_sm, self.sharing)
         self.peers = PeerMemory(comm)
         self.fallback, self.mode_why, self._probe_ok = None, "requested", True
         self._tables, self._progs, self._keep, self._launchers = {}, {}, [], {}
@@ -234,6 +232,22 @@ def _check_buffers(src, out, op, capacity):
     if src.size > capacity:
         raise ValueError(f"the device FP8 all-reduce was built for up to {capacity} elements per call, got {src.size}; "
                          "create it with a larger capacity= (a split call would not match the host FP8 path's bits)")
+
+
+def launch_defaults(algo, threads, max_registers, blocks_per_sm):
+    """(threads, max_registers, blocks_per_sm) as checked ints: None takes LAUNCH[algo], except that ``threads`` given
+    without ``max_registers`` gets the most registers that still fill the SM (65536 / (blocks x threads), a multiple
+    of 8, at most 255: 512 -> 128, 768 -> 80, 1024 -> 64), the pairs measured in docs/fp8.md."""
+    blocks_per_sm = check_int("blocks_per_sm", blocks_per_sm)
+    if threads is None:
+        threads = LAUNCH[algo][0]
+    elif max_registers is None:
+        threads = check_int("threads", threads)
+        if blocks_per_sm >= 1 and threads >= 32:
+            max_registers = min(255, 65536 // (blocks_per_sm * threads) // 8 * 8)
+    if max_registers is None:
+        max_registers = LAUNCH[algo][1]
+    return check_int("threads", threads), check_int("max_registers", max_registers), blocks_per_sm
 
 
 def settle_mode(algo, mode, probe_ok, why):

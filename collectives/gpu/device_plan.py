@@ -13,7 +13,7 @@ from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHU
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
-__all__ = ["program_table", "launch_shape", "check_max_parts", "check_max_slices", "address_row", "chunk_blocks", "first_chunk",
+__all__ = ["program_table", "launch_shape", "check_max_parts", "parts_for", "check_max_slices", "address_row", "chunk_blocks", "first_chunk",
            "fp8_send_layout"]
 
 
@@ -50,6 +50,18 @@ def check_max_parts(max_parts):
     if max_parts is None or (not isinstance(max_parts, bool) and isinstance(max_parts, (int, np.integer)) and max_parts == 0):
         return None
     return check_int("max_parts", max_parts, 1, MAX_PARTS)
+
+
+def parts_for(max_parts, sms, blocks_per_sm, sharing):
+    """Blocks per rank: ``max_parts`` (checked by check_max_parts; None: the most that fit) such that every block of
+    the ``sharing`` ranks on this GPU is resident at once at ``blocks_per_sm`` per SM: they wait on each other, so
+    one that cannot start would stall its peers until the timeout, which would name the wrong cause."""
+    fit = max(1, min(MAX_PARTS, sms * blocks_per_sm // max(sharing, 1)))
+    if max_parts is not None and max_parts > fit:
+        raise ValueError(f"max_parts={max_parts}: {sharing} rank(s) share this GPU's {sms} SMs at {blocks_per_sm} "
+                         f"block(s) per SM, so at most {fit} blocks per rank can be resident at once (the kernels "
+                         "wait on each other); use max_parts <= that, or None")
+    return max_parts or fit
 
 
 def check_max_slices(max_slices):

@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
-from ringlab.gpu.device_plan import address_row, check_max_parts, check_max_slices, first_chunk, launch_shape, program_table
+from ringlab.gpu.device_plan import address_row, check_max_parts, check_max_slices, parts_for, first_chunk, launch_shape, program_table
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import PROBE_LIMIT_NS, THREADS, DriverLaunch, cached, check, mps_visible, probe, synchronize
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_SLICES, STATUS_OK, check_group
@@ -75,7 +75,7 @@ class DeviceRing:
         # over all the ranks of a GPU, which any SM can hold.
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
         self.threads, self.blocks_per_sm = threads, blocks_per_sm
-        self.max_parts = max_parts or max(1, min(MAX_PARTS, sms * self.blocks_per_sm // self.sharing))
+        self.max_parts = parts_for(max_parts, sms, self.blocks_per_sm, self.sharing)
         self.peers = PeerMemory(comm)
         # words 0..MAX_PARTS-1: part p's progress counter (peers read it); MAX_PARTS..: part p's call count
         self.flags, mapped = self.peers.shared_words(2 * MAX_PARTS, {self.left, self.right})

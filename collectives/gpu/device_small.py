@@ -14,7 +14,7 @@ from mpi4py import MPI
 from ringlab import settings
 from ringlab.commstate import comm_state
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.device_plan import check_max_parts
+from ringlab.gpu.device_plan import check_max_parts, parts_for
 from ringlab.kernels.ring_layout import check_int
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import THREADS, DriverLaunch, check, probe, synchronize
@@ -58,7 +58,7 @@ class DeviceSmallAllreduce:
         every = comm.allreduce(int(self.sharing == self.n), op=MPI.MIN)
         self.scope = scope or ("gpu" if every else "sys")     # flags: gpu when every rank runs on this GPU
         sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        self.max_parts = max_parts or int(max(1, min(MAX_PARTS, sms // self.sharing)))   # every block resident
+        self.max_parts = parts_for(max_parts, sms, 1, self.sharing)                     # every block resident
         everyone = set(range(self.n))
         self.peers = PeerMemory(comm)
         self.flags, flags = self.peers.shared_words(MAX_PARTS, everyone)        # per-part counters, peers read
