@@ -148,7 +148,8 @@ def test_executors_check_launch_arguments_before_gpu_work():
     assert check_max_parts(MAX_PARTS) == MAX_PARTS and type(check_max_parts(np.int32(3))) is int
     assert launch_shape(8, 1 << 30, 4, 10 * MAX_PARTS)[0] == MAX_PARTS      # the plan clamps too
     from ringlab.gpu.device_plan import parts_for
-    assert parts_for(None, 132, 1, 8) == 16 and parts_for(None, 132, 2, 1) == MAX_PARTS and parts_for(None, 4, 1, 8) == 1
+    assert parts_for(None, 132, 1, 8) == 16 and parts_for(None, 132, 2, 1) == MAX_PARTS
+    assert parts_for(None, 4, 1, 8) == 1
     assert parts_for(16, 132, 1, 8) == 16 and parts_for(3, 132, 1, 8) == 3
     with pytest.raises(ValueError, match="max_parts=17: 8 rank.s. share this GPU's 132 SMs.*at most 16 blocks"):
         parts_for(17, 132, 1, 8)                  # 136 blocks on 132 SMs: one would wait for a free SM forever

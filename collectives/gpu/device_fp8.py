@@ -9,8 +9,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ringlab.errors import resolve_timeout
-from ringlab.gpu.device_plan import (address_row, check_max_parts, check_max_slices, parts_for, chunk_blocks, direct_row, first_chunk,
-                                     fp8_send_layout, launch_shape, program_table)
+from ringlab.gpu.device_plan import (address_row, check_max_parts, check_max_slices, chunk_blocks, direct_row,
+                                     first_chunk, fp8_send_layout, launch_shape, parts_for, program_table)
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import DriverLaunch, cached, check, probe, synchronize
 from ringlab.kernels.formats import check_fp8_input_dtype
@@ -18,7 +18,8 @@ from ringlab.kernels.fp8_ring_codec import FP8_KERNEL_OPS, WARP, tiled_fp8_codec
 from ringlab.kernels.ring_kernel import MAX_PARTS, MAX_SLICES, STATUS_OK, check_group, fp8_codec
 from ringlab.kernels.ring_layout import check_int
 
-__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "settle_mode", "launch_defaults", "DEFAULT_CAPACITY", "DEVICE_FP8_ALGOS", "LAUNCH"]
+__all__ = ["DeviceFp8Ring", "get_device_fp8_ring", "settle_mode", "launch_defaults", "DEFAULT_CAPACITY",
+           "DEVICE_FP8_ALGOS", "LAUNCH"]
 
 DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB of codes + scales per rank
 # default (threads, register cap, tiles, fwd_tiles) per algo, one block per SM: each the fastest shape measured

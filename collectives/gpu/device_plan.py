@@ -7,14 +7,14 @@ from functools import lru_cache
 import numpy as np
 
 from ringlab.kernels.ring_layout import (ALIGNED, CHUNK_BLOCKS, FINAL, FIRST_CHUNK, FIRST_HI, FIRST_LO, FROM_SRC, LEFT,
-                                         LEFT_CODES, LEFT_SCALES, MAX_PARTS, MAX_SLICES, NRANKS, PROG_COLS, REDUCE, RIGHT,
-                                         SEND_CODES, SEND_SCALES, SLICE_STRIDE, STAGE_COUNT, STAGE_IN, STAGE_OUT,
-                                         TABLE_COLS, check_int)
+                                         LEFT_CODES, LEFT_SCALES, MAX_PARTS, MAX_SLICES, NRANKS, PROG_COLS, REDUCE,
+                                         RIGHT, SEND_CODES, SEND_SCALES, SLICE_STRIDE, STAGE_COUNT, STAGE_IN,
+                                         STAGE_OUT, TABLE_COLS, check_int)
 from ringlab.primitives import ring_allreduce_program
 from ringlab.schedule import chunk_bounds
 
-__all__ = ["program_table", "launch_shape", "check_max_parts", "parts_for", "check_max_slices", "address_row", "chunk_blocks", "first_chunk",
-           "fp8_send_layout"]
+__all__ = ["program_table", "launch_shape", "check_max_parts", "parts_for", "check_max_slices", "address_row",
+           "chunk_blocks", "first_chunk", "fp8_send_layout"]
 
 
 @lru_cache(maxsize=128)
@@ -47,7 +47,8 @@ def launch_shape(nranks, count, itemsize, max_parts, slice_bytes=256 << 10, max_
 def check_max_parts(max_parts):
     """``max_parts`` as an int in 1..MAX_PARTS, or None (None or 0: the executor's default), or a clear error: a
     rank's flag words hold MAX_PARTS counters, so more blocks would write past them."""
-    if max_parts is None or (not isinstance(max_parts, bool) and isinstance(max_parts, (int, np.integer)) and max_parts == 0):
+    zero = not isinstance(max_parts, bool) and isinstance(max_parts, (int, np.integer)) and max_parts == 0
+    if max_parts is None or zero:
         return None
     return check_int("max_parts", max_parts, 1, MAX_PARTS)
 

@@ -12,7 +12,8 @@ from mpi4py import MPI
 
 from ringlab.errors import CollectiveTimeout, resolve_timeout
 from ringlab.faults import handle_timeout
-from ringlab.gpu.device_plan import address_row, check_max_parts, check_max_slices, parts_for, first_chunk, launch_shape, program_table
+from ringlab.gpu.device_plan import (address_row, check_max_parts, check_max_slices, first_chunk, launch_shape,
+                                     parts_for, program_table)
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import PROBE_LIMIT_NS, THREADS, DriverLaunch, cached, check, mps_visible, probe, synchronize
 from ringlab.kernels.ring_kernel import KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_SLICES, STATUS_OK, check_group
