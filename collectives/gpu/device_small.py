@@ -15,9 +15,9 @@ from ringlab import settings
 from ringlab.commstate import comm_state
 from ringlab.errors import resolve_timeout
 from ringlab.gpu.device_plan import check_max_parts, parts_for
-from ringlab.kernels.ring_layout import check_int
 from ringlab.gpu.peer_memory import PeerMemory, same_gpu_ranks
 from ringlab.gpu.persistent import THREADS, DriverLaunch, check, probe, synchronize
+from ringlab.kernels.ring_layout import check_int
 from ringlab.kernels.small_kernel import (ALGOS, KERNEL_DTYPES, KERNEL_OPS, MAX_PARTS, MAX_RANKS, STATUS_OK,
                                           TRACE_WORDS, launch_parts, table_row)
 
