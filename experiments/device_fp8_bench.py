@@ -35,7 +35,7 @@ def _args(argv=None):
     p.add_argument("--max-registers", type=int, default=None, help="FP8 kernels: registers per thread (cap; default: "
                    "per algo)")
     p.add_argument("--shapes", default=None, help="FP8 launch shapes to sweep, each THREADSxREGS[@BLOCKS_PER_SM]"
-                   "[:TILES:FWD_TILES|:wSTEPS], e.g. 512x128:0:1,512x128:2:4,512x64@2:1:4,768x80:w4 (default: each algo's "
+                   "[:TILES:FWD_TILES|:wSTEPS][pROUNDS], e.g. 1024x64:1:2p1 (L2 prefetch 1 round ahead), 512x128:0:1,512x128:2:4,512x64@2:1:4,768x80:w4 (default: each algo's "
                    "shape, device_fp8.LAUNCH, or --threads x --max-registers, with the executor's tiles); every shape is checked before it is timed")
     p.add_argument("--fp32-shapes", default="", help="more fp32 device ring rows, device_ring_bench.py's shapes "
                    "(e.g. 768x1r80s64g1k32: 64 KB slices, walked one slice per group); x fp32 is vs the default ring")
@@ -147,17 +147,18 @@ def parse_shapes(text, threads=None, max_registers=None):
         return [("default" if not kw else f"{threads or '-'}x{max_registers or '-'}", kw)]
     shapes = []
     for item in text.split(","):
-        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+)|:w(\d+))?(?:s(\d+))?(?:g(\d+))?(?:k(\d+))?",
+        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?(?::(\d+):(\d+)|:w(\d+))?(?:s(\d+))?(?:g(\d+))?(?:k(\d+))?(?:p(\d+))?",
                          item.strip())
         if not m:
             raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS]"
-                             "[sSLICE_KB][gGROUP][kMAX_SLICES]")
+                             "[sSLICE_KB][gGROUP][kMAX_SLICES][pPREFETCH]")
         kw = {"threads": int(m[1]), "max_registers": int(m[2]), "blocks_per_sm": int(m[3] or 1)}
         if m[4] is not None:
             kw.update(tiles=int(m[4]), fwd_tiles=int(m[5]))
         if m[6] is not None:
             kw.update(warp_steps=int(m[6]))
-        for key, v, scale in (("slice_bytes", m[7], 1024), ("group", m[8], 1), ("max_slices", m[9], 1)):
+        for key, v, scale in (("slice_bytes", m[7], 1024), ("group", m[8], 1), ("max_slices", m[9], 1),
+                              ("prefetch", m[10], 1)):
             if v is not None:
                 kw[key] = int(v) * scale
         shapes.append((item.strip(), kw))

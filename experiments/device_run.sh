@@ -17,6 +17,8 @@
 #                                                      (CHECK_ARGS: more check arguments, e.g. --algos fp8-direct)
 #   bash experiments/device_run.sh device-fp8-sweep  # the FP8 kernels' launch shapes / tiles (each checked, then timed)
 #   bash experiments/device_run.sh device-fp8-nomps  # the FP8 paths without MPS (fallback / time-sliced rows)
+#   bash experiments/device_run.sh device-fp8-profile  # all ranks in one launch (no MPS): checked, timed, and one
+#                                                        call of each path under Nsight Compute (PATHS, SIZE)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 RES=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$RES" . ; cp "$RES/summary.txt" "$OUT/"' EXIT  # 2 files back
@@ -114,7 +116,20 @@ device-fp8)  # the FP8 device ring and fp8-direct (docs/fp8.md): bit-exact check
   step api_check 150 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_api_check.py
   mps_stop
   ;;
-device-fp8-sweep)  # FP8 launch shapes THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS][sKB][gG][kK] (FP32_SHAPES: fp32 rows;
+device-fp8-profile)  # experiments/device_fp8_onelaunch.py: checks and times, then `ncu --set full` of one call per path
+  step onelaunch 240 python3 experiments/device_fp8_onelaunch.py --sizes 64M,256M --json "$RES/h200_onelaunch.json"
+  for p in ${PATHS:-fp32-ring fp8-ring fp8-direct}; do
+    step "ncu_$p" "${NCU_S:-150}" ncu --set full -k regex:^kernel --launch-skip 2 --launch-count 1 -f -o "$RES/prof_$p" \
+      python3 experiments/device_fp8_onelaunch.py --paths "$p" --sizes "${SIZE:-64M}" --rounds 1 --calls 1
+    if [ -f "$RES/prof_$p.ncu-rep" ]; then
+      ncu --import "$RES/prof_$p.ncu-rep" --page details > "$RES/prof_$p.details.txt" 2>&1
+      ncu --import "$RES/prof_$p.ncu-rep" --page source --csv --print-source sass > "$RES/prof_$p.sass.csv" 2>&1
+      grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Issue Slots Busy|Stall|Achieved Occupancy|Registers Per|Local" \
+        "$RES/prof_$p.details.txt" | head -40
+    fi
+  done
+  ;;
+device-fp8-sweep)  # FP8 launch shapes THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS][sKB][gG][kK][pD] (FP32_SHAPES: fp32 rows;
   # SWEEP_ARGS: more device_fp8_bench.py arguments, e.g. --block 256)
   mps_start
   step fp8_check_quick 300 env RINGLAB_TIMEOUT=60 mpirun -n 8 python3 tests/mpi/device_fp8_check.py --quick ${CHECK_ARGS:-}
@@ -148,7 +163,7 @@ multigpu)  # one rank per GPU: FP8 all-reduce bit-exact across GPUs, FP8 and fp3
     --slices 1 --staged-max 64M --json "$RES/gpu_datapath_${ng}gpu.json"
   ;;
 *)
-  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8, device-fp8-sweep, device-fp8-nomps" >&2; exit 2
+  echo "device_run.sh: unknown mode ${1}; modes: check, check-ipc, bench, kernels, multigpu, device-ring, device-overlap, device-nomps, device-small, device-fp8, device-fp8-sweep, device-fp8-nomps, device-fp8-profile" >&2; exit 2
   ;;
 esac
 cat "$summary"

@@ -10,7 +10,7 @@ import numpy as np
 from ringlab.kernels.device import SIMULATED, cuda, data_address
 
 __all__ = ["flag_load", "flag_store", "flag_access", "FLAG_SCOPES", "global_ns", "pointer_access", "quad_access",
-           "register", "unregister"]
+           "prefetch_l2", "register", "unregister"]
 
 FLAG_SCOPES = ("sys", "gpu")    # sys: peers on other GPUs or the host; gpu: every peer runs on this GPU
 
@@ -21,6 +21,8 @@ FLAG_SCOPES = ("sys", "gpu")    # sys: peers on other GPUs or the host; gpu: eve
 #                         kernel runs on the same GPU (ranks sharing it under MPS); "sys" for other GPUs / the host
 # global_ns():            %globaltimer in ns, one clock for all contexts on a GPU (bounded spins, traces)
 # pointer_access(dtype) / quad_access(dtype): element i / elements 4q..4q+3 of a dtype array at an address
+# prefetch_l2(base, off): prefetch.global.L2 of the line holding byte base + off (a hint: no register, no bits;
+#                         callers stay inside data a flag has already published, and inside the buffer)
 _MEMORY = {}          # simulator only: data address -> the array living there
 
 
@@ -49,7 +51,16 @@ if SIMULATED:
     def _global_ns():
         return np.uint64(time.monotonic_ns())
 
-    flag_load, flag_store, global_ns = (cuda.jit(device=True)(f) for f in (_flag_load, _flag_store, _global_ns))
+    PREFETCHED = []                          # simulator: (base, off) of every prefetch, for tests
+
+    def _prefetch_l2(base, off):
+        """No cache to fill: check the line is inside the buffer (a GPU prefetch past it could fault), record it."""
+        if not 0 <= int(off) < _MEMORY[base].nbytes:
+            raise IndexError(f"prefetch at byte {int(off)} of a {_MEMORY[base].nbytes}-byte buffer")
+        PREFETCHED.append((int(base), int(off)))
+
+    flag_load, flag_store, global_ns, prefetch_l2 = (cuda.jit(device=True)(f) for f in (_flag_load, _flag_store,
+                                                                                          _global_ns, _prefetch_l2))
 
     def flag_access(scope):
         """(load, store) flags of ``scope`` (the simulator's accesses are stronger than any scope)."""
@@ -127,6 +138,17 @@ else:
             asm = ir.InlineAsm(ir.FunctionType(_I64, []), "mov.u64 $0, %globaltimer;", "=l", side_effect=True)
             return builder.call(asm, [])
         return types.uint64(), codegen
+
+    @intrinsic
+    def prefetch_l2(typingctx, base, off):
+        def codegen(context, builder, sig, args):
+            addr = builder.add(context.cast(builder, args[0], sig.args[0], types.uint64),
+                               context.cast(builder, args[1], sig.args[1], types.uint64))
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I64]), "prefetch.global.L2 [$0];", "l",
+                               side_effect=True)
+            builder.call(asm, [addr])
+            return context.get_dummy_value()
+        return types.void(base, off), codegen
 
     def pointer_access(dtype):
         """(load, store) intrinsics for ``dtype`` elements at an address: plain global accesses, ordered

@@ -34,20 +34,22 @@ _kernels = {}
 
 
 def direct_kernel(dtype, op, fmt, block, scope="sys", max_registers=None, tiles=TILES, fwd_tiles=FWD_TILES,
-                  warp_steps=0):
+                  warp_steps=0, prefetch=0):
     """The compiled fp8-direct kernel. Parameters: table address, nranks, count, unused (0), timeout_ns.
     ``scope``: the flags' ("gpu" when every rank runs on this GPU); ``max_registers`` caps registers per thread;
-    ``tiles`` / ``fwd_tiles``: blocks per lane group and round on the vector path (fp8_ring_tiles.py; 0: untiled)."""
+    ``tiles`` / ``fwd_tiles``: blocks per lane group and round on the vector path (fp8_ring_tiles.py; 0: untiled);
+    ``prefetch``: rounds ahead its encode and decode phases ask L2 for."""
     key = (np.dtype(dtype).name, op, fp8_format(fmt).name, check_block(block), scope, max_registers, tiles, fwd_tiles,
-           warp_steps)
+           warp_steps, prefetch)
     if key not in _kernels:
         options = {} if max_registers is None else {"max_registers": int(max_registers)}
         _kernels[key] = cuda.jit(_SIGNATURE, **options)(direct_kernel_source(dtype, op, fmt, block, scope, tiles,
-                                                                            fwd_tiles, warp_steps))
+                                                                            fwd_tiles, warp_steps, prefetch))
     return _kernels[key]
 
 
-def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_tiles=FWD_TILES, warp_steps=0):
+def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_tiles=FWD_TILES, warp_steps=0,
+                         prefetch=0):
     """The kernel as a Python function, before compilation (``warp_steps`` > 0: the encode and decode phases on
     fp8_ring_warps.py's warp tiles; the owner's fold keeps the lane-group tiles)."""
     from ringlab.kernels.ring_kernel import rank_barrier
@@ -59,7 +61,7 @@ def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_ti
     lanes, quads = quad.lanes, quad.quads
     per_warp = GROUP // lanes
     legacy = tiles == 0 and not warp_steps
-    tile = fp8_tile_ops(dtype, op, fmt, block, max(int(tiles), 1), fwd_tiles)
+    tile = fp8_tile_ops(dtype, op, fmt, block, max(int(tiles), 1), fwd_tiles, prefetch=prefetch)
     run, load_tile, load_words, add_words = tile.run, tile.load_tile, tile.load_words, tile.add_words
     if warp_steps:
         from ringlab.kernels.fp8_ring_warps import fp8_warp_ops
@@ -129,10 +131,10 @@ def direct_kernel_source(dtype, op, fmt, block, scope="sys", tiles=TILES, fwd_ti
         vb = cuda.local.array(quads, float32)
         vc = cuda.local.array(quads, float32)
         vd = cuda.local.array(quads, float32)
-        w0 = cuda.local.array(quads, np.int64)
-        w1 = cuda.local.array(quads, np.int64)
-        w2 = cuda.local.array(quads, np.int64)
-        w3 = cuda.local.array(quads, np.int64)
+        w0 = cuda.local.array(quads, np.uint32)
+        w1 = cuda.local.array(quads, np.uint32)
+        w2 = cuda.local.array(quads, np.uint32)
+        w3 = cuda.local.array(quads, np.uint32)
         group = tgroup
         wl = lane % group
         t = wl % lanes

@@ -43,17 +43,24 @@ class TiledFp8Codec(Codec):
     tiles: int = TILES
     fwd_tiles: int = FWD_TILES
     warp_steps: int = WARP
+    prefetch: int = 0
 
 
-def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES, warp_steps=WARP):
+def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES, warp_steps=WARP, prefetch=0):
     """ring_kernel's FP8 codec with ``tiles`` (1, 2; 0 untiled) / ``fwd_tiles`` (>= 1) blocks per lane group on the
-    vector path, or (``warp_steps`` 1, 2, 4; 0: lane groups) fp8_ring_warps.py's warp tiles of that many quads per lane."""
+    vector path, or (``warp_steps`` 1, 2, 4; 0: lane groups) fp8_ring_warps.py's warp tiles of that many quads per lane;
+    ``prefetch``: rounds ahead the lane groups ask L2 for (fp8_ring_tiles.py; 0: none, lane groups only)."""
+    from ringlab.kernels.fp8_ring_tiles import PREFETCH_ROUNDS
     from ringlab.kernels.fp8_ring_warps import WARP_STEPS
     if int(tiles) not in (0, 1, 2) or int(fwd_tiles) < 1:
         raise ValueError(f"tiles must be 0 (untiled), 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
     if int(warp_steps) not in (0,) + WARP_STEPS:
         raise ValueError(f"warp_steps must be 0 (lane groups) or one of {WARP_STEPS}, got {warp_steps}")
-    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), int(tiles), int(fwd_tiles), int(warp_steps))
+    if int(prefetch) not in PREFETCH_ROUNDS or (int(prefetch) and (int(warp_steps) or int(tiles) == 0)):
+        raise ValueError(f"prefetch must be one of {PREFETCH_ROUNDS} (rounds ahead; the lane-group tiles only: "
+                         f"tiles 1 or 2, warp_steps 0), got {prefetch} with tiles {tiles}, warp_steps {warp_steps}")
+    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), int(tiles), int(fwd_tiles), int(warp_steps),
+                         int(prefetch))
 
 
 def _block_part(lo, hi, block, k, nslices, p, nparts):
@@ -182,7 +189,8 @@ def fp8_moves(dtype, op, codec):
     if warp_steps:
         run = fp8_warp_ops(dtype, op, codec.fmt, block, warp_steps).run
     else:
-        run = fp8_tile_ops(dtype, op, codec.fmt, block, max(tiles, 1), fwd_tiles).run
+        run = fp8_tile_ops(dtype, op, codec.fmt, block, max(tiles, 1), fwd_tiles,
+                           prefetch=getattr(codec, "prefetch", 0)).run
     quad = fp8_quad_ops(dtype, op, codec.fmt, block)
     move4, lanes = quad.move4, quad.lanes
     per_warp = GROUP // lanes

@@ -70,16 +70,11 @@ def fp8_quad_ops(dtype, op, fmt, block, lanes=None):
     @_nvvm_inlined
     def fin_max(m, a, b, c, d):
         """max(m, |finite values|): NaN and inf stay out of amax (no loop over a tuple: that lives in local memory)."""
-        a, b, c, d = abs(a), abs(b), abs(c), abs(d)
-        if a < inf and a > m:
-            m = a
-        if b < inf and b > m:
-            m = b
-        if c < inf and c > m:
-            m = c
-        if d < inf and d > m:
-            m = d
-        return m
+        a, b, c, d = abs(a), abs(b), abs(c), abs(d)           # selects and max, no branch (NaN < inf is False)
+        m = max(m, a if a < inf else zero)
+        m = max(m, b if b < inf else zero)
+        m = max(m, c if c < inf else zero)
+        return max(m, d if d < inf else zero)
 
     @_nvvm_inlined
     def get4(src, q, e1):

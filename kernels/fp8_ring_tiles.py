@@ -7,18 +7,25 @@ issued before the first shuffle or store, so a lane keeps more bytes in flight (
 # warp alternates "all loads waiting" and "amax shuffles, 1/scale, encode, stores, nothing in flight".
 # A lane group whose blocks are all whole and inside [lo, hi) takes unchecked loads and stores ("full");
 # otherwise the checked accesses of fp8_ring_quads.py. Shuffles sit at one place for both (a warp may mix).
+# ``prefetch`` = d > 0: at each round a lane group also asks L2 for what it reads d rounds later (its input's
+# lines, the left's code lines and scale), one line per lane, so HBM keeps fetching while the warps shuffle and
+# store (after a barrier every warp of a block starts its loads at once). Only inside [lo, hi) of the current
+# step, whose data the left's flag has already published: a hint, no registers, no bits.
 from types import SimpleNamespace
 
 import numpy as np
-from numba import float32, int64
+from numba import float32, uint32
 
 from ringlab.kernels.device import SIMULATED, cuda
+from ringlab.kernels.flags import pointer_access, prefetch_l2
 from ringlab.kernels.fp8_ring_quads import fp8_quad_ops
 from ringlab.kernels.intrinsics import shfl_xor_fmax
 
 __all__ = ["fp8_tile_ops", "FORWARD"]
 
 FORWARD = 2
+LINE = 128                        # bytes of an L2 line
+PREFETCH_ROUNDS = (0, 1, 2, 4)
 
 
 def _inlined(fn):
@@ -26,12 +33,42 @@ def _inlined(fn):
     return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
 
 
-def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
+def _nvvm_inlined(fn):
+    """A small device function without local arrays, inlined by NVVM."""
+    return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, forceinline=True)(fn)
+
+
+def _word_access(cload4, cstore4):
+    """(wload, wstore): codes 4q..4q+3 as one uint32 (code 4q in the low byte), ONE 4-byte access on the GPU
+    (the caller's q is a whole quad of an aligned chunk); byte by byte in the simulator, whose memory is by array."""
+    if SIMULATED:
+        def wload(codes, q):
+            c0, c1, c2, c3 = cload4(codes, q)
+            return np.uint32(np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24))
+
+        def wstore(codes, q, w):
+            w = np.int64(w)
+            cstore4(codes, q, np.uint8(w & 0xFF), np.uint8((w >> 8) & 0xFF), np.uint8((w >> 16) & 0xFF),
+                    np.uint8((w >> 24) & 0xFF))
+        return cuda.jit(device=True)(wload), cuda.jit(device=True)(wstore)
+    load, store = pointer_access(np.uint32)
+
+    def wload(codes, q):
+        return load(codes, q)
+
+    def wstore(codes, q, w):
+        store(codes, q, np.uint32(w))
+    return _nvvm_inlined(wload), _nvvm_inlined(wstore)
+
+
+def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None, prefetch=0):
     """``hop(mode, ...)`` (ENCODE / REDUCE_ENCODE of ``tiles`` = 1 or 2 blocks), ``fwd(mode, ...)`` (FORWARD / DECODE of
-    ``fwd_tiles`` blocks) and ``run(mode, ...)``: a CUDA block's warp-uniform loop over blocks [ta, tb)."""
+    ``fwd_tiles`` blocks) and ``run(mode, ...)``: a CUDA block's warp-uniform loop over blocks [ta, tb), asking L2
+    for the blocks ``prefetch`` rounds ahead (0: none)."""
     qo = fp8_quad_ops(dtype, op, fmt, block, lanes)
     lanes, quads, divide = qo.lanes, qo.quads, qo.divide
     load4, store4, cload4, cstore4, sload, sstore = qo.load4, qo.store4, qo.cload4, qo.cstore4, qo.sload, qo.sstore
+    wload, wstore = _word_access(cload4, cstore4)
     widen, narrow, encode4, decode4, scale_of, fin_max = qo.widen, qo.narrow, qo.encode4, qo.decode4, qo.scale_of, \
         qo.fin_max
     get4, put4, getw, putw = qo.get4, qo.put4, qo.getw, qo.putw
@@ -39,7 +76,13 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
     tiles, fwd_tiles = int(tiles), int(fwd_tiles)
     if tiles not in (1, 2) or fwd_tiles < 1:
         raise ValueError(f"tiles must be 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
+    if int(prefetch) not in PREFETCH_ROUNDS:
+        raise ValueError(f"prefetch must be one of {PREFETCH_ROUNDS} (rounds ahead), got {prefetch}")
+    prefetch = int(prefetch)
     nf = fwd_tiles * quads
+    isz = 2 if np.dtype(dtype).itemsize == 2 else 4
+    per_line = LINE // isz                           # input elements per line
+    src_lines, code_lines = -(-block * isz // LINE), -(-block // LINE)
     one, zero = np.float32(1.0), np.float32(0.0)
 
     @_inlined
@@ -73,10 +116,9 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
             ps = np.float32(sload(ls, slot))
         for m in range(quads):
             q = q0 + lanes * m
-            cw = np.int64(0)
+            cw = np.uint32(0)
             if full:
-                c0, c1, c2, c3 = cload4(lc, q)
-                cw = np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24)
+                cw = wload(lc, q)
             elif active and 4 * q < e1:
                 cw = getw(lc, q, e1)
             w[m] = cw
@@ -117,8 +159,7 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
             for m in range(quads):
                 q = q0 + lanes * m
                 cw = encode4(va[m], vb[m], vc[m], vd[m], inv)
-                cstore4(mc, q, np.uint8(cw & 0xFF), np.uint8((cw >> 8) & 0xFF), np.uint8((cw >> 16) & 0xFF),
-                        np.uint8((cw >> 24) & 0xFF))
+                wstore(mc, q, cw)
                 if final:
                     a, b, c, d = decode4(cw, scale)
                     store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
@@ -133,12 +174,12 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
         vb = cuda.local.array(quads, float32)
         vc = cuda.local.array(quads, float32)
         vd = cuda.local.array(quads, float32)
-        w = cuda.local.array(quads, int64)
+        w = cuda.local.array(quads, uint32)
         xa = cuda.local.array(quads, float32)
         xb = cuda.local.array(quads, float32)
         xc = cuda.local.array(quads, float32)
         xd = cuda.local.array(quads, float32)
-        x = cuda.local.array(quads, int64)
+        x = cuda.local.array(quads, uint32)
         g1 = g0 + stride
         gl = g1 if tiles == 2 else g0
         full = gl < tb and lo + (gl + 1) * block <= hi
@@ -173,14 +214,13 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
                 e0 = lo + g * block
                 move4(mode, src, out, lc, ls, mc, ms, e0, min(e0 + block, hi), slot0 + g, t, nranks, final, g < tb)
             return
-        w = cuda.local.array(nf, int64)
+        w = cuda.local.array(nf, uint32)
         ps = cuda.local.array(fwd_tiles, float32)
         for u in range(fwd_tiles):                      # every code word and scale first
             ps[u] = np.float32(sload(ls, slot0 + g0 + u * stride))
             q0 = (lo + (g0 + u * stride) * block) // 4 + t
             for m in range(quads):
-                c0, c1, c2, c3 = cload4(lc, q0 + lanes * m)
-                w[u * quads + m] = np.int64(c0) | (np.int64(c1) << 8) | (np.int64(c2) << 16) | (np.int64(c3) << 24)
+                w[u * quads + m] = wload(lc, q0 + lanes * m)
         for u in range(fwd_tiles):
             g = g0 + u * stride
             if mode == FORWARD and t == 0:
@@ -189,10 +229,27 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
             for m in range(quads):
                 cw, q = w[u * quads + m], q0 + lanes * m
                 if mode == FORWARD:
-                    cstore4(mc, q, np.uint8(cw & 0xFF), np.uint8((cw >> 8) & 0xFF), np.uint8((cw >> 16) & 0xFF),
-                            np.uint8((cw >> 24) & 0xFF))
+                    wstore(mc, q, cw)
                 a, b, c, d = decode4(cw, ps[u])
                 store4(out, q, narrow(a), narrow(b), narrow(c), narrow(d))
+
+    @_nvvm_inlined
+    def ahead_block(mode, src, lc, ls, lo, hi, g, tb, slot0, t):
+        """Lane t's L2 prefetch for block g (one line each, no division: the lanes of a group cover a block's
+        input lines (encode / reduce), then its code lines and scale (reduce / forward / decode))."""
+        if g < tb:
+            e0 = lo + g * block
+            ns = 0 if mode >= FORWARD else src_lines
+            if t < ns:
+                if e0 + t * per_line < hi:
+                    prefetch_l2(src, (e0 + t * per_line) * isz)
+            elif mode != 0:
+                k = t - ns
+                if k < code_lines:
+                    if e0 + k * LINE < hi:
+                        prefetch_l2(lc, e0 + k * LINE)
+                elif k == code_lines:
+                    prefetch_l2(ls, 4 * (slot0 + g))
 
     group = 1 if lanes == 1 else 32                 # lanes of a warp (the simulator's ranks are single threads)
     per_warp = group // lanes                       # blocks a warp codes side by side
@@ -204,15 +261,22 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None):
         t = wl % lanes
         stride = max(nlanes // group, 1) * per_warp
         gw = ta + (lane // group) * per_warp
-        if mode >= FORWARD:
-            while gw < tb:
+        nblk = fwd_tiles if mode >= FORWARD else tiles      # blocks per lane group and round
+        a = 1                                       # the first round asks for rounds 1..d, each later one for +d
+        while gw < tb:
+            if prefetch > 0:
+                while a <= prefetch:
+                    g = gw + a * stride * nblk + wl // lanes
+                    for u in range(nblk):
+                        ahead_block(mode, src, lc, ls, lo, hi, g + u * stride, tb, slot0, t)
+                    a += 1
+                a = prefetch
+            if mode >= FORWARD:
                 fwd(mode, src, out, lc, ls, mc, ms, lo, hi, gw + wl // lanes, stride, tb, slot0, t, nranks, final)
-                gw += stride * fwd_tiles
-        else:
-            while gw < tb:
+            else:
                 hop(mode, src, out, lc, ls, mc, ms, lo, hi, gw + wl // lanes, stride, tb, slot0, t, nranks, final)
-                gw += stride * tiles
+            gw += stride * nblk
 
-    return SimpleNamespace(hop=hop, fwd=fwd, run=run, load_tile=load_tile, load_words=load_words, add_words=add_words,
+    return SimpleNamespace(hop=hop, fwd=fwd, run=run, ahead_block=ahead_block, prefetch=prefetch, load_tile=load_tile, load_words=load_words, add_words=add_words,
                            lane_max=lane_max, store_tile=store_tile, group=group, lanes=lanes, quads=quads, tiles=tiles, fwd_tiles=fwd_tiles,
                            per_warp=per_warp)

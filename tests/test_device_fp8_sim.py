@@ -108,7 +108,8 @@ class SimFp8Ranks:
                            R(self.status[r]), R(self.trace[r]), R(self.calls[r]), r,
                            chunk_blocks(count, n, self.block), R(peers)) for r in ranks]
         table = np.array(rows, np.int64)
-        kern = direct_kernel(srcs[0].dtype, op, self.fmt, self.block, warp_steps=getattr(self.codec, "warp_steps", 0))
+        kern = direct_kernel(srcs[0].dtype, op, self.fmt, self.block, warp_steps=getattr(self.codec, "warp_steps", 0),
+                             prefetch=getattr(self.codec, "prefetch", 0))
         kern[(self.parts, 1), (1, len(ranks))](R(table), n, count, 0, timeout_ns)
 
 
@@ -146,14 +147,15 @@ def test_counts_formats_blocks_bit_exact(algo, n):
             _assert_bitwise(_run(sim, algo, srcs, "sum", slices=2), want, (algo, n, fmt, block, count))
 
 
-@pytest.mark.parametrize("codec", ["plain", "tiles", "warps"])
+@pytest.mark.parametrize("codec", ["plain", "tiles", "warps", "prefetch"])
 def test_grouped_walks_give_the_host_bits(codec):
     """The FP8 ring walked G slices at a time (G = 1, 2, K not a multiple of G; 0 = all) gives the host ring's
     bits with every codec path: NaN and inf, fp16 avg, in place, calls of different orders sharing counters."""
     from ringlab.kernels.fp8_ring_codec import FWD_TILES, TILES, tiled_fp8_codec
     for n, fmt, block, dtype, op in ((3, "e5m2", 64, np.float16, "avg"), (5, "e4m3", 32, np.float32, "sum")):
         made = {"plain": None, "tiles": tiled_fp8_codec(fmt, block, TILES, FWD_TILES),
-                "warps": tiled_fp8_codec(fmt, block, warp_steps=2)}[codec]
+                "warps": tiled_fp8_codec(fmt, block, warp_steps=2),
+                "prefetch": tiled_fp8_codec(fmt, block, 2, 2, prefetch=2)}[codec]
         sim = SimFp8Ranks(n, fmt, block, capacity=1200, parts=2, codec=made)
         for count, slices, group in ((521, 3, 1), (n * 64 + 5, 4, 3), (301, 2, 0)):
             srcs = _inputs(n, count, dtype, count + n, scale=3.0)
@@ -197,6 +199,33 @@ def test_warp_tile_path_gives_the_host_bits(steps):
                 srcs[0][5], srcs[-1][40], srcs[n // 2][17] = np.nan, np.inf, -np.inf
             want = host_fp8(srcs, op, fmt, block, "fp8-ring")
             _assert_bitwise(_run(sim, "fp8-ring", srcs, op, slices=2), want, (steps, n, fmt, block, dtype, count))
+
+
+def test_fp8_direct_with_l2_prefetch_gives_the_host_bits(ahead=2):
+    """fp8-direct's encode and decode phases asking L2 ahead (simulator: every prefetch checked inside its buffer)."""
+    from ringlab.kernels.fp8_ring_codec import tiled_fp8_codec
+    flags.PREFETCHED.clear()
+    for n, fmt, block, dtype, op in ((3, "e4m3", 32, np.float32, "sum"), (2, "e5m2", 64, np.float16, "avg")):
+        sim = SimFp8Ranks(n, fmt, block, capacity=800, codec=tiled_fp8_codec(fmt, block, 1, 3, prefetch=ahead))
+        for count in (n - 1, 701):
+            srcs = _inputs(n, count, dtype, count + ahead, scale=2.0)
+            srcs[0][0] = np.nan
+            want = host_fp8(srcs, op, fmt, block, "fp8-direct")
+            _assert_bitwise(_run(sim, "fp8-direct", srcs, op), want, (ahead, n, fmt, block, dtype, count))
+    assert flags.PREFETCHED, "the encode / decode phases asked L2 ahead"
+
+
+def test_prefetch_is_checked():
+    from ringlab.kernels.fp8_ring_codec import tiled_fp8_codec
+    from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
+    for bad in (3, -1, 8):
+        with pytest.raises(ValueError, match="prefetch"):
+            tiled_fp8_codec("e4m3", 128, prefetch=bad)
+        with pytest.raises(ValueError, match="prefetch"):
+            fp8_tile_ops(np.float32, "sum", "e4m3", 128, prefetch=bad)
+    for kw in ({"tiles": 0}, {"warp_steps": 2}):                    # the lane-group tiles only
+        with pytest.raises(ValueError, match="lane-group tiles only"):
+            tiled_fp8_codec("e4m3", 128, prefetch=1, **kw)
 
 
 def test_warp_steps_are_checked():
@@ -438,10 +467,11 @@ def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
     if path.startswith("warp"):          # fp8_ring_warps.py: warp tiles of 1, 2 or 4 quads per lane
         from ringlab.kernels.fp8_ring_warps import fp8_warp_ops
         run = fp8_warp_ops(dtype, op, fmt, block, steps=int(path[4:]), width=32).run
-    elif path == "tiled":                # fp8_ring_tiles.py: two blocks per lane group (hop), four (forward)
+    elif path.startswith("tiled"):       # fp8_ring_tiles.py: two blocks per lane group (hop), four (forward)
         from ringlab.kernels.fp8_ring_tiles import fp8_tile_ops
-        run = fp8_tile_ops(dtype, op, fmt, block, tiles=2, fwd_tiles=4, lanes=lanes).run
-    if path == "tiled" or path.startswith("warp"):
+        run = fp8_tile_ops(dtype, op, fmt, block, tiles=2, fwd_tiles=4, lanes=lanes,
+                           prefetch=int(path[5:] or 0)).run       # tiled-pD: L2 prefetches D rounds ahead
+    if path.startswith("tiled") or path.startswith("warp"):
 
         def tiled(addrs, lo, hi, nranks, final):
             src, out, lc, ls = np.uint64(addrs[0]), np.uint64(addrs[1]), np.uint64(addrs[2]), np.uint64(addrs[3])
@@ -472,7 +502,47 @@ def _lane_kernel(path, dtype, op, fmt, block, mode, lanes):
     return cuda.jit(kernel)
 
 
-@pytest.mark.parametrize("path", ["vector", "element", "tiled", "warp1", "warp2", "warp4"])
+@pytest.mark.parametrize("ahead", [1, 2, 4])
+@pytest.mark.parametrize("block", [32, 128, 256])
+def test_l2_prefetches_stay_in_the_step_and_cover_later_rounds(ahead, block):
+    """fp8_ring_tiles.py's prefetch (GPU lane mapping, 32 simulated threads): every prefetched line lies in what the
+    mode reads of [lo, hi) (input lines, the left's code lines and scales; never our buffers or out), and every
+    line a block of round 1 or later reads was asked for; the bits stay the reference's (the lane-mapping test)."""
+    from ringlab.kernels.fp8_ring_codec import DECODE, ENCODE, FORWARD, REDUCE_ENCODE
+    from ringlab.kernels.reference import quantize_fp8_blockwise
+    lanes, fmt, lo = max(8, block // 16), "e4m3", 8
+    hi = lo + 9 * block + 5
+    nb = -(-(hi - lo) // block)
+    rng = np.random.default_rng(ahead)
+    x = rng.standard_normal(hi + 3).astype(np.float32)
+    lc, mc = np.zeros(hi + 3, np.uint8), np.zeros(hi + 3, np.uint8)
+    codes, scales = quantize_fp8_blockwise(x[lo:hi], fmt, block)
+    lc[lo:hi] = codes
+    ls, ms = scales.astype(np.float32), np.zeros(nb, np.float32)
+    out = np.zeros(hi + 3, np.float32)
+    regs = [_reg(a) for a in (x, out, lc, ls, mc, ms)]
+    addrs = np.array(regs, np.int64)
+    per_warp = 32 // lanes
+    for mode, nblk in ((ENCODE, 2), (REDUCE_ENCODE, 2), (FORWARD, 4), (DECODE, 4)):
+        flags.PREFETCHED.clear()
+        _lane_kernel(f"tiled{ahead}", np.float32, "sum", fmt, block, mode, lanes)[1, 32](addrs, lo, hi, 2, False)
+        got = set(flags.PREFETCHED)
+        reads_src, reads_codes = mode in (ENCODE, REDUCE_ENCODE), mode != ENCODE
+        for base, off in got:
+            assert (base == regs[0] and reads_src and lo * 4 <= off < hi * 4) or \
+                   (base == regs[2] and reads_codes and lo <= off < hi) or \
+                   (base == regs[3] and reads_codes and off % 4 == 0 and off // 4 < nb), (mode, base, off)
+        for g in range(per_warp * nblk, nb):                 # blocks of round 1 and later
+            e0 = lo + g * block
+            want = set()
+            if reads_src:
+                want |= {(regs[0], 4 * e) for e in range(e0, min(e0 + block, hi), 32)}
+            if reads_codes:
+                want |= {(regs[2], e) for e in range(e0, min(e0 + block, hi), 128)} | {(regs[3], 4 * g)}
+            assert want <= got, (mode, g, sorted(want - got))
+
+
+@pytest.mark.parametrize("path", ["vector", "element", "tiled", "tiled1", "tiled2", "warp1", "warp2", "warp4"])
 @pytest.mark.parametrize("block", [32, 64, 128, 256])
 def test_gpu_lane_mapping_in_the_simulator(path, block):
     """The GPU's lanes per block (8 or 16 on the vector path, 32 on the element path) and their shuffles, run as 32

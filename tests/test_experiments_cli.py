@@ -11,7 +11,7 @@ from ringlab.arrays import gpu_available
 from ringlab.bench.harness import GPU_UNAVAILABLE_EXIT, busbw_factor
 
 GPU_ONLY = ["ipc_microbench.py", "launch_overhead.py", "gpu_datapath.py", "device_ring_bench.py",
-            "device_latency_bench.py", "device_fp8_bench.py"]
+            "device_latency_bench.py", "device_fp8_bench.py", "device_fp8_onelaunch.py"]
 
 
 def test_impossible_dtype_op_is_one_line_not_tracebacks(run_mpi):
@@ -57,3 +57,15 @@ def test_algorithms_prints_no_raw_warning_mid_table(run_mpi, tmp_path):
                   "--algos", "ring,auto", "--no-mpi", timeout=120, env={"RINGLAB_TUNING": str(tmp_path / "none.json")})
     assert "Warning" not in res.stderr and "warnings.warn" not in res.stderr, res.stderr
     assert "auto: no tuning file, built-in defaults" in res.stdout
+
+
+def test_ncu_hotspots_reads_the_committed_profile():
+    """experiments/ncu_hotspots.py over the committed Nsight Compute source page gives docs/fp8.md's numbers."""
+    path = f"{ROOT}/docs/results/device_fp8/h200_onelaunch_profile/prof_fp8-ring.sass.csv.gz"
+    proc = subprocess.run([sys.executable, "experiments/ncu_hotspots.py", path, "3"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "181431065 warp instructions executed" in proc.stdout
+    assert re.search(r"stall reasons: long_sb 43%, barrier 24%", proc.stdout), proc.stdout
+    bad = subprocess.run([sys.executable, "experiments/ncu_hotspots.py"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" not in bad.stderr and "ncu --import" in bad.stdout

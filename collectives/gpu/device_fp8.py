@@ -25,7 +25,7 @@ DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB
 # default (threads, register cap, tiles, fwd_tiles) per algo, one block per SM: each the fastest shape measured
 # for it that also passed the full device check (docs/fp8.md, "Launch shapes per algorithm")
 LAUNCH = {"fp8-ring": (1024, 64, 1, 2), "fp8-direct": (768, 80, 1, 4)}
-SLICE_BYTES = 256 << 10             # per block per slice, at least (fp8-ring)
+SLICE_BYTES = 4 << 20              # per block per slice, at least (fp8-ring): fewer drains, as the fp32 ring (docs/fp8.md)
 DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
 _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 
@@ -38,14 +38,15 @@ class DeviceFp8Ring:
     kernels/fp8_ring_tiles.py; tiles 0: untiled), each None: LAUNCH[algo] (see launch_defaults); ``blocks_per_sm``
     (sets the default max_parts); ``warp_steps`` (> 0: the warp tiles of kernels/fp8_ring_warps.py instead, that
     many quads per lane); fp8-ring only: ``slice_bytes`` (the least a block codes between two flag updates),
-    ``max_slices`` (<= 64) and ``group`` (slices per group of the walk, 0: all; ring_kernel.py's check_group)."""
+    ``max_slices`` (<= 64) and ``group`` (slices per group of the walk, 0: all; ring_kernel.py's check_group);
+    ``prefetch``: rounds ahead the lane groups ask L2 for (kernels/fp8_ring_tiles.py; 0, measured slower: docs/fp8.md)."""
     STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
     check, synchronize, _cached = check, synchronize, cached
 
     def __init__(self, comm, fmt="e4m3", block=128, algo="fp8-ring", timeout=None, capacity=DEFAULT_CAPACITY,
                  mode="auto", trace=False, max_parts=None, threads=None, max_registers=None, scope=None,
                  tiles=None, fwd_tiles=None, blocks_per_sm=1, warp_steps=WARP, slice_bytes=SLICE_BYTES,
-                 group=0, max_slices=MAX_SLICES):
+                 group=0, max_slices=MAX_SLICES, prefetch=0):
         self.codec = fp8_codec(fmt, block)
         self.algo = _ALIASES.get(algo, algo)
         if self.algo not in DEVICE_FP8_ALGOS:
@@ -58,7 +59,7 @@ class DeviceFp8Ring:
                 int(blocks_per_sm) < 1 or int(blocks_per_sm) * int(threads) * int(max_registers) > 65536:
             raise ValueError(f"threads must be a multiple of 32 in 32..1024 with blocks_per_sm x threads x "
                              f"max_registers <= 65536, got {blocks_per_sm} x {threads} x {max_registers}")
-        self.tiled = tiled_fp8_codec(fmt, block, tiles, fwd_tiles, warp_steps)     # the kernels' codec (same bits)
+        self.tiled = tiled_fp8_codec(fmt, block, tiles, fwd_tiles, warp_steps, prefetch)   # the kernels' (same bits)
         if self.algo == "fp8-direct" and self.tiled.tiles == 2:        # docs/fp8.md: its probe call never finished
             raise ValueError("fp8-direct with tiles=2 did not complete a call on the H200 (spilling owner loop); "
                              "use tiles 0 or 1")
@@ -168,7 +169,7 @@ class DeviceFp8Ring:
                                group=self.group)
         from ringlab.kernels.fp8_direct_kernel import direct_kernel
         return direct_kernel(dtype, op, self.codec.fmt, self.codec.block, self.scope, self.max_registers,
-                             self.tiled.tiles, self.tiled.fwd_tiles, self.tiled.warp_steps)
+                             self.tiled.tiles, self.tiled.fwd_tiles, self.tiled.warp_steps, self.tiled.prefetch)
 
     def _row(self, src, out, count, trace):
         nbc, tr, calls = chunk_blocks(count, self.n, self.codec.block), self.trace_dev if trace else 0, self.flags + 8 * MAX_PARTS
