@@ -22,7 +22,8 @@ setup(
     extras_require={
         "gpu": ["numba-cuda>=0.20", "cupy-cuda13x"],         # CUDA 13 drivers/toolkits
         "gpu-cuda12": ["numba-cuda>=0.20", "cupy-cuda12x"],  # CUDA 12
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80", "numba>=0.59", "numba-cuda>=0.20"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6.80", "numba>=0.59", "numba-cuda>=0.20",
+                 "pyflakes>=3"],
         "torch": ["torch>=2.4"],   # DDP hooks (ringlab.ddp_hooks), the "ringlab" c10d backend; CPU build: torch==2.13.0 here
     },
 )

@@ -67,7 +67,7 @@ def check_kernels(n, report, quick=False):
                 got = host(reduce_device(dev(a[:m]), dev(b[:m]), op), want)
                 report(f"reduce {op:>4s} {np.dtype(dt).name:>8s} n={m} ({label})", _same(got, want[:m]))
     for fmt in ("e4m3", "e5m2"):
-        for block in (32, 128) if quick else kernels.BLOCK_SIZES:
+        for block in (32, 128) if quick else ringlab.kernels.BLOCK_SIZES:
             for dt in (np.float32, bfloat16) if quick else (np.float32, np.float16, bfloat16):
                 x = (rng.standard_t(2, n) * 2.0 ** rng.integers(-10, 10, n)).astype(np.float32)
                 x[[5, 77, 1000]] = [np.nan, np.inf, -np.inf]

@@ -71,7 +71,7 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None, prefet
     wload, wstore = _word_access(cload4, cstore4)
     widen, narrow, encode4, decode4, scale_of, fin_max = qo.widen, qo.narrow, qo.encode4, qo.decode4, qo.scale_of, \
         qo.fin_max
-    get4, put4, getw, putw = qo.get4, qo.put4, qo.getw, qo.putw
+    get4, getw = qo.get4, qo.getw
     move4, store_codes4 = qo.move4, qo.store_codes4
     tiles, fwd_tiles = int(tiles), int(fwd_tiles)
     if tiles not in (1, 2) or fwd_tiles < 1:

@@ -66,3 +66,18 @@ def test_every_all_name_is_defined(pkg):
             continue
         undefined += [f"{name}.{a}" for a in getattr(m, "__all__", ()) if not hasattr(m, a)]
     assert not undefined, "in __all__ but not defined: " + ", ".join(undefined)
+
+
+def test_no_module_uses_an_undefined_name():
+    """pyflakes' undefined names over every source (device-only scripts fail on the GPU only, e.g. a module used
+    under a name its import did not bind)."""
+    pytest.importorskip("pyflakes", reason="pyflakes is in the test extras")
+    from pyflakes import checker, messages
+    found = []
+    for path in _sources():
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), path)
+        for m in checker.Checker(tree, filename=path).messages:
+            if isinstance(m, (messages.UndefinedName, messages.UndefinedLocal, messages.UndefinedExport)):
+                found.append(f"{os.path.relpath(path, ROOT)}:{m.lineno}: {m.message % m.message_args}")
+    assert not found, "\n".join(found)
