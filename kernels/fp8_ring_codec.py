@@ -21,7 +21,7 @@ from ringlab.kernels.fp8_access import _narrow, _widen
 from ringlab.kernels.fp8_bits import make_fp8_value_codec
 from ringlab.kernels.intrinsics import shfl_xor_fmax
 from ringlab.kernels.reference import MIN_SCALE
-from ringlab.kernels.ring_layout import Codec
+from ringlab.kernels.ring_layout import Codec, check_int
 from ringlab.kernels.ring_layout import FINAL, REDUCE
 
 __all__ = ["fp8_block_ops", "fp8_moves", "block_part", "FP8_KERNEL_DTYPES", "FP8_KERNEL_OPS", "GROUP",
@@ -52,8 +52,8 @@ def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES, war
     ``prefetch``: rounds ahead the lane groups ask L2 for (fp8_ring_tiles.py; 0: none, lane groups only)."""
     from ringlab.kernels.fp8_ring_tiles import PREFETCH_ROUNDS
     from ringlab.kernels.fp8_ring_warps import WARP_STEPS
-    if int(tiles) not in (0, 1, 2) or int(fwd_tiles) < 1:
-        raise ValueError(f"tiles must be 0 (untiled), 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
+    tiles, fwd_tiles = check_int("tiles", tiles, 0, 2), check_int("fwd_tiles", fwd_tiles, 1, 8)
+    warp_steps, prefetch = check_int("warp_steps", warp_steps, 0), check_int("prefetch", prefetch, 0)
     if int(warp_steps) not in (0,) + WARP_STEPS:
         raise ValueError(f"warp_steps must be 0 (lane groups) or one of {WARP_STEPS}, got {warp_steps}")
     if int(prefetch) not in PREFETCH_ROUNDS or (int(prefetch) and (int(warp_steps) or int(tiles) == 0)):

@@ -226,6 +226,10 @@ def test_prefetch_is_checked():
     for kw in ({"tiles": 0}, {"warp_steps": 2}):                    # the lane-group tiles only
         with pytest.raises(ValueError, match="lane-group tiles only"):
             tiled_fp8_codec("e4m3", 128, prefetch=1, **kw)
+    for name, bad in (("prefetch", 1.5), ("prefetch", True), ("tiles", "1"), ("tiles", 3), ("fwd_tiles", 0),
+                      ("fwd_tiles", 64), ("warp_steps", None), ("tiles", 1.0)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):   # not silently int()-ed
+            tiled_fp8_codec("e4m3", 128, **{name: bad})
 
 
 def test_warp_steps_are_checked():
