@@ -35,8 +35,10 @@ def _args(argv=None):
     p.add_argument("--max-registers", type=int, default=None, help="FP8 kernels: registers per thread (cap; default: "
                    "per algo)")
     p.add_argument("--shapes", default=None, help="FP8 launch shapes to sweep, each THREADSxREGS[@BLOCKS_PER_SM]"
-                   "[:TILES:FWD_TILES|:wSTEPS][pROUNDS], e.g. 1024x64:1:2p1 (L2 prefetch 1 round ahead), 512x128:0:1,512x128:2:4,512x64@2:1:4,768x80:w4 (default: each algo's "
-                   "shape, device_fp8.LAUNCH, or --threads x --max-registers, with the executor's tiles); every shape is checked before it is timed")
+                   "[:TILES:FWD_TILES|:wSTEPS][sSLICE_KB][gGROUP][kMAX_SLICES][pROUNDS], e.g. 1024x64:1:2s4096, "
+                   "1024x64:1:2p1 (L2 prefetch 1 round ahead), 512x64@2:1:4, 768x80:w4 (default: each algo's shape, "
+                   "device_fp8.LAUNCH, or --threads x --max-registers, with the executor's tiles); every shape is "
+                   "checked before it is timed")
     p.add_argument("--fp32-shapes", default="", help="more fp32 device ring rows, device_ring_bench.py's shapes "
                    "(e.g. 768x1r80s64g1k32: 64 KB slices, walked one slice per group); x fp32 is vs the default ring")
     p.add_argument("--calls", type=int, default=10)

@@ -277,6 +277,7 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None, prefet
                 hop(mode, src, out, lc, ls, mc, ms, lo, hi, gw + wl // lanes, stride, tb, slot0, t, nranks, final)
             gw += stride * nblk
 
-    return SimpleNamespace(hop=hop, fwd=fwd, run=run, ahead_block=ahead_block, prefetch=prefetch, load_tile=load_tile, load_words=load_words, add_words=add_words,
-                           lane_max=lane_max, store_tile=store_tile, group=group, lanes=lanes, quads=quads, tiles=tiles, fwd_tiles=fwd_tiles,
-                           per_warp=per_warp)
+    return SimpleNamespace(hop=hop, fwd=fwd, run=run, ahead_block=ahead_block, prefetch=prefetch,
+                           load_tile=load_tile, load_words=load_words, add_words=add_words, lane_max=lane_max,
+                           store_tile=store_tile, group=group, lanes=lanes, quads=quads, tiles=tiles,
+                           fwd_tiles=fwd_tiles, per_warp=per_warp)

@@ -25,7 +25,8 @@ DEFAULT_CAPACITY = 1 << 26          # elements per call (256 MB of fp32): 64 MiB
 # default (threads, register cap, tiles, fwd_tiles) per algo, one block per SM: each the fastest shape measured
 # for it that also passed the full device check (docs/fp8.md, "Launch shapes per algorithm")
 LAUNCH = {"fp8-ring": (1024, 64, 1, 2), "fp8-direct": (768, 80, 1, 4)}
-SLICE_BYTES = 4 << 20              # per block per slice, at least (fp8-ring): fewer drains, as the fp32 ring (docs/fp8.md)
+SLICE_BYTES = 4 << 20              # per block per slice, at least (fp8-ring): fewer drains, as the fp32 ring
+                                    # (docs/fp8.md, "A profile, then fewer slices": 256 KB before)
 DEVICE_FP8_ALGOS = ("fp8-ring", "fp8-direct")
 _ALIASES = {"ring": "fp8-ring", "direct": "fp8-direct"}
 
@@ -39,7 +40,8 @@ class DeviceFp8Ring:
     (sets the default max_parts); ``warp_steps`` (> 0: the warp tiles of kernels/fp8_ring_warps.py instead, that
     many quads per lane); fp8-ring only: ``slice_bytes`` (the least a block codes between two flag updates),
     ``max_slices`` (<= 64) and ``group`` (slices per group of the walk, 0: all; ring_kernel.py's check_group);
-    ``prefetch``: rounds ahead the lane groups ask L2 for (kernels/fp8_ring_tiles.py; 0, measured slower: docs/fp8.md)."""
+    ``prefetch``: rounds ahead the lane groups ask L2 for (kernels/fp8_ring_tiles.py; 0: measured slower,
+    docs/fp8.md)."""
     STATUS_OK, _table_label = STATUS_OK, "device FP8 all-reduce"              # for persistent.py's methods
     check, synchronize, _cached = check, synchronize, cached
 
