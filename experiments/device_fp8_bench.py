@@ -153,7 +153,7 @@ def parse_shapes(text, threads=None, max_registers=None):
                          item.strip())
         if not m:
             raise SystemExit(f"--shapes: {item!r} is not THREADSxREGS[@BLOCKS_PER_SM][:TILES:FWD_TILES|:wSTEPS]"
-                             "[sSLICE_KB][gGROUP][kMAX_SLICES][pPREFETCH]")
+                             "[sSLICE_KB][gGROUP][kMAX_SLICES][pROUNDS]")
         kw = {"threads": int(m[1]), "max_registers": int(m[2]), "blocks_per_sm": int(m[3] or 1)}
         if m[4] is not None:
             kw.update(tiles=int(m[4]), fwd_tiles=int(m[5]))

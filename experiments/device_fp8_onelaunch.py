@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PATHS = ("fp32-ring", "fp8-ring", "fp8-direct")
+TIMEOUT_NS = 5 * 10**9          # each rank's bounded spin: a stall ends in a status, not a hang
 
 
 def _args(argv=None):
@@ -77,7 +78,8 @@ class OneLaunch:
         return direct_kernel(np.float32, "sum", c.fmt, c.block, "gpu", self.regs, c.tiles, c.fwd_tiles)
 
     def tables(self, srcs, outs):
-        """(args of the launch, parts): the rows of every rank, as the per-rank executors build theirs."""
+        """(args of the launch, parts, device arrays the args point into): every rank's rows, as the per-rank
+        executors build theirs."""
         from ringlab.gpu import device_fp8, device_ring
         from ringlab.gpu.device_plan import (address_row, chunk_blocks, direct_row, first_chunk, launch_shape,
                                              program_table)
@@ -106,12 +108,12 @@ class OneLaunch:
         slice_bytes = device_ring.SLICE_BYTES if self.path == "fp32-ring" else device_fp8.SLICE_BYTES
         parts, slices = launch_shape(n, count, 4, self.max_parts, slice_bytes)
         if self.path == "fp8-direct":
-            args = (np.uint64(table.data.ptr), np.int64(n), np.int64(count), np.int64(0), np.uint64(5 * 10**9))
+            args = (np.uint64(table.data.ptr), np.int64(n), np.int64(count), np.int64(0), np.uint64(TIMEOUT_NS))
         else:
             prog = cp.asarray(program_table(n, count, range(n)))
             keep.append(prog)
             args = (np.uint64(table.data.ptr), np.uint64(prog.data.ptr), np.int64(2 * n - 1), np.int64(slices),
-                    np.uint64(5 * 10**9))
+                    np.uint64(TIMEOUT_NS))
         return args, parts, keep
 
     def prepare(self, srcs, outs):
@@ -123,8 +125,7 @@ class OneLaunch:
         def calls_(calls=1):
             for _ in range(calls):
                 launch(kern, (parts, self.n), (self.threads, 1), *args)
-            return keep
-        calls_.parts = parts
+        calls_.parts, calls_.keep = parts, keep          # the tables live as long as the launcher
         return calls_
 
     def verify(self):

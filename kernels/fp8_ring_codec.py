@@ -50,17 +50,16 @@ def tiled_fp8_codec(fmt="e4m3", block=128, tiles=TILES, fwd_tiles=FWD_TILES, war
     """ring_kernel's FP8 codec with ``tiles`` (1, 2; 0 untiled) / ``fwd_tiles`` (>= 1) blocks per lane group on the
     vector path, or (``warp_steps`` 1, 2, 4; 0: lane groups) fp8_ring_warps.py's warp tiles of that many quads per lane;
     ``prefetch``: rounds ahead the lane groups ask L2 for (fp8_ring_tiles.py; 0: none, lane groups only)."""
-    from ringlab.kernels.fp8_ring_tiles import PREFETCH_ROUNDS
+    from ringlab.kernels.fp8_ring_tiles import check_prefetch
     from ringlab.kernels.fp8_ring_warps import WARP_STEPS
     tiles, fwd_tiles = check_int("tiles", tiles, 0, 2), check_int("fwd_tiles", fwd_tiles, 1, 8)
-    warp_steps, prefetch = check_int("warp_steps", warp_steps, 0), check_int("prefetch", prefetch, 0)
-    if int(warp_steps) not in (0,) + WARP_STEPS:
+    warp_steps, prefetch = check_int("warp_steps", warp_steps, 0), check_prefetch(prefetch)
+    if warp_steps not in (0,) + WARP_STEPS:
         raise ValueError(f"warp_steps must be 0 (lane groups) or one of {WARP_STEPS}, got {warp_steps}")
-    if int(prefetch) not in PREFETCH_ROUNDS or (int(prefetch) and (int(warp_steps) or int(tiles) == 0)):
-        raise ValueError(f"prefetch must be one of {PREFETCH_ROUNDS} (rounds ahead; the lane-group tiles only: "
-                         f"tiles 1 or 2, warp_steps 0), got {prefetch} with tiles {tiles}, warp_steps {warp_steps}")
-    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), int(tiles), int(fwd_tiles), int(warp_steps),
-                         int(prefetch))
+    if prefetch and (warp_steps or tiles == 0):
+        raise ValueError(f"prefetch works on the lane-group tiles only (tiles 1 or 2, warp_steps 0), got prefetch "
+                         f"{prefetch} with tiles {tiles}, warp_steps {warp_steps}")
+    return TiledFp8Codec("fp8", fp8_format(fmt).name, check_block(block), tiles, fwd_tiles, warp_steps, prefetch)
 
 
 def _block_part(lo, hi, block, k, nslices, p, nparts):

@@ -28,6 +28,15 @@ LINE = 128                        # bytes of an L2 line
 PREFETCH_ROUNDS = (0, 1, 2, 4)
 
 
+def check_prefetch(prefetch):
+    """``prefetch`` (rounds ahead the lane groups ask L2 for) as an int of PREFETCH_ROUNDS, or a clear error."""
+    from ringlab.kernels.ring_layout import check_int
+    prefetch = check_int("prefetch", prefetch, 0)
+    if prefetch not in PREFETCH_ROUNDS:
+        raise ValueError(f"prefetch must be one of {PREFETCH_ROUNDS} (rounds ahead), got {prefetch}")
+    return prefetch
+
+
 def _inlined(fn):
     """A device function inlined at numba's IR level: the local arrays it takes then stay in registers."""
     return cuda.jit(device=True)(fn) if SIMULATED else cuda.jit(device=True, inline="always")(fn)
@@ -76,9 +85,7 @@ def fp8_tile_ops(dtype, op, fmt, block, tiles=1, fwd_tiles=1, lanes=None, prefet
     tiles, fwd_tiles = int(tiles), int(fwd_tiles)
     if tiles not in (1, 2) or fwd_tiles < 1:
         raise ValueError(f"tiles must be 1 or 2 and fwd_tiles >= 1, got {tiles}, {fwd_tiles}")
-    if int(prefetch) not in PREFETCH_ROUNDS:
-        raise ValueError(f"prefetch must be one of {PREFETCH_ROUNDS} (rounds ahead), got {prefetch}")
-    prefetch = int(prefetch)
+    prefetch = check_prefetch(prefetch)
     nf = fwd_tiles * quads
     isz = 2 if np.dtype(dtype).itemsize == 2 else 4
     per_line = LINE // isz                           # input elements per line
